@@ -1,0 +1,276 @@
+"""Catalog: embedding shards, collection manifests, completion markers.
+
+Layout of a collection (one dataset embedded with one matcher)::
+
+    OUT/manifest.json                  written last; readers trust only what it lists
+    OUT/shards/part-00000.parquet      one shard per input block (schema below)
+    OUT/shards/part-00000.done.json    completion marker, written after the shard
+
+A shard whose marker exists and whose input fingerprint matches is complete and is
+skipped on a rerun. Every shard's SHA-256 is recorded in its marker and the manifest and
+checked when read, so a truncated or corrupted file is an error that says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylead.errors import ConfigError, CorruptDataError
+from raylead.storage import Location, safe_relpath
+
+MANIFEST = "manifest.json"
+COLLECTION_KIND = "raylead.collection"
+FORMAT_VERSION = 1
+STATUS_OK = "ok"
+
+
+def shard_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """The embedding shard schema of DESIGN.md."""
+    fields = [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("identity", pa.string(), nullable=True),
+        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=True),
+        pa.field("det_score", pa.float32(), nullable=True),
+        pa.field("status", pa.string(), nullable=False),
+    ]
+    meta = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
+    return pa.schema(fields, metadata=meta or None)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(items: Iterable[str]) -> str:
+    """A stable fingerprint of an ordered list of strings (an input block's image ids)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(it.encode("utf-8", "surrogateescape"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def shard_table(
+    image_ids: Sequence[str],
+    identities: Sequence[str | None],
+    embeddings: np.ndarray,
+    det_scores: Sequence[float | None],
+    statuses: Sequence[str],
+    dim: int,
+    metadata: dict[str, str] | None = None,
+) -> pa.Table:
+    """Build a shard table. ``embeddings`` is [n, dim]; rows whose status is not ok get null."""
+    n = len(image_ids)
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(n, dim) if n else np.zeros((0, dim), np.float32)
+    ok_mask = np.array([s == STATUS_OK for s in statuses], dtype=bool)
+    values = pa.array(emb.reshape(-1), type=pa.float32())
+    emb_arr = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~ok_mask) if n else None)
+    return pa.Table.from_arrays(
+        [
+            pa.array(list(image_ids), pa.string()),
+            pa.array(list(identities), pa.string()),
+            emb_arr,
+            pa.array([None if d is None or (isinstance(d, float) and np.isnan(d)) else float(d) for d in det_scores], pa.float32()),
+            pa.array(list(statuses), pa.string()),
+        ],
+        schema=shard_schema(dim, metadata),
+    )
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_parquet_checked(loc: Location, expected_sha256: str | None) -> pa.Table:
+    data = loc.read_bytes()
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise CorruptDataError(
+            f"{loc.uri} failed its checksum (truncated or corrupted); delete it and its .done.json "
+            "marker and rerun the command that wrote it to rebuild that shard"
+        )
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptDataError(
+            f"{loc.uri} is not a readable Parquet file ({str(exc)[:120]}); delete it and rerun to rebuild"
+        ) from None
+
+
+@dataclass
+class ShardInfo:
+    path: str
+    rows: int
+    ok: int
+    failed: int
+    sha256: str
+    input_fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ShardInfo:
+        try:
+            return cls(
+                path=safe_relpath(str(d["path"])),
+                rows=int(d["rows"]),
+                ok=int(d["ok"]),
+                failed=int(d["failed"]),
+                sha256=str(d["sha256"]),
+                input_fingerprint=str(d.get("input_fingerprint", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptDataError(f"malformed shard entry in manifest: {exc!r}") from None
+
+
+@dataclass
+class CollectionManifest:
+    source: str
+    matcher: str
+    matcher_version: str
+    dim: int
+    alignment: str
+    shards: list[ShardInfo]
+    failures_by_reason: dict[str, int]
+    created: float
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def ok(self) -> int:
+        return sum(s.ok for s in self.shards)
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": COLLECTION_KIND,
+            "format_version": FORMAT_VERSION,
+            "source": self.source,
+            "matcher": {"name": self.matcher, "version": self.matcher_version, "dim": self.dim},
+            "alignment": self.alignment,
+            "rows": self.rows,
+            "ok": self.ok,
+            "failed": self.failed,
+            "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
+            "shards": [s.to_json() for s in self.shards],
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> CollectionManifest:
+        if not isinstance(d, dict) or d.get("kind") != COLLECTION_KIND:
+            raise CorruptDataError(f"{where} is not a raylead collection manifest")
+        try:
+            m = d["matcher"]
+            return cls(
+                source=str(d.get("source", "")),
+                matcher=str(m["name"]),
+                matcher_version=str(m.get("version", "")),
+                dim=int(m["dim"]),
+                alignment=str(d.get("alignment", "")),
+                shards=[ShardInfo.from_json(s) for s in d["shards"]],
+                failures_by_reason={str(k): int(v) for k, v in d.get("failures_by_reason", {}).items()},
+                created=float(d.get("created", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptDataError(f"{where} is malformed ({exc!r}); rebuild the collection") from None
+
+
+def write_manifest(root: Location, manifest: CollectionManifest) -> None:
+    root.child(MANIFEST).write_json(manifest.to_json())
+
+
+def read_manifest(root: Location) -> CollectionManifest:
+    loc = root.child(MANIFEST)
+    if not loc.exists():
+        raise ConfigError(
+            f"{root.uri} has no {MANIFEST}: it is not a finished embedding collection "
+            "(run `raylead embed` to create or finish it)"
+        )
+    return CollectionManifest.from_json(loc.read_json(), loc.uri)
+
+
+def is_collection(root: Location) -> bool:
+    return root.child(MANIFEST).exists()
+
+
+@dataclass
+class Collection:
+    """A loaded collection: every row, and the float32 embeddings of the ``ok`` rows."""
+
+    manifest: CollectionManifest
+    image_ids: list[str]
+    identities: list[str | None]
+    statuses: list[str]
+    det_scores: np.ndarray  # float32 [rows], NaN where null
+    embeddings: np.ndarray  # float32 [ok_rows, dim], L2-normalised
+    ok_index: np.ndarray  # int64 [ok_rows]: row number of each embedding
+
+    @property
+    def ok_ids(self) -> list[str]:
+        return [self.image_ids[i] for i in self.ok_index]
+
+    @property
+    def ok_identities(self) -> list[str | None]:
+        return [self.identities[i] for i in self.ok_index]
+
+    def failures(self) -> Counter[str]:
+        return Counter(s for s in self.statuses if s != STATUS_OK)
+
+
+def tables_to_collection(manifest: CollectionManifest, tables: list[pa.Table]) -> Collection:
+    dim = manifest.dim
+    table = pa.concat_tables(tables) if tables else shard_schema(dim).empty_table()
+    statuses = table.column("status").to_pylist()
+    ok_index = np.flatnonzero(np.array([s == STATUS_OK for s in statuses], dtype=bool)).astype(np.int64)
+    emb_col = table.column("embedding").combine_chunks() if table.num_rows else None
+    if emb_col is not None and len(ok_index):
+        ok_col = emb_col.take(pa.array(ok_index))
+        embeddings = ok_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    else:
+        embeddings = np.zeros((0, dim), np.float32)
+    det = table.column("det_score").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
+    return Collection(
+        manifest=manifest,
+        image_ids=table.column("image_id").to_pylist(),
+        identities=table.column("identity").to_pylist(),
+        statuses=statuses,
+        det_scores=np.asarray(det, dtype=np.float32),
+        embeddings=np.ascontiguousarray(embeddings),
+        ok_index=ok_index,
+    )
+
+
+def read_collection(uri: str | Location) -> Collection:
+    """Load a finished collection, verifying every shard's checksum."""
+    root = uri if isinstance(uri, Location) else Location.parse(uri)
+    manifest = read_manifest(root)
+    tables = [read_parquet_checked(root.child(s.path), s.sha256) for s in manifest.shards]
+    return tables_to_collection(manifest, tables)
+
+
+def new_manifest(
+    source: str, matcher: str, matcher_version: str, dim: int, alignment: str, shards: list[ShardInfo],
+    failures_by_reason: dict[str, int],
+) -> CollectionManifest:
+    return CollectionManifest(
+        source=source, matcher=matcher, matcher_version=matcher_version, dim=dim, alignment=alignment,
+        shards=shards, failures_by_reason=failures_by_reason, created=time.time(),
+    )

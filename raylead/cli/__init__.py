@@ -1,0 +1,60 @@
+"""The ``raylead`` command line. Commands are thin: they parse, validate and call stages.
+
+Only this package turns :class:`raylead.errors.RayleadError` into exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from raylead.errors import RayleadError
+
+app = typer.Typer(
+    name="raylead",
+    help="Audit face generative models and synthetic face datasets for identity leakage.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _register() -> None:
+    # Each stage module adds its commands to ``app``; the order here is the help order.
+    from raylead.cli import embed  # noqa: F401
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RayleadError as exc:
+        typer.echo(f"raylead: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("raylead: interrupted; rerun the same command to resume from finished shards", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,365 @@
+"""Storage: one place that turns a URI into a filesystem.
+
+A :class:`Location` is a picklable (URI, S3 options) pair. Local paths and ``file://`` URIs
+map to the local filesystem; ``s3://bucket/prefix`` maps to ``s3fs`` with the endpoint and
+credentials taken from explicit options or the standard AWS environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AWS_REGION``).
+
+Writes are atomic: a local file is written under a temporary name and ``os.replace``d;
+an object is one PUT. Completion markers are written last by the callers. Relative paths
+coming from manifests are checked so they cannot escape their root. Credentials are never
+part of a ``repr``, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import fsspec
+
+from raylead.errors import ConfigError, PathEscapeError, StorageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+T = TypeVar("T")
+
+# Local outputs may hold faces and biometric templates: owner-only.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Endpoint and credentials for s3:// URIs. Secrets never appear in repr()."""
+
+    endpoint_url: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    region: str | None = None
+    from_env: bool = False
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> S3Options:
+        env = os.environ
+        base = cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            from_env=True,
+        )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.keys() & {"access_key", "secret_key", "session_token"}:
+            given["from_env"] = False
+        return replace(base, **given)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Secrets that came from the environment are re-read from the worker's environment
+        # instead of travelling inside pickles (which Ray may spill to disk).
+        if self.from_env:
+            return (_s3_options_from_env, (self.endpoint_url, self.region))
+        return (
+            S3Options,
+            (self.endpoint_url, self.access_key, self.secret_key, self.session_token, self.region, False),
+        )
+
+
+def _s3_options_from_env(endpoint_url: str | None, region: str | None) -> S3Options:
+    return S3Options.from_env(endpoint_url=endpoint_url, region=region)
+
+
+@functools.lru_cache(maxsize=32)
+def _s3_filesystem(opts: S3Options) -> Any:
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    if opts.endpoint_url:
+        client_kwargs["endpoint_url"] = opts.endpoint_url
+    if opts.region:
+        client_kwargs["region_name"] = opts.region
+    return s3fs.S3FileSystem(
+        key=opts.access_key,
+        secret=opts.secret_key,
+        token=opts.session_token,
+        client_kwargs=client_kwargs,
+        config_kwargs={"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 5},
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
+
+
+def safe_relpath(rel: str) -> str:
+    """Normalise a path relative to a root; refuse anything that escapes it."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise PathEscapeError(f"invalid relative path {rel!r}: must be a non-empty string")
+    if "://" in rel or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise PathEscapeError(
+            f"path {rel!r} is absolute or names another location; manifests may only hold "
+            "paths relative to their own folder"
+        )
+    parts = rel.replace("\\", "/").split("/")
+    if any(p == ".." for p in parts):
+        raise PathEscapeError(f"path {rel!r} climbs out of its root with '..'; rebuild the manifest")
+    norm = posixpath.normpath("/".join(p for p in parts if p not in ("", ".")))
+    if norm in (".", ""):
+        raise PathEscapeError(f"path {rel!r} names the root itself, not a file under it")
+    return norm
+
+
+def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
+    """Call ``fn`` with exponential backoff on transient I/O errors.
+
+    The total time spent retrying is bounded by ``budget_s`` (default
+    ``RAYLEAD_IO_RETRY_SECONDS`` or 60 s); after that a :class:`StorageError` names what failed.
+    """
+    budget = float(os.environ.get("RAYLEAD_IO_RETRY_SECONDS", "60")) if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    delay = 0.25
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            raise
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise StorageError(
+                    f"{what} failed after {attempt} attempts over {budget:.0f}s: "
+                    f"{type(exc).__name__}: {_clean(exc)}; check that the storage endpoint is up, "
+                    "then rerun (finished shards are kept)"
+                ) from None
+            log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 8.0)
+
+
+def _clean(exc: BaseException) -> str:
+    """An exception message with anything that looks like a credential removed."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+        val = os.environ.get(name)
+        if val and len(val) >= 4:
+            text = text.replace(val, "***")
+    return text[:300]
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or file in local storage or an S3-compatible object store."""
+
+    uri: str
+    s3: S3Options | None = None
+
+    @classmethod
+    def parse(cls, uri: str | os.PathLike[str], s3: S3Options | None = None) -> Location:
+        text = os.fspath(uri)
+        if not text:
+            raise ConfigError("empty location: give a local folder, file://PATH or s3://BUCKET/PREFIX")
+        if text.startswith("s3://"):
+            bucket = text[5:].split("/", 1)[0]
+            if not bucket:
+                raise ConfigError(f"URI {text!r} names no bucket: use s3://BUCKET/PREFIX")
+            return cls(text.rstrip("/"), s3 or S3Options.from_env())
+        if text.startswith("file://"):
+            text = text[7:]
+        elif "://" in text:
+            raise ConfigError(f"unsupported URI scheme in {text!r}: use a local path, file:// or s3://")
+        return cls(os.path.abspath(os.path.expanduser(text)))
+
+    # -- basics ---------------------------------------------------------------------------
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    @property
+    def fs(self) -> Any:
+        if self.is_s3:
+            return _s3_filesystem(self.s3 or S3Options.from_env())
+        return fsspec.filesystem("file")
+
+    @property
+    def path(self) -> str:
+        """The path inside :attr:`fs` (``bucket/key`` for S3)."""
+        return self.uri[5:] if self.is_s3 else self.uri
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def child(self, *rel: str) -> Location:
+        """A location under this one; each part is checked so it cannot escape."""
+        joined = "/".join(safe_relpath(r) for r in rel)
+        base = self.uri.rstrip("/")
+        if self.is_s3:
+            return replace(self, uri=f"{base}/{joined}")
+        return replace(self, uri=os.path.join(base, *joined.split("/")))
+
+    def parent(self) -> Location:
+        if self.is_s3:
+            head = self.uri.rstrip("/").rsplit("/", 1)[0]
+            return replace(self, uri=head if head != "s3:/" else self.uri)
+        return replace(self, uri=os.path.dirname(self.uri.rstrip("/")))
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def contains(self, other: Location) -> bool:
+        """True when ``other`` is this location or under it."""
+        if self.is_s3 != other.is_s3:
+            return False
+        a = self.uri.rstrip("/") + "/"
+        b = other.uri.rstrip("/") + "/"
+        return b.startswith(a)
+
+    def arrow_fs(self) -> Any:
+        """A pyarrow FileSystem for pyarrow.parquet and Ray Data."""
+        import pyarrow.fs as pafs
+
+        if self.is_s3:
+            return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+        return pafs.LocalFileSystem()
+
+    # -- queries --------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return bool(retry_io(lambda: self.fs.exists(self.path), f"checking {self.uri}"))
+
+    def is_dir(self) -> bool:
+        return bool(retry_io(lambda: self.fs.isdir(self.path), f"checking {self.uri}"))
+
+    def size(self) -> int:
+        return int(retry_io(lambda: self.fs.size(self.path), f"reading size of {self.uri}"))
+
+    def list_files(self, extensions: Iterable[str] | None = None) -> list[str]:
+        """Every file under this folder, as sorted POSIX paths relative to it.
+
+        ``extensions`` (lower-case, with dot) filters by suffix, case-insensitively.
+        """
+        exts = tuple(e.lower() for e in extensions) if extensions is not None else None
+        root = self.path.rstrip("/")
+
+        def _find() -> list[str]:
+            if self.is_s3:
+                self.fs.invalidate_cache()
+            return list(self.fs.find(root, withdirs=False))
+
+        found = retry_io(_find, f"listing {self.uri}")
+        out = []
+        for full in found:
+            full = full[5:] if full.startswith("s3://") else full
+            if not full.startswith(root + "/"):
+                continue
+            rel = full[len(root) + 1 :]
+            if exts is None or rel.lower().endswith(exts):
+                out.append(rel)
+        return sorted(out)
+
+    # -- reads ----------------------------------------------------------------------------
+    def read_bytes(self) -> bytes:
+        def _read() -> bytes:
+            with self.fs.open(self.path, "rb") as fh:
+                return bytes(fh.read())
+
+        return retry_io(_read, f"reading {self.uri}")
+
+    def read_json(self) -> Any:
+        data = self.read_bytes()
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            from raylead.errors import CorruptDataError
+
+            raise CorruptDataError(f"{self.uri} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+
+    # -- writes ---------------------------------------------------------------------------
+    def makedirs(self) -> None:
+        if self.is_s3:
+            return
+        os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write atomically: temp name + ``os.replace`` locally, one PUT on S3."""
+        if self.is_s3:
+            retry_io(lambda: self.fs.pipe_file(self.path, data), f"writing {self.uri}")
+            return
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(self.path)}.tmp-{uuid.uuid4().hex[:12]}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def write_json(self, obj: Any) -> None:
+        self.write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+    def remove(self) -> None:
+        def _rm() -> None:
+            if self.fs.exists(self.path):
+                self.fs.rm(self.path, recursive=True)
+
+        retry_io(_rm, f"removing {self.uri}")
+
+    def check_reachable(self, *, write: bool) -> None:
+        """Fail fast (before any work) when the bucket/folder cannot be used.
+
+        For S3 this lists the bucket (and for ``write`` puts and deletes a probe object)
+        and turns any failure into one line that names the URI and the fix.
+        """
+        if not self.is_s3:
+            if write:
+                try:
+                    self.makedirs()
+                    probe = self.child(f".raylead-probe-{uuid.uuid4().hex[:8]}")
+                    probe.write_bytes(b"")
+                    os.unlink(probe.path)
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot write to {self.uri}: {exc.strerror}; choose a writable --out folder"
+                    ) from None
+            elif not os.path.exists(self.path):
+                raise ConfigError(f"{self.uri} does not exist; give an existing folder or file")
+            return
+        bucket = self.path.split("/", 1)[0]
+        endpoint = (self.s3.endpoint_url if self.s3 else None) or "the default AWS endpoint"
+        try:
+            self.fs.ls(bucket, refresh=True)
+            if write:
+                probe = self.child(f".raylead-probe-{uuid.uuid4().hex[:8]}")
+                self.fs.pipe_file(probe.path, b"")
+                self.fs.rm(probe.path)
+        except PermissionError:
+            raise StorageError(
+                f"access to s3://{bucket} at {endpoint} was refused; check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY (or --s3-key/--s3-secret) and the bucket policy"
+            ) from None
+        except FileNotFoundError:
+            raise StorageError(
+                f"bucket s3://{bucket} does not exist at {endpoint}; create it or fix the URI"
+            ) from None
+        except Exception as exc:  # botocore raises many unrelated types for a dead endpoint
+            raise StorageError(
+                f"cannot reach s3://{bucket} at {endpoint} ({type(exc).__name__}: {_clean(exc)}); "
+                "check AWS_ENDPOINT_URL / --s3-endpoint and the network"
+            ) from None
