@@ -102,6 +102,22 @@ def _s3_filesystem(opts: S3Options) -> Any:
     )
 
 
+def _makedirs_private(path: str) -> None:
+    """``os.makedirs`` giving every folder it creates (not just the leaf) owner-only mode."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, DIR_MODE)
+        except FileExistsError:
+            pass
+
+
 def safe_relpath(rel: str) -> str:
     """Normalise a path relative to a root; refuse anything that escapes it."""
     if not isinstance(rel, str) or not rel or "\x00" in rel:
@@ -289,7 +305,7 @@ class Location:
     def makedirs(self) -> None:
         if self.is_s3:
             return
-        os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
+        _makedirs_private(self.path)
 
     def write_bytes(self, data: bytes) -> None:
         """Write atomically: temp name + ``os.replace`` locally, one PUT on S3."""
@@ -297,7 +313,7 @@ class Location:
             retry_io(lambda: self.fs.pipe_file(self.path, data), f"writing {self.uri}")
             return
         directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
+        _makedirs_private(directory)
         tmp = os.path.join(directory, f".{os.path.basename(self.path)}.tmp-{uuid.uuid4().hex[:12]}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:

@@ -1,0 +1,417 @@
+"""Embed: images → decoded, aligned faces → embeddings → Parquet shards + manifest, on Ray Data.
+
+Flow (one pipeline per matcher)::
+
+    listing (driver, sorted) → input shards of ``shard_size`` images (fingerprinted)
+      → Ray Data rows (image_id, identity, shard)
+      → read + decode + detect + align   (CPU tasks, ``map_batches`` with a function)
+      → embed                            (actor pool: ``concurrency=actors``, ``num_gpus``)
+      → driver groups rows by shard; a shard with all its rows is written atomically,
+        then its ``.done.json`` marker; the manifest is written last.
+
+A rerun skips every shard whose marker matches its input fingerprint, so a killed job
+resumes and ends with every image exactly once. A bad image never stops the job: it is
+a row whose ``status`` is the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from raylead import catalog
+from raylead.errors import ConfigError, CorruptDataError, RayleadError
+from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Options of one embed run (CLI flags and job YAML map onto these fields)."""
+
+    source: str
+    out: str
+    matcher: str = "dlib"
+    model: str | None = None
+    model_root: str | None = None
+    pack: str | None = None
+    detector: str = "dlib"
+    aligned: bool = False
+    batch_size: int = 32
+    actors: int = 1
+    gpus_per_actor: float | None = None
+    shard_size: int = 256
+    read_batch_size: int = 16
+    det_score_floor: float = 0.0
+    max_pixels: int = 40_000_000
+    s3: S3Options | None = field(default=None, compare=False)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "actors", "shard_size", "read_batch_size", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be a positive whole number, got {value!r}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ConfigError(f"--gpus-per-actor must be ≥ 0, got {self.gpus_per_actor!r}")
+
+    def matcher_options(self) -> dict[str, Any]:
+        opts = {"model": self.model, "model_root": self.model_root, "pack": self.pack}
+        return {k: v for k, v in opts.items() if v is not None}
+
+    def source_location(self) -> Location:
+        return Location.parse(self.source, self.s3 if self.source.startswith("s3://") else None)
+
+    def out_location(self) -> Location:
+        return Location.parse(self.out, self.s3 if self.out.startswith("s3://") else None)
+
+
+@dataclass
+class EmbedResult:
+    out: Location
+    manifest: catalog.CollectionManifest
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+
+    def summary(self) -> str:
+        m = self.manifest
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(m.failures_by_reason.items())) or "none"
+        return (
+            f"{m.rows} images → {m.ok} embedded, {m.failed} failed ({reasons}); matcher {m.matcher} "
+            f"(dim {m.dim}); {len(m.shards)} shards ({self.shards_written} written, {self.shards_skipped} "
+            f"already complete) in {self.seconds:.1f}s → {self.out.uri}"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# planning (pure)
+# ------------------------------------------------------------------------------------------
+def identity_of(image_id: str) -> str | None:
+    """The identity label: the name of the image's parent folder, when there is one."""
+    parent = posixpath.dirname(image_id)
+    return posixpath.basename(parent) if parent else None
+
+
+def plan_shards(image_ids: list[str], shard_size: int) -> list[list[str]]:
+    return [image_ids[i : i + shard_size] for i in range(0, len(image_ids), shard_size)]
+
+
+def shard_name(i: int) -> str:
+    return f"{SHARDS_DIR}/part-{i:05d}.parquet"
+
+
+def marker_name(i: int) -> str:
+    return f"{SHARDS_DIR}/part-{i:05d}.done.json"
+
+
+# ------------------------------------------------------------------------------------------
+# validation before any work
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    cfg: EmbedConfig
+    source: Location
+    out: Location
+    image_ids: list[str]
+    matcher: Any
+    preprocessor: Any
+    alignment: str
+
+
+def prepare(cfg: EmbedConfig) -> Prepared:
+    """Check every argument, model file and storage location; list the inputs. No work yet."""
+    from raylead.faces import Preprocessor
+    from raylead.matchers import make_matcher
+
+    cfg.validate()
+    matcher = make_matcher(cfg.matcher, **cfg.matcher_options())
+    matcher.check()
+    detector = None if cfg.aligned else cfg.detector
+    preprocessor = Preprocessor(
+        detector=detector,
+        crop=matcher.crop,
+        aligned=cfg.aligned,
+        det_score_floor=cfg.det_score_floor,
+        max_pixels=cfg.max_pixels,
+    )
+    preprocessor.check()
+    source, out = cfg.source_location(), cfg.out_location()
+    if source.contains(out):
+        raise ConfigError(
+            f"output {out.uri} is inside the input folder {source.uri}; its files would be read as "
+            "input on the next run: choose an --out outside the input"
+        )
+    source.check_reachable(write=False)
+    out.check_reachable(write=True)
+    if not source.is_dir():
+        raise ConfigError(f"{source.uri} is not a folder of images; give the folder that holds them")
+    image_ids = source.list_files(IMAGE_EXTENSIONS)
+    if not image_ids:
+        raise ConfigError(
+            f"no images under {source.uri} (looked for {', '.join(IMAGE_EXTENSIONS)}); check the path"
+        )
+    alignment = "aligned" if cfg.aligned else f"detect:{cfg.detector}"
+    return Prepared(cfg, source, out, image_ids, matcher, preprocessor, f"{alignment}:{matcher.crop}")
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Data stages
+# ------------------------------------------------------------------------------------------
+_PREPROCESSOR_CACHE: dict[bytes, Any] = {}
+
+
+def _read_and_preprocess(batch: dict[str, np.ndarray], source: Location, preprocessor: Any) -> dict[str, Any]:
+    """Ray Data task: read each file's bytes (a read error becomes the row's reason), then
+    decode, detect and align. Detector weights are cached per worker process."""
+    import pickle
+
+    key = pickle.dumps(preprocessor)
+    proc = _PREPROCESSOR_CACHE.setdefault(key, preprocessor)
+    ids = [str(x) for x in batch["image_id"]]
+    data: list[bytes | None] = []
+    errors: list[str] = []
+    for image_id in ids:
+        try:
+            data.append(source.child(image_id).read_bytes())
+            errors.append("")
+        except RayleadError as exc:
+            data.append(None)
+            errors.append(f"read_error: {str(exc)[:200]}")
+        except OSError as exc:
+            data.append(None)
+            errors.append(f"read_error: {type(exc).__name__}")
+    raw = {
+        "image_id": np.array(ids, dtype=object),
+        "identity": np.asarray(batch["identity"], dtype=object),
+        "bytes": np.array(data + [None], dtype=object)[:-1],
+        "read_error": np.array(errors, dtype=object),
+    }
+    out = proc(raw)
+    out["shard"] = np.asarray(batch["shard"], dtype=np.int64)
+    return out
+
+
+class EmbedActor:
+    """Ray Data actor: loads the matcher once (in ``__init__``), embeds ok crops per batch."""
+
+    def __init__(self, matcher: Any) -> None:
+        self.matcher = matcher
+        self.dim = int(matcher.dim)
+        self.matcher.embed(np.zeros((1, *self._crop_shape()), np.uint8))  # load weights now
+
+    def _crop_shape(self) -> tuple[int, int, int]:
+        size = 150 if self.matcher.crop == "dlib150" else 112
+        return (size, size, 3)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        status = np.asarray(batch["status"], dtype=object).copy()
+        n = len(status)
+        emb = np.zeros((n, self.dim), np.float32)
+        ok = np.flatnonzero(status == catalog.STATUS_OK)
+        if len(ok):
+            try:
+                emb[ok] = self.matcher.embed(np.ascontiguousarray(batch["crop"][ok]))
+            except Exception as exc:  # a model error fails these rows, never the job
+                log.exception("embedding a batch of %d failed", len(ok))
+                status[ok] = f"embed_error: {type(exc).__name__}"
+            bad = ok[~np.isfinite(emb[ok]).all(axis=1)]
+            status[bad] = "embed_error: non-finite embedding"
+        return {
+            "image_id": batch["image_id"],
+            "identity": batch["identity"],
+            "shard": batch["shard"],
+            "det_score": np.asarray(batch["det_score"], np.float32),
+            "status": status,
+            "embedding": emb,
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------
+def _completed(out: Location, i: int, ids: list[str]) -> catalog.ShardInfo | None:
+    marker = out.child(marker_name(i))
+    if not marker.exists():
+        return None
+    try:
+        info = catalog.ShardInfo.from_json(marker.read_json())
+    except CorruptDataError:
+        return None
+    if info.input_fingerprint != catalog.fingerprint(ids) or info.path != shard_name(i):
+        return None
+    if not out.child(info.path).exists():
+        return None
+    return info
+
+
+def _write_shard(prep: Prepared, i: int, ids: list[str], rows: dict[str, dict[str, Any]]) -> catalog.ShardInfo:
+    dim = int(prep.matcher.dim)
+    ordered = [rows[image_id] for image_id in ids]
+    emb = np.stack([r["embedding"] for r in ordered]) if ordered else np.zeros((0, dim), np.float32)
+    statuses = [str(r["status"]) for r in ordered]
+    metadata = {
+        "raylead.matcher": prep.matcher.name,
+        "raylead.matcher_version": prep.matcher.version,
+        "raylead.dim": str(dim),
+        "raylead.alignment": prep.alignment,
+    }
+    table = catalog.shard_table(
+        ids, [r["identity"] for r in ordered], emb, [r["det_score"] for r in ordered], statuses, dim, metadata
+    )
+    data = catalog.table_to_parquet_bytes(table)
+    prep.out.child(shard_name(i)).write_bytes(data)
+    ok = sum(s == catalog.STATUS_OK for s in statuses)
+    info = catalog.ShardInfo(
+        path=shard_name(i), rows=len(ids), ok=ok, failed=len(ids) - ok,
+        sha256=catalog.sha256_bytes(data), input_fingerprint=catalog.fingerprint(ids),
+    )
+    prep.out.child(marker_name(i)).write_json(info.to_json())
+    return info
+
+
+def _failure_counts(prep: Prepared, shards: list[catalog.ShardInfo]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for s in shards:
+        if s.failed:
+            table = catalog.read_parquet_checked(prep.out.child(s.path), s.sha256)
+            for status in table.column("status").to_pylist():
+                if status != catalog.STATUS_OK:
+                    counts[str(status).split(":", 1)[0]] += 1
+    return dict(counts)
+
+
+def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[dict[str, Any]]:
+    import ray
+
+    from raylead.runtime import cluster_gpus, ensure_ray
+
+    ensure_ray()
+    cfg = prep.cfg
+    rows = [
+        {"image_id": image_id, "identity": identity_of(image_id), "shard": i}
+        for i, ids in pending.items()
+        for image_id in ids
+    ]
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cluster_gpus() > 0 else 0.0)
+    n_blocks = max(1, min(len(rows) // cfg.read_batch_size, 512))
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    ds = ds.map_batches(
+        _read_and_preprocess,
+        fn_kwargs={"source": prep.source, "preprocessor": prep.preprocessor},
+        batch_size=cfg.read_batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"matcher": prep.matcher},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.actors,
+        num_gpus=gpus,
+        num_cpus=0 if gpus else 1,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for j in range(len(batch["image_id"])):
+            yield {
+                "image_id": str(batch["image_id"][j]),
+                "identity": batch["identity"][j],
+                "shard": int(batch["shard"][j]),
+                "det_score": float(batch["det_score"][j]),
+                "status": str(batch["status"][j]),
+                "embedding": batch["embedding"][j],
+            }
+
+
+def embed_collection(
+    cfg: EmbedConfig, prepared: Prepared | None = None, on_progress: Callable[[int, int], None] | None = None
+) -> EmbedResult:
+    """Run (or resume) an embed; returns where the collection is and its manifest."""
+    t0 = time.monotonic()
+    prep = prepared or prepare(cfg)
+    shards = plan_shards(prep.image_ids, cfg.shard_size)
+    done: dict[int, catalog.ShardInfo] = {}
+    pending: dict[int, list[str]] = {}
+    for i, ids in enumerate(shards):
+        info = _completed(prep.out, i, ids)
+        if info is None:
+            pending[i] = ids
+        else:
+            done[i] = info
+    skipped = len(done)
+    total = len(prep.image_ids)
+    finished_images = sum(info.rows for info in done.values())
+    if on_progress:
+        on_progress(finished_images, total)
+    log.info(
+        "embedding %d images from %s with %s: %d shards, %d already complete",
+        total, prep.source.uri, prep.matcher.name, len(shards), skipped,
+    )
+    if pending:
+        buffers: dict[int, dict[str, dict[str, Any]]] = {i: {} for i in pending}
+        for row in _iter_pipeline(prep, pending):
+            i = row["shard"]
+            if i not in buffers:  # already written: a duplicate from a retried task
+                continue
+            buffers[i][row["image_id"]] = row  # keyed by id: a retried task cannot duplicate
+            if len(buffers[i]) == len(pending[i]):
+                done[i] = _write_shard(prep, i, pending[i], buffers.pop(i))
+                finished_images += done[i].rows
+                if on_progress:
+                    on_progress(finished_images, total)
+        if buffers:
+            missing = sum(len(pending[i]) - len(b) for i, b in buffers.items())
+            raise RayleadError(
+                f"the pipeline ended with {missing} images unaccounted for in {len(buffers)} shards; "
+                "rerun to finish them (completed shards are kept)"
+            )
+    ordered = [done[i] for i in range(len(shards))]
+    manifest = catalog.new_manifest(
+        source=prep.source.uri,
+        matcher=prep.matcher.name,
+        matcher_version=prep.matcher.version,
+        dim=int(prep.matcher.dim),
+        alignment=prep.alignment,
+        shards=ordered,
+        failures_by_reason=_failure_counts(prep, ordered),
+    )
+    catalog.write_manifest(prep.out, manifest)
+    return EmbedResult(prep.out, manifest, len(shards) - skipped, skipped, time.monotonic() - t0)
+
+
+def ensure_collection(cfg: EmbedConfig) -> catalog.Collection:
+    """The collection at ``cfg.out``: reused when its manifest is for the same matcher and
+    alignment and covers the same inputs; otherwise embedded (or resumed) first."""
+    prep = prepare(cfg)
+    if catalog.is_collection(prep.out):
+        manifest = catalog.read_manifest(prep.out)
+        same = (
+            manifest.matcher == prep.matcher.name
+            and manifest.matcher_version == prep.matcher.version
+            and manifest.alignment == prep.alignment
+            and manifest.rows == len(prep.image_ids)
+        )
+        if same:
+            log.info("reusing embeddings at %s (%d rows, %s)", prep.out.uri, manifest.rows, manifest.matcher)
+            return catalog.read_collection(prep.out)
+    embed_collection(cfg, prep)
+    return catalog.read_collection(prep.out)
+
+
+def config_dict(cfg: EmbedConfig) -> dict[str, Any]:
+    """The config as plain data, without credentials (for logs and metrics files)."""
+    d = asdict(replace(cfg, s3=None))
+    d.pop("s3", None)
+    return d
+

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install raylead into ./.venv.  Usage: bash scripts/install.sh [test]
+#   CPU machines get the CPU build of torch (torch==2.13.0; set RAYLEAD_TORCH to change it);
+#   machines with an NVIDIA GPU keep pip's CUDA torch and get faiss-gpu + onnxruntime-gpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=".venv/bin/python -m pip"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  $pip install -q -e ".${extras:+[$extras]}"
+  $pip uninstall -q -y faiss-cpu onnxruntime
+  $pip install -q "faiss-gpu-cu12>=1.8" "onnxruntime-gpu>=1.17"
+else
+  $pip install -q "${RAYLEAD_TORCH:-torch==2.13.0}"
+  $pip install -q -e ".${extras:+[$extras]}"
+fi
+if [ "$extras" = "test" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # Debian's Chromium for the report's browser test (skipped with a reason when absent).
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "install.sh: chromium could not be installed; the browser test will be skipped" >&2
+fi
+echo "raylead installed in $(pwd)/.venv"

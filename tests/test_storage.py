@@ -1,0 +1,85 @@
+"""Storage: URI parsing, safe relative paths, atomic writes, listing, S3 against a real server."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+
+import pytest
+
+from raylead.errors import ConfigError, PathEscapeError, StorageError
+from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options, safe_relpath
+
+ESCAPES = [
+    "../x.parquet", "a/../../x", "/etc/passwd", "s3://other-bucket/x", "file:///etc/passwd",
+    "C:\\windows", "\\\\server\\share", "", ".", "a/..", "x\x00y",
+]
+
+
+@pytest.mark.parametrize("rel", ESCAPES)
+def test_safe_relpath_rejects_escapes(rel: str) -> None:
+    with pytest.raises(PathEscapeError):
+        safe_relpath(rel)
+
+
+@pytest.mark.parametrize(("rel", "norm"), [("a/b.jpg", "a/b.jpg"), ("./a//b.jpg", "a/b.jpg"), ("a/./b", "a/b")])
+def test_safe_relpath_normalises(rel: str, norm: str) -> None:
+    assert safe_relpath(rel) == norm
+
+
+def test_parse_rejects_unknown_scheme_and_empty() -> None:
+    with pytest.raises(ConfigError, match="gs://"):
+        Location.parse("gs://bucket/x")
+    with pytest.raises(ConfigError):
+        Location.parse("")
+    with pytest.raises(ConfigError, match="no bucket"):
+        Location.parse("s3:///x")
+
+
+def test_local_atomic_write_list_and_owner_only(tmp_path) -> None:
+    root = Location.parse(f"file://{tmp_path}/out")
+    root.child("a", "x.JPG").write_bytes(b"1")
+    root.child("b.png").write_bytes(b"2")
+    root.child("notes.txt").write_bytes(b"3")
+    assert root.list_files(IMAGE_EXTENSIONS) == ["a/x.JPG", "b.png"]
+    assert root.list_files() == ["a/x.JPG", "b.png", "notes.txt"]
+    mode = stat.S_IMODE(os.stat(root.child("b.png").path).st_mode)
+    assert mode == 0o600
+    assert stat.S_IMODE(os.stat(root.path).st_mode) == 0o700
+    # no temporary files are left behind
+    assert not [n for n in os.listdir(root.path) if ".tmp-" in n]
+    with pytest.raises(PathEscapeError):
+        root.child("../escape")
+
+
+def test_contains() -> None:
+    assert Location.parse("/data/in").contains(Location.parse("/data/in/out"))
+    assert not Location.parse("/data/in").contains(Location.parse("/data/input"))
+    assert Location.parse("s3://b/in").contains(Location.parse("s3://b/in/x"))
+    assert not Location.parse("s3://b/in").contains(Location.parse("/b/in/x"))
+
+
+def test_secrets_hidden_from_repr_and_env_pickles() -> None:
+    opts = S3Options(endpoint_url="http://x", access_key="AKIA-PLANTED", secret_key="SECRET-PLANTED")
+    assert "PLANTED" not in repr(opts)
+    env_opts = S3Options.from_env()
+    assert b"PLANTED" not in pickle.dumps(env_opts)
+
+
+def test_s3_roundtrip_listing_and_errors(s3_server) -> None:
+    root = Location.parse("s3://raylead/storage-test")
+    root.check_reachable(write=True)
+    root.child("faces", "a.jpg").write_bytes(b"abc")
+    root.child("faces", "b.txt").write_bytes(b"no")
+    assert root.list_files(IMAGE_EXTENSIONS) == ["faces/a.jpg"]
+    assert root.child("faces", "a.jpg").read_bytes() == b"abc"
+    with pytest.raises(StorageError, match="does not exist"):
+        Location.parse("s3://no-such-bucket/x").check_reachable(write=False)
+    wrong = S3Options(endpoint_url=s3_server.endpoint, access_key="wrong", secret_key="wrong-secret-value")
+    with pytest.raises(StorageError) as info:
+        Location.parse("s3://raylead/x", wrong).check_reachable(write=True)
+    assert "wrong-secret-value" not in str(info.value)
+    dead = S3Options(endpoint_url="http://127.0.0.1:9", access_key="a", secret_key="b")
+    with pytest.raises(StorageError, match="cannot reach"):
+        Location.parse("s3://raylead/x", dead).check_reachable(write=False)
