@@ -318,7 +318,7 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
         fn_constructor_kwargs={"matcher": prep.matcher},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=cfg.actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=gpus,
         num_cpus=0 if gpus else 1,
     )

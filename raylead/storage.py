@@ -271,7 +271,13 @@ class Location:
         def _find() -> list[str]:
             if self.is_s3:
                 self.fs.invalidate_cache()
-            return list(self.fs.find(root, withdirs=False))
+                return list(self.fs.find(root, withdirs=False))
+            # os.walk follows symlinked folders (scenario folders are made of links)
+            return [
+                os.path.join(d, f).replace(os.sep, "/")
+                for d, _, files in os.walk(root, followlinks=True)
+                for f in files
+            ]
 
         found = retry_io(_find, f"listing {self.uri}")
         out = []

@@ -71,3 +71,58 @@ def ray_local(s3_server: object) -> Iterator[None]:
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield
+
+
+def _embed_once(tmp_path_factory: pytest.TempPathFactory, name: str, source: Path, **options: object):
+    """Embed ``source`` once per session through the real Ray pipeline; returns the collection."""
+    from raylead.catalog import read_collection
+    from raylead.embed import EmbedConfig, embed_collection
+
+    out = tmp_path_factory.mktemp(name)
+    cfg = EmbedConfig(source=str(source), out=str(out), actors=2, **options)  # type: ignore[arg-type]
+    embed_collection(cfg)
+    return read_collection(str(out))
+
+
+@pytest.fixture(scope="session")
+def lfw_dlib(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, ray_local: None):
+    """All 1580 LFW images embedded with the dlib matcher (dlib HOG detector), once per session."""
+    return _embed_once(tmp_path_factory, "lfw_dlib", lfw_dir)
+
+
+@pytest.fixture(scope="session")
+def lfw_onnx(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, mbf_model: Path, scrfd_model: Path,
+             ray_local: None):
+    """All 1580 LFW images embedded with MobileFaceNet (onnx) + SCRFD, once per session."""
+    return _embed_once(
+        tmp_path_factory, "lfw_onnx", lfw_dir, matcher="onnx", model=str(mbf_model), detector=str(scrfd_model)
+    )
+
+
+# ---- attacks (issue 4): write small embedding collections from arrays -------------------------
+@pytest.fixture
+def write_collection():
+    """Factory: ``write_collection(path, ids, identities, emb, det=None, statuses=None, matcher="dlib",
+    version="test")`` writes a finished one-shard collection and returns its path (str)."""
+    import numpy as np
+
+    from raylead import catalog
+    from raylead.storage import Location
+
+    def _write(path, ids, identities, emb, det=None, statuses=None, matcher="dlib", version="test"):
+        emb = np.asarray(emb, np.float32)
+        n, dim = emb.shape
+        statuses = list(statuses) if statuses is not None else ["ok"] * n
+        det = list(det) if det is not None else [1.0] * n
+        root = Location.parse(str(path))
+        table = catalog.shard_table(list(ids), list(identities), emb, det, statuses, dim)
+        data = catalog.table_to_parquet_bytes(table)
+        root.child("shards/part-00000.parquet").write_bytes(data)
+        ok = sum(s == "ok" for s in statuses)
+        info = catalog.ShardInfo("shards/part-00000.parquet", n, ok, n - ok, catalog.sha256_bytes(data), "")
+        catalog.write_manifest(
+            root, catalog.new_manifest(str(path), matcher, version, dim, "test", [info], {})
+        )
+        return str(path)
+
+    return _write

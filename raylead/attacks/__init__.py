@@ -1,0 +1,633 @@
+"""Leakage attacks: pure functions over embeddings, plus the shared pieces they stand on.
+
+The three attacks of DESIGN.md (``idiap``, ``tinsley``, ``webster``) and threshold
+calibration (``calibrate``) each have two layers:
+
+* a **pure layer**: arrays in, dataclass results out; no I/O, no Ray; unit-tested against
+  brute-force numpy;
+* a thin **run layer** (``run_*``): loads or embeds the inputs (an embedding collection is
+  used as is; an image folder goes through the embed pipeline, reusing a collection already
+  embedded there with the same matcher), searches with :mod:`raylead.search` /
+  :mod:`raylead.exact`, writes Parquet tables + ``metrics.json``, and returns the metrics.
+
+This module holds what several attacks share: score statistics (histograms, Mann–Whitney
+AUC), the embedded input sets and the set-aside of synthetic images with no usable face,
+matcher specifications, thresholds (``--threshold`` / ``--threshold-from``), nearest-neighbour
+helpers and result writing. Every similarity is the cosine of L2-normalised embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from raylead.errors import ConfigError
+from raylead.storage import Location, S3Options
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+DEFAULT_BINS = 50
+
+# ------------------------------------------------------------------------------------------
+# score statistics
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Counts of values in bins ``[edges[i], edges[i+1])`` (the last bin is closed)."""
+
+    edges: list[float]
+    counts: list[int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"edges": self.edges, "counts": self.counts}
+
+
+def histogram_edges(*samples: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """``bins + 1`` equal-width edges covering every value of every sample (cosine range if empty)."""
+    if bins < 1:
+        raise ConfigError(f"histogram bins must be ≥ 1, got {bins}")
+    values = [np.asarray(s, dtype=np.float64).ravel() for s in samples]
+    values = [v[np.isfinite(v)] for v in values if v.size]
+    if not values or not any(v.size for v in values):
+        return np.linspace(-1.0, 1.0, bins + 1)
+    lo = float(min(v.min() for v in values if v.size))
+    hi = float(max(v.max() for v in values if v.size))
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.005, hi + 0.005
+    return np.linspace(lo, hi, bins + 1)
+
+
+def histogram(values: np.ndarray, edges: np.ndarray) -> Histogram:
+    counts, _ = np.histogram(np.asarray(values, dtype=np.float64), bins=np.asarray(edges, dtype=np.float64))
+    return Histogram([round(float(e), 6) for e in edges], [int(c) for c in counts])
+
+
+def auc_mann_whitney(positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """P(X > Y) + ½·P(X = Y) for X from ``positive`` and Y from ``negative``.
+
+    Computed from ranks (the Mann–Whitney U statistic divided by n·m) in O((n+m) log(n+m)).
+    ``None`` when either sample is empty.
+    """
+    from scipy.stats import rankdata
+
+    pos = np.asarray(positive, dtype=np.float64).ravel()
+    neg = np.asarray(negative, dtype=np.float64).ravel()
+    n, m = pos.size, neg.size
+    if n == 0 or m == 0:
+        return None
+    ranks = rankdata(np.concatenate([pos, neg]))  # average ranks for ties
+    u = float(ranks[:n].sum()) - n * (n + 1) / 2.0
+    return u / (n * m)
+
+
+def summary(values: np.ndarray) -> dict[str, float | int | None]:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"count": 0, "mean": None, "median": None, "min": None, "max": None, "std": None}
+    return {
+        "count": int(v.size),
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "std": float(v.std()),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# matchers
+# ------------------------------------------------------------------------------------------
+_SPEC_KEYS = ("model", "model_root", "pack", "detector")
+_SPEC_SPLIT = re.compile(r":(?=(?:{})=)".format("|".join(_SPEC_KEYS)))
+
+
+@dataclass(frozen=True)
+class MatcherSpec:
+    """A matcher and what it needs to embed images: ``NAME[:model=F][:detector=D]...``.
+
+    ``detector`` is ``dlib`` (HOG + 5-point) or a SCRFD ``.onnx`` file, as for ``raylead embed``.
+    """
+
+    name: str
+    model: str | None = None
+    model_root: str | None = None
+    pack: str | None = None
+    detector: str = "dlib"
+
+    @classmethod
+    def parse(cls, text: str) -> MatcherSpec:
+        text = text.strip()
+        if not text:
+            raise ConfigError("empty matcher: give dlib or onnx[:model=FILE][:detector=FILE]")
+        name, *parts = _SPEC_SPLIT.split(text)
+        opts: dict[str, str] = {}
+        for part in parts:
+            key, _, value = part.partition("=")
+            if key in opts:
+                raise ConfigError(f"matcher spec {text!r} gives {key} twice; give it once")
+            if not value:
+                raise ConfigError(f"matcher spec {text!r} has an empty {key}=; give a value")
+            opts[key] = value
+        if ":" in name or "=" in name or not name:
+            raise ConfigError(
+                f"cannot read matcher spec {text!r}: use NAME[:model=FILE][:detector=dlib|FILE]"
+                f"[:model_root=DIR][:pack=NAME] (keys: {', '.join(_SPEC_KEYS)})"
+            )
+        return cls(name=name, **opts)
+
+    def with_options(
+        self,
+        model: str | None = None,
+        detector: str | None = None,
+        model_root: str | None = None,
+        pack: str | None = None,
+    ) -> MatcherSpec:
+        """This spec with the given options (from CLI flags) taking precedence."""
+        return MatcherSpec(
+            name=self.name,
+            model=model or self.model,
+            model_root=model_root or self.model_root,
+            pack=pack or self.pack,
+            detector=detector or self.detector,
+        )
+
+    @property
+    def text(self) -> str:
+        """The spec as ``NAME[:key=value]...`` (what :meth:`parse` reads)."""
+        parts = [self.name]
+        for key in _SPEC_KEYS:
+            value = getattr(self, key)
+            if value is not None and not (key == "detector" and value == "dlib"):
+                parts.append(f"{key}={value}")
+        return ":".join(parts)
+
+    @property
+    def label(self) -> str:
+        """A short, file-name-safe label (``dlib``, ``onnx-mobilefacenet``)."""
+        base = self.name
+        if self.model:
+            stem = re.sub(r"\.[A-Za-z0-9]+$", "", self.model.rstrip("/").rsplit("/", 1)[-1])
+            base = f"{base}-{stem}"
+        elif self.pack:
+            base = f"{base}-{self.pack}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", base)
+
+
+def parse_matchers(text: str) -> list[MatcherSpec]:
+    """``dlib,onnx:model=F:detector=D`` → specs; labels must be distinct."""
+    specs = [MatcherSpec.parse(t) for t in text.split(",") if t.strip()]
+    if not specs:
+        raise ConfigError("--matchers is empty: give e.g. dlib,onnx:model=FILE:detector=FILE")
+    labels = [s.label for s in specs]
+    dup = [lab for lab, c in Counter(labels).items() if c > 1]
+    if dup:
+        raise ConfigError(f"matcher {dup[0]!r} is given twice in --matchers; give each matcher once")
+    return specs
+
+
+# ------------------------------------------------------------------------------------------
+# embedded input sets
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddedSet:
+    """The rows of one collection an attack uses.
+
+    ``embeddings``/``ids``/``identities``/``det_scores`` describe the usable (``ok``) rows;
+    ``failed_ids``/``failed_reasons`` the rows without an embedding.
+    """
+
+    uri: str
+    matcher: str
+    matcher_version: str
+    embeddings: np.ndarray
+    ids: list[str]
+    identities: list[str | None]
+    det_scores: np.ndarray
+    failed_ids: list[str] = field(default_factory=list)
+    failed_reasons: list[str] = field(default_factory=list)
+    failed_identities: list[str | None] = field(default_factory=list)
+
+    @classmethod
+    def from_collection(cls, coll: Any, uri: str = "") -> EmbeddedSet:
+        ok = np.asarray(coll.ok_index, dtype=np.int64)
+        failed = [i for i, s in enumerate(coll.statuses) if s != "ok"]
+        return cls(
+            uri=uri or coll.manifest.source,
+            matcher=coll.manifest.matcher,
+            matcher_version=coll.manifest.matcher_version,
+            embeddings=np.ascontiguousarray(coll.embeddings, dtype=np.float32),
+            ids=[coll.image_ids[i] for i in ok],
+            identities=[coll.identities[i] for i in ok],
+            det_scores=np.asarray(coll.det_scores, dtype=np.float32)[ok]
+            if len(ok)
+            else np.zeros(0, np.float32),
+            failed_ids=[coll.image_ids[i] for i in failed],
+            failed_reasons=[str(coll.statuses[i]) for i in failed],
+            failed_identities=[coll.identities[i] for i in failed],
+        )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        embeddings: np.ndarray,
+        ids: Sequence[str] | None = None,
+        identities: Sequence[str | None] | None = None,
+        det_scores: np.ndarray | None = None,
+        matcher: str = "test",
+        uri: str = "",
+    ) -> EmbeddedSet:
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n = emb.shape[0]
+        return cls(
+            uri=uri,
+            matcher=matcher,
+            matcher_version="",
+            embeddings=emb,
+            ids=list(ids) if ids is not None else [f"img{i:06d}" for i in range(n)],
+            identities=list(identities) if identities is not None else [None] * n,
+            det_scores=np.asarray(det_scores, np.float32)
+            if det_scores is not None
+            else np.full(n, np.nan, np.float32),
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids) + len(self.failed_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1]) if self.embeddings.ndim == 2 else 0
+
+    def take(self, rows: np.ndarray) -> EmbeddedSet:
+        """The usable rows ``rows`` (indices or a boolean mask); failures are kept."""
+        idx = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+        return EmbeddedSet(
+            uri=self.uri,
+            matcher=self.matcher,
+            matcher_version=self.matcher_version,
+            embeddings=np.ascontiguousarray(self.embeddings[idx]),
+            ids=[self.ids[i] for i in idx],
+            identities=[self.identities[i] for i in idx],
+            det_scores=self.det_scores[idx],
+            failed_ids=list(self.failed_ids),
+            failed_reasons=list(self.failed_reasons),
+            failed_identities=list(self.failed_identities),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        ids = {x for x in self.identities if x is not None}
+        return {
+            "uri": self.uri,
+            "matcher": self.matcher,
+            "matcher_version": self.matcher_version,
+            "rows": self.rows,
+            "ok": len(self.ids),
+            "failed": len(self.failed_ids),
+            "failures_by_reason": dict(
+                sorted(Counter(r.split(":", 1)[0] for r in self.failed_reasons).items())
+            ),
+            "identities": len(ids),
+        }
+
+
+@dataclass
+class SetAside:
+    """Synthetic images not scored: no detectable face, or a detector score below the floor."""
+
+    det_score_floor: float
+    ids: list[str]
+    reasons: list[str]
+    det_scores: list[float | None]
+    unknown_det_score: int  # kept rows with no detector score (pre-aligned inputs)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def by_reason(self) -> dict[str, int]:
+        return dict(sorted(Counter(r.split(":", 1)[0] for r in self.reasons).items()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "det_score_floor": self.det_score_floor,
+            "count": self.count,
+            "by_reason": self.by_reason(),
+            "kept_without_det_score": self.unknown_det_score,
+        }
+
+    def columns(self) -> dict[str, list[Any]]:
+        return {"image_id": self.ids, "reason": self.reasons, "det_score": self.det_scores}
+
+
+def set_aside(images: EmbeddedSet, det_score_floor: float) -> tuple[EmbeddedSet, SetAside]:
+    """Split off the images that cannot be evidence of a leak.
+
+    Rows that failed (no face, undecodable, ...) are set aside with their failure reason;
+    ``ok`` rows whose detector score is below ``det_score_floor`` with reason
+    ``det_score_below_floor``. Rows without a detector score (pre-aligned inputs) are kept and
+    counted. Returns the kept set and the record of what was set aside.
+    """
+    if not math.isfinite(det_score_floor):
+        raise ConfigError(f"--det-score-floor must be a finite number, got {det_score_floor!r}")
+    det = images.det_scores
+    low = np.isfinite(det) & (det < det_score_floor)
+    kept = images.take(~low)
+    ids = list(images.failed_ids) + [images.ids[i] for i in np.flatnonzero(low)]
+    reasons = list(images.failed_reasons) + ["det_score_below_floor"] * int(low.sum())
+    dets: list[float | None] = [None] * len(images.failed_ids) + [float(det[i]) for i in np.flatnonzero(low)]
+    record = SetAside(det_score_floor, ids, reasons, dets, int((~np.isfinite(det)).sum()))
+    kept.failed_ids, kept.failed_reasons, kept.failed_identities = [], [], []
+    return kept, record
+
+
+def groups_of(images: EmbeddedSet) -> np.ndarray:
+    """Integer group per usable row: its identity label, or the image itself when unlabelled."""
+    pairs = zip(images.ids, images.identities, strict=True)
+    keys = [ident if ident is not None else f"\x00{img}" for img, ident in pairs]
+    _, inverse = np.unique(np.array(keys, dtype=object), return_inverse=True)
+    return inverse.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# thresholds
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A decision threshold on cosine similarity and where it came from."""
+
+    value: float
+    source: str  # "--threshold" or the calibration file's URI
+    matcher: str | None = None
+    fmr: float | None = None
+    impostor_pairs: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "source": self.source,
+            "matcher": self.matcher,
+            "fmr": self.fmr,
+            "impostor_pairs": self.impostor_pairs,
+        }
+
+
+def resolve_threshold(
+    value: float | None,
+    from_file: str | None,
+    matcher: str,
+    matcher_version: str | None = None,
+    s3: S3Options | None = None,
+) -> Threshold | None:
+    """The threshold given by ``--threshold X`` or ``--threshold-from FILE`` (not both).
+
+    A calibration file must be for ``matcher`` (and its version when both are known), or a
+    :class:`ConfigError` says which matcher it was made with.
+    """
+    if value is not None and from_file is not None:
+        raise ConfigError("give --threshold or --threshold-from, not both")
+    if value is not None:
+        if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+            raise ConfigError(f"--threshold must be a cosine similarity in [-1, 1], got {value!r}")
+        return Threshold(float(value), "--threshold", matcher)
+    if from_file is None:
+        return None
+    from raylead.attacks.calibrate import read_calibration
+
+    cal = read_calibration(from_file, s3)
+    if cal["matcher"]["name"] != matcher or (
+        matcher_version and cal["matcher"].get("version") and cal["matcher"]["version"] != matcher_version
+    ):
+        made = f"{cal['matcher']['name']} {cal['matcher'].get('version', '')}".strip()
+        used = f"{matcher} {matcher_version or ''}".strip()
+        raise ConfigError(
+            f"calibration {from_file} was made with matcher {made!r} but this attack uses {used!r}; "
+            f"run `raylead calibrate` with the attack's matcher"
+        )
+    return Threshold(
+        value=float(cal["threshold"]),
+        source=str(from_file),
+        matcher=matcher,
+        fmr=float(cal["fmr_target"]),
+        impostor_pairs=int(cal["impostor_pairs"]),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# nearest neighbours (via raylead.search / raylead.exact)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Neighbours:
+    scores: np.ndarray  # float32 [nq, k], descending per row
+    idx: np.ndarray  # int64 [nq, k]
+    engine: str
+    reason: str
+
+
+def nearest(queries: np.ndarray, base: np.ndarray, k: int, engine: str = "auto") -> Neighbours:
+    """Top-``k`` of ``base`` for every query by exact cosine score (k is clipped to len(base))."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    b = np.ascontiguousarray(base, dtype=np.float32)
+    k = min(int(k), b.shape[0])
+    if q.shape[0] == 0 or k == 0:
+        return Neighbours(
+            np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64), "none", "empty"
+        )
+    try:
+        from raylead.search import search
+    except ImportError:  # TEMPORARY until raylead.search lands
+        return _flat_fallback(q, b, k)
+    res = search(q, b, k, engine=engine)
+    return Neighbours(
+        np.asarray(res.scores, np.float32), np.asarray(res.idx, np.int64), str(res.engine), str(res.reason)
+    )
+
+
+def _flat_fallback(q: np.ndarray, b: np.ndarray, k: int) -> Neighbours:  # TEMPORARY
+    import faiss
+
+    index = faiss.IndexFlatIP(b.shape[1])
+    index.add(b)
+    scores, idx = index.search(q, k)
+    return Neighbours(scores.astype(np.float32), idx.astype(np.int64), "exact", "fallback flat")
+
+
+def best_match(queries: np.ndarray, base: np.ndarray, engine: str = "auto") -> Neighbours:
+    """Each query's single best match in ``base`` (score −inf, index −1 when ``base`` is empty)."""
+    if base.shape[0] == 0:
+        n = queries.shape[0]
+        return Neighbours(
+            np.full((n, 1), -np.inf, np.float32), np.full((n, 1), -1, np.int64), "none", "empty base"
+        )
+    return nearest(queries, base, 1, engine)
+
+
+# ------------------------------------------------------------------------------------------
+# loading inputs
+# ------------------------------------------------------------------------------------------
+
+
+def source_key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:10]
+
+
+def load_set(
+    source: str,
+    matcher: MatcherSpec,
+    role: str,
+    embeddings_dir: str | None,
+    s3: S3Options | None = None,
+    *,
+    actors: int = 1,
+    batch_size: int = 32,
+) -> EmbeddedSet:
+    """An attack input: an embedding collection as is, or an image folder embedded with ``matcher``.
+
+    A folder is embedded into ``EMBEDDINGS_DIR/<role>-<matcher>-<hash of the source>`` with the
+    embed pipeline, which reuses what is already there for the same matcher (so a second attack
+    over the same folders embeds nothing). A collection made with another matcher is a
+    :class:`ConfigError`.
+    """
+    from raylead import catalog
+
+    loc = Location.parse(source, s3 if source.startswith("s3://") else None)
+    if catalog.is_collection(loc):
+        coll = catalog.read_collection(loc)
+        version = _expected_version(matcher)
+        m = coll.manifest
+        if m.matcher != matcher.name or (version is not None and m.matcher_version != version):
+            made = f"{m.matcher} {m.matcher_version}".strip()
+            want = f"{matcher.name} {version or ''}".strip()
+            raise ConfigError(
+                f"{loc.uri} was embedded with matcher {made!r}, not {want!r}; "
+                f"give the image folder or a collection made with {matcher.name!r}"
+            )
+        log.info("%s: collection %s (%d rows, %s)", role, loc.uri, coll.manifest.rows, coll.manifest.matcher)
+        return EmbeddedSet.from_collection(coll, loc.uri)
+    if embeddings_dir is None:
+        raise ConfigError(f"{loc.uri} is an image folder; give --embeddings-dir for its embeddings")
+    from raylead.embed import EmbedConfig, ensure_collection
+
+    out = Location.parse(embeddings_dir, s3 if embeddings_dir.startswith("s3://") else None)
+    target = out.child(f"{role}-{matcher.label}-{source_key(loc.uri)}")
+    cfg = EmbedConfig(
+        source=source,
+        out=target.uri,
+        matcher=matcher.name,
+        model=matcher.model,
+        model_root=matcher.model_root,
+        pack=matcher.pack,
+        detector=matcher.detector,
+        actors=actors,
+        batch_size=batch_size,
+        s3=s3,
+    )
+    coll = ensure_collection(cfg)
+    return EmbeddedSet.from_collection(coll, loc.uri)
+
+
+def _expected_version(spec: MatcherSpec) -> str | None:
+    """The matcher version a collection must have when ``spec`` names a model (else None)."""
+    if spec.model is None and spec.pack is None:
+        return None
+    from raylead.matchers import make_matcher
+
+    opts = {"model": spec.model, "model_root": spec.model_root, "pack": spec.pack}
+    return str(make_matcher(spec.name, **{k: v for k, v in opts.items() if v is not None}).version)
+
+
+def check_same_matcher(sets: Mapping[str, EmbeddedSet]) -> tuple[str, str]:
+    """All inputs of one attack must come from one matcher (name and version)."""
+    seen = {(s.matcher, s.matcher_version) for s in sets.values()}
+    if len(seen) > 1:
+        detail = ", ".join(f"{role}: {s.matcher} {s.matcher_version}".strip() for role, s in sets.items())
+        raise ConfigError(f"the inputs were embedded with different matchers ({detail}); use one matcher")
+    name, version = next(iter(seen))
+    dims = {s.dim for s in sets.values() if len(s)}
+    if len(dims) > 1:
+        raise ConfigError(
+            f"the inputs have different embedding sizes {sorted(dims)}; re-embed with one matcher"
+        )
+    return name, version
+
+
+# ------------------------------------------------------------------------------------------
+# writing results
+# ------------------------------------------------------------------------------------------
+
+
+class ResultWriter:
+    """Writes an attack's Parquet tables and its ``metrics.json`` (last) under one folder."""
+
+    def __init__(self, out: Location) -> None:
+        self.out = out
+        self.files: dict[str, str] = {}
+
+    def table(
+        self, name: str, columns: Mapping[str, Sequence[Any] | np.ndarray], description: str = ""
+    ) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrays = {k: (v if isinstance(v, np.ndarray) else list(v)) for k, v in columns.items()}
+        table = pa.table(arrays)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.out.child(name).write_bytes(buf.getvalue())
+        self.files[name] = description or f"{table.num_rows} rows: {', '.join(table.column_names)}"
+
+    def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        metrics = dict(metrics)
+        metrics["files"] = dict(sorted(self.files.items()))
+        metrics.setdefault("created", time.time())
+        self.out.child(METRICS_FILE).write_json(_jsonable(metrics))
+        return metrics
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON: numpy scalars → Python, NaN/inf → null."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def out_location(uri: str, s3: S3Options | None) -> Location:
+    loc = Location.parse(uri, s3 if uri.startswith("s3://") else None)
+    loc.check_reachable(write=True)
+    return loc
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)

@@ -1,0 +1,475 @@
+"""Tinsley attack (Tinsley, Czajka, Flynn 2021): are generated faces closer to T than to H?
+
+Per matcher: each generated image's best match in the training set T and in a real holdout set
+H the generator never saw (same population). Leakage shows as best-match scores in T that are
+higher than in H:
+
+* ``auc_train_vs_holdout`` = P(best_T > best_H) + ½·P(=) over the two samples of best-match
+  scores (Mann–Whitney; 0.5 = no difference, 1 = every T score above every H score);
+* the two-sample Kolmogorov–Smirnov statistic and p-value (scipy, two-sided; the one-sided
+  p-value for "T scores larger" is reported as well);
+* the fraction of generated images whose best match reaches the matcher's threshold θ, in T and
+  in H.
+
+Consensus: a (generated, training) pair is *flagged* by a matcher when its score under that
+matcher reaches the matcher's θ; every pair flagged by at least one matcher is listed with the
+number of matchers that flag it and its score under every matcher (pairs are joined across
+matchers by image id). A matcher without a threshold does not vote.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from raylead.attacks import (
+    DEFAULT_BINS,
+    EmbeddedSet,
+    ResultWriter,
+    SetAside,
+    Threshold,
+    auc_mann_whitney,
+    best_match,
+    check_same_matcher,
+    fmt,
+    histogram,
+    histogram_edges,
+    load_set,
+    out_location,
+    parse_matchers,
+    resolve_threshold,
+    set_aside,
+    summary,
+)
+from raylead.errors import ConfigError
+from raylead.storage import S3Options
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------
+# pure layer
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MatcherLeakage:
+    """One matcher's view of the generated set."""
+
+    matcher: str
+    train_scores: np.ndarray  # float32 [n_g]: best match in T
+    train_idx: np.ndarray  # int64 [n_g]
+    holdout_scores: np.ndarray  # float32 [n_g]: best match in H
+    holdout_idx: np.ndarray
+    threshold: Threshold | None
+    auc: float | None
+    ks_statistic: float | None
+    ks_pvalue: float | None
+    ks_pvalue_train_greater: float | None
+    engine: str
+    edges: np.ndarray
+
+    def fraction_above(self, scores: np.ndarray) -> float | None:
+        if self.threshold is None or scores.size == 0:
+            return None
+        return float((scores >= np.float32(self.threshold.value)).mean())
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "auc_train_vs_holdout": self.auc,
+            "ks_statistic": self.ks_statistic,
+            "ks_pvalue": self.ks_pvalue,
+            "ks_pvalue_train_greater": self.ks_pvalue_train_greater,
+            "fraction_above_threshold_train": self.fraction_above(self.train_scores),
+            "fraction_above_threshold_holdout": self.fraction_above(self.holdout_scores),
+            "threshold": self.threshold.value if self.threshold is not None else None,
+            "threshold_source": self.threshold.to_json() if self.threshold is not None else None,
+            "closer_to_train_fraction": (
+                float((self.train_scores > self.holdout_scores).mean()) if self.train_scores.size else None
+            ),
+            "best_match_train": summary(self.train_scores),
+            "best_match_holdout": summary(self.holdout_scores),
+            "histogram": {
+                "edges": histogram(self.train_scores, self.edges).edges,
+                "train": histogram(self.train_scores, self.edges).counts,
+                "holdout": histogram(self.holdout_scores, self.edges).counts,
+            },
+            "engine": self.engine,
+        }
+
+
+def two_sample_tests(
+    train: np.ndarray, holdout: np.ndarray
+) -> tuple[float | None, float | None, float | None]:
+    """(KS statistic, two-sided p-value, one-sided p-value for "train scores larger")."""
+    from scipy.stats import ks_2samp
+
+    if train.size == 0 or holdout.size == 0:
+        return None, None, None
+    two = ks_2samp(train.astype(np.float64), holdout.astype(np.float64), alternative="two-sided")
+    # alternative="less": the CDF of the first sample lies below the second's somewhere,
+    # i.e. the first sample tends to larger values.
+    one = ks_2samp(train.astype(np.float64), holdout.astype(np.float64), alternative="less")
+    return float(two.statistic), float(two.pvalue), float(one.pvalue)
+
+
+def matcher_leakage(
+    generated: EmbeddedSet,
+    train: EmbeddedSet,
+    holdout: EmbeddedSet,
+    threshold: Threshold | None = None,
+    engine: str = "auto",
+    bins: int = DEFAULT_BINS,
+) -> MatcherLeakage:
+    """Best matches of ``generated`` in T and in H under one matcher, and the statistics."""
+    bt = best_match(generated.embeddings, train.embeddings, engine)
+    bh = best_match(generated.embeddings, holdout.embeddings, engine)
+    ts = bt.scores[:, 0] if bt.scores.size else np.zeros(0, np.float32)
+    hs = bh.scores[:, 0] if bh.scores.size else np.zeros(0, np.float32)
+    ks, p2, p1 = two_sample_tests(ts, hs)
+    extra = np.asarray([threshold.value] if threshold is not None else [], np.float64)
+    return MatcherLeakage(
+        matcher=generated.matcher,
+        train_scores=ts,
+        train_idx=bt.idx[:, 0] if bt.idx.size else np.zeros(0, np.int64),
+        holdout_scores=hs,
+        holdout_idx=bh.idx[:, 0] if bh.idx.size else np.zeros(0, np.int64),
+        threshold=threshold,
+        auc=auc_mann_whitney(ts, hs),
+        ks_statistic=ks,
+        ks_pvalue=p2,
+        ks_pvalue_train_greater=p1,
+        engine=bt.engine,
+        edges=histogram_edges(ts, hs, extra, bins=bins),
+    )
+
+
+@dataclass
+class Consensus:
+    """Pairs flagged by at least one voting matcher; scores under every matcher."""
+
+    synthetic_ids: list[str]
+    train_ids: list[str]
+    n_matchers: np.ndarray  # int64
+    scores: dict[str, np.ndarray]  # matcher label → float32 (NaN where an image has no embedding)
+    flagged: dict[str, np.ndarray]  # matcher label → bool
+    voters: list[str]
+
+    def images_flagged_by_all(self) -> int:
+        """Generated images in at least one pair that every voting matcher flags."""
+        if not self.voters:
+            return 0
+        every = self.n_matchers == len(self.voters)
+        return len({s for s, e in zip(self.synthetic_ids, every, strict=True) if e})
+
+    def counts(self) -> dict[str, int]:
+        """How many pairs are flagged by exactly n matchers, for n = 1..#voters."""
+        return {str(n): int((self.n_matchers == n).sum()) for n in range(1, len(self.voters) + 1)}
+
+
+def flagged_pairs(
+    generated: EmbeddedSet, train: EmbeddedSet, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every (generated row, train row) with score ≥ ``threshold`` (exact, blocked)."""
+    g = np.ascontiguousarray(generated.embeddings, np.float32)
+    t = np.ascontiguousarray(train.embeddings, np.float32)
+    if g.shape[0] == 0 or t.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    try:
+        from raylead.exact import range_search
+    except ImportError:  # TEMPORARY until raylead.exact lands
+        qs, ts = [], []
+        th = np.float32(threshold)
+        for i0 in range(0, g.shape[0], 1024):
+            sims = g[i0 : i0 + 1024] @ t.T
+            q, j = np.nonzero(sims >= th)
+            qs.append(q + i0)
+            ts.append(j)
+        return np.concatenate(qs).astype(np.int64), np.concatenate(ts).astype(np.int64)
+    lims, _scores, idx = range_search(g, t, float(np.float32(threshold)))
+    lims = np.asarray(lims, dtype=np.int64)
+    q = np.repeat(np.arange(g.shape[0], dtype=np.int64), np.diff(lims))
+    return q, np.asarray(idx, dtype=np.int64)
+
+
+def consensus(
+    generated: dict[str, EmbeddedSet], train: dict[str, EmbeddedSet], thresholds: dict[str, Threshold | None]
+) -> Consensus:
+    """Join the flagged pairs of every matcher by image ids and count the matchers per pair."""
+    labels = list(generated)
+    voters = [m for m in labels if thresholds.get(m) is not None]
+    flagged_keys: dict[str, set[tuple[str, str]]] = {}
+    for m in voters:
+        th = thresholds[m]
+        assert th is not None
+        q, t = flagged_pairs(generated[m], train[m], th.value)
+        flagged_keys[m] = {(generated[m].ids[a], train[m].ids[b]) for a, b in zip(q, t, strict=True)}
+    keys = sorted(set().union(*flagged_keys.values())) if flagged_keys else []
+    scores: dict[str, np.ndarray] = {}
+    flags: dict[str, np.ndarray] = {}
+    for m in labels:
+        g_pos = {x: i for i, x in enumerate(generated[m].ids)}
+        t_pos = {x: i for i, x in enumerate(train[m].ids)}
+        sc = np.full(len(keys), np.nan, np.float32)
+        have = [(k, g_pos.get(s), t_pos.get(t)) for k, (s, t) in enumerate(keys)]
+        rows = [(k, a, b) for k, a, b in have if a is not None and b is not None]
+        if rows:
+            kk = np.array([r[0] for r in rows], np.int64)
+            aa = np.array([r[1] for r in rows], np.int64)
+            bb = np.array([r[2] for r in rows], np.int64)
+            sc[kk] = np.einsum("ij,ij->i", generated[m].embeddings[aa], train[m].embeddings[bb])
+        scores[m] = sc
+        flags[m] = np.array([k in flagged_keys.get(m, set()) for k in keys], dtype=bool)
+    n = np.zeros(len(keys), np.int64)
+    for m in voters:
+        n += flags[m]
+    return Consensus([k[0] for k in keys], [k[1] for k in keys], n, scores, flags, voters)
+
+
+# ------------------------------------------------------------------------------------------
+# run layer
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinsleyConfig:
+    """``raylead attack tinsley --train SRC --holdout SRC --synthetic SRC --matchers M1,M2 --out DIR``.
+
+    ``thresholds`` maps a matcher label to ``--threshold`` values; ``threshold_from`` lists
+    calibration files, each applied to the matcher it was made with.
+    """
+
+    train: str
+    holdout: str
+    synthetic: str
+    out: str
+    matchers: str = "dlib"
+    thresholds: tuple[tuple[str, float], ...] = ()
+    threshold_from: tuple[str, ...] = ()
+    det_score_floor: float = 0.0
+    engine: str = "auto"
+    bins: int = DEFAULT_BINS
+    embeddings_dir: str | None = None
+    actors: int = 1
+    s3: S3Options | None = field(default=None, compare=False, repr=False)
+
+    def validate(self) -> None:
+        specs = parse_matchers(self.matchers)
+        labels = {s.label for s in specs} | {s.name for s in specs}
+        for label, value in self.thresholds:
+            if label not in labels:
+                raise ConfigError(
+                    f"--threshold names matcher {label!r}, which is not in --matchers ({self.matchers})"
+                )
+            if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+                raise ConfigError(
+                    f"--threshold for {label} must be a cosine similarity in [-1, 1], got {value}"
+                )
+        if self.engine not in ("auto", "exact", "approximate"):
+            raise ConfigError(f"--engine must be auto, exact or approximate, got {self.engine!r}")
+        if self.bins < 1:
+            raise ConfigError(f"--bins must be ≥ 1, got {self.bins}")
+
+
+def parse_threshold_pairs(text: str | None) -> tuple[tuple[str, float], ...]:
+    """``dlib=0.93,onnx-mobilefacenet=0.41`` → ((label, value), ...)."""
+    if not text:
+        return ()
+    out = []
+    for part in text.split(","):
+        label, sep, value = part.partition("=")
+        try:
+            out.append((label.strip(), float(value)))
+        except ValueError:
+            sep = ""
+        if not sep or not label.strip():
+            raise ConfigError(f"cannot read --threshold {text!r}: use MATCHER=VALUE[,MATCHER=VALUE]")
+    return tuple(out)
+
+
+@dataclass
+class TinsleyInputs:
+    train: EmbeddedSet
+    holdout: EmbeddedSet
+    synthetic_all: EmbeddedSet
+    synthetic: EmbeddedSet
+    aside: SetAside
+    threshold: Threshold | None
+
+
+def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
+    """Per matcher: load/embed T, H and G, best matches and statistics; then the consensus.
+
+    Writes ``best_matches.parquet``, ``consensus.parquet``, ``set_aside.parquet`` and
+    ``metrics.json`` under ``cfg.out``; returns the metrics.
+    """
+    cfg.validate()
+    out = out_location(cfg.out, cfg.s3)
+    emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
+    specs = parse_matchers(cfg.matchers)
+    by_label = {s.label: s for s in specs}
+    explicit = dict(cfg.thresholds)
+    per: dict[str, TinsleyInputs] = {}
+    files_by_matcher: dict[str, str] = {}
+    for label, spec in by_label.items():
+        train = load_set(cfg.train, spec, "train", emb_dir, cfg.s3, actors=cfg.actors)
+        holdout = load_set(cfg.holdout, spec, "holdout", emb_dir, cfg.s3, actors=cfg.actors)
+        syn_all = load_set(cfg.synthetic, spec, "synthetic", emb_dir, cfg.s3, actors=cfg.actors)
+        name, version = check_same_matcher({"train": train, "holdout": holdout, "synthetic": syn_all})
+        value = explicit.get(label, explicit.get(spec.name))
+        from_file = None
+        for f in cfg.threshold_from:
+            from raylead.attacks.calibrate import read_calibration
+
+            made = read_calibration(f, cfg.s3)["matcher"]
+            if made["name"] == name and made.get("version", version) in (version, "", None):
+                if from_file is not None:
+                    raise ConfigError(f"two --threshold-from files are for matcher {name}: {from_file}, {f}")
+                from_file = f
+        threshold = resolve_threshold(value, from_file, name, version, cfg.s3)
+        if threshold is None:
+            log.warning(
+                "no threshold for matcher %s: its fractions above θ are not computed and it "
+                "does not vote in the consensus (run `raylead calibrate`)",
+                label,
+            )
+        if from_file:
+            files_by_matcher[label] = from_file
+        syn, aside = set_aside(syn_all, cfg.det_score_floor)
+        per[label] = TinsleyInputs(train, holdout, syn_all, syn, aside, threshold)
+    matched = {f for f in files_by_matcher.values()}
+    unused = [f for f in cfg.threshold_from if f not in matched]
+    if unused:
+        raise ConfigError(
+            f"--threshold-from {unused[0]} is for none of the matchers in --matchers ({cfg.matchers})"
+        )
+
+    results = {
+        label: matcher_leakage(x.synthetic, x.train, x.holdout, x.threshold, cfg.engine, cfg.bins)
+        for label, x in per.items()
+    }
+    cons = consensus(
+        {m: x.synthetic for m, x in per.items()},
+        {m: x.train for m, x in per.items()},
+        {m: x.threshold for m, x in per.items()},
+    )
+    return write_tinsley(out, cfg, per, results, cons)
+
+
+def write_tinsley(
+    out: Any,
+    cfg: TinsleyConfig,
+    per: dict[str, TinsleyInputs],
+    results: dict[str, MatcherLeakage],
+    cons: Consensus,
+) -> dict[str, Any]:
+    w = ResultWriter(out)
+    cols: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "matcher",
+            "synthetic_id",
+            "train_id",
+            "train_score",
+            "holdout_id",
+            "holdout_score",
+            "train_identity",
+            "holdout_identity",
+        )
+    }
+    for m, r in results.items():
+        x = per[m]
+        n = len(x.synthetic)
+        cols["matcher"] += [m] * n
+        cols["synthetic_id"] += list(x.synthetic.ids)
+        cols["train_id"] += [x.train.ids[i] if i >= 0 else None for i in r.train_idx]
+        cols["train_score"] += [float(v) for v in r.train_scores]
+        cols["holdout_id"] += [x.holdout.ids[i] if i >= 0 else None for i in r.holdout_idx]
+        cols["holdout_score"] += [float(v) for v in r.holdout_scores]
+        cols["train_identity"] += [x.train.identities[i] if i >= 0 else None for i in r.train_idx]
+        cols["holdout_identity"] += [x.holdout.identities[i] if i >= 0 else None for i in r.holdout_idx]
+    w.table(
+        "best_matches.parquet",
+        cols,
+        "per matcher, each generated image's best match in T and in H: " + ", ".join(cols),
+    )
+    ccols: dict[str, Any] = {
+        "synthetic_id": cons.synthetic_ids,
+        "train_id": cons.train_ids,
+        "n_matchers": cons.n_matchers,
+    }
+    for m in results:
+        ccols[f"score_{m}"] = cons.scores[m]
+        ccols[f"flagged_{m}"] = cons.flagged[m]
+    w.table(
+        "consensus.parquet",
+        ccols,
+        "(generated, training) pairs flagged by ≥ 1 matcher (score ≥ its θ): synthetic_id, train_id, "
+        "n_matchers, score_<matcher>, flagged_<matcher>",
+    )
+    aside_cols: dict[str, list[Any]] = {"matcher": [], "image_id": [], "reason": [], "det_score": []}
+    for m, x in per.items():
+        c = x.aside.columns()
+        aside_cols["matcher"] += [m] * x.aside.count
+        for k in ("image_id", "reason", "det_score"):
+            aside_cols[k] += c[k]
+    w.table(
+        "set_aside.parquet",
+        aside_cols,
+        "per matcher, generated images not scored: matcher, image_id, reason, det_score",
+    )
+    metrics: dict[str, Any] = {
+        "attack": "tinsley",
+        "matchers": {
+            m: {
+                **r.metrics(),
+                "matcher": {
+                    "name": per[m].train.matcher,
+                    "version": per[m].train.matcher_version,
+                    "dim": per[m].train.dim,
+                },
+                "inputs": {
+                    "train": per[m].train.describe(),
+                    "holdout": per[m].holdout.describe(),
+                    "synthetic": per[m].synthetic_all.describe(),
+                },
+                "synthetic_scored": len(per[m].synthetic),
+                "set_aside": per[m].aside.to_json(),
+            }
+            for m, r in results.items()
+        },
+        "consensus": {
+            "voters": cons.voters,
+            "pairs_flagged": len(cons.train_ids),
+            "pairs_by_matcher_count": cons.counts(),
+            "synthetic_images_flagged_by_all": cons.images_flagged_by_all(),
+        },
+        "det_score_floor": cfg.det_score_floor,
+        "engine_requested": cfg.engine,
+    }
+    metrics = w.metrics(metrics)
+    log.info("tinsley results written to %s", out.uri)
+    return metrics
+
+
+def headline(m: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, r in m["matchers"].items():
+        lines.append(
+            f"tinsley [{name}]: AUC T-vs-H {fmt(r['auc_train_vs_holdout'])}, KS {fmt(r['ks_statistic'])} "
+            f"(p {fmt(r['ks_pvalue'], '.2e')}); above θ={fmt(r['threshold'], '.4f')}: "
+            f"T {fmt(r['fraction_above_threshold_train'], '.1%')}, "
+            f"H {fmt(r['fraction_above_threshold_holdout'], '.1%')}; "
+            f"{r['synthetic_scored']} generated images scored, {r['set_aside']['count']} set aside"
+        )
+    c = m["consensus"]
+    by = (
+        ", ".join(f"{n} matcher(s): {k}" for n, k in c["pairs_by_matcher_count"].items())
+        or "no voting matcher"
+    )
+    lines.append(f"  consensus over {c['voters']}: {c['pairs_flagged']} flagged pairs ({by})")
+    return lines

@@ -1,0 +1,3 @@
+from raylead.cli import main
+
+main()

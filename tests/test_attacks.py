@@ -1,0 +1,406 @@
+"""The attacks' pure layer against brute-force numpy, and their run layer / CLI on small collections."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raylead.attacks import (
+    EmbeddedSet,
+    MatcherSpec,
+    Threshold,
+    auc_mann_whitney,
+    best_match,
+    histogram,
+    histogram_edges,
+    parse_matchers,
+    set_aside,
+)
+from raylead.attacks.idiap import IdiapConfig, idiap_attack, run_idiap, top_pairs, top_pairs_bruteforce
+from raylead.attacks.tinsley import (
+    TinsleyConfig,
+    consensus,
+    flagged_pairs,
+    matcher_leakage,
+    parse_threshold_pairs,
+    run_tinsley,
+    two_sample_tests,
+)
+from raylead.attacks.webster import (
+    WebsterConfig,
+    centroids,
+    identify,
+    pr_curve,
+    run_webster,
+    score_flags,
+    tau_for,
+    train_linear,
+    webster_attack,
+)
+from raylead.errors import ConfigError
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n_ids: int, per_id: int, dim: int = 32, noise: float = 0.7, seed: int = 0, centres=None):
+    rng = np.random.default_rng(seed)
+    if centres is None:
+        centres = unit(rng.normal(size=(n_ids, dim)))
+    labels = np.repeat(np.arange(len(centres)), per_id)
+    x = unit(centres[labels] + noise * rng.normal(size=(labels.size, centres.shape[1])) / math.sqrt(centres.shape[1]))
+    return x, labels, centres
+
+
+# ------------------------------------------------------------------------------------------
+# shared statistics
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = np.round(rng.normal(0.3, 1, size=rng.integers(1, 60)), 1)
+    b = np.round(rng.normal(0.0, 1, size=rng.integers(1, 60)), 1)
+    brute = np.mean([(x > y) + 0.5 * (x == y) for x in a for y in b])
+    assert auc_mann_whitney(a, b) == pytest.approx(brute)
+    assert auc_mann_whitney(a, np.array([])) is None
+
+
+def test_histogram_covers_all_values() -> None:
+    v = np.array([0.1, 0.2, 0.2, 0.9])
+    edges = histogram_edges(v, np.array([0.95]), bins=4)
+    h = histogram(v, edges)
+    assert len(h.edges) == 5 and sum(h.counts) == 4 and h.edges[0] == 0.1 and h.edges[-1] == 0.95
+    np.testing.assert_allclose(histogram_edges(bins=3), [-1.0, -1 / 3, 1 / 3, 1.0])
+
+
+def test_matcher_spec_parse() -> None:
+    s = MatcherSpec.parse("onnx:model=/m/mobilefacenet.onnx:detector=/d/det_500m.onnx")
+    assert (s.name, s.model, s.detector, s.label) == ("onnx", "/m/mobilefacenet.onnx", "/d/det_500m.onnx",
+                                                      "onnx-mobilefacenet")
+    assert MatcherSpec.parse(s.text) == s
+    assert MatcherSpec.parse("dlib").with_options(detector="x.onnx").detector == "x.onnx"
+    assert [m.label for m in parse_matchers("dlib, onnx:model=a.onnx")] == ["dlib", "onnx-a"]
+    with pytest.raises(ConfigError, match="twice"):
+        parse_matchers("dlib,dlib")
+    with pytest.raises(ConfigError, match="cannot read matcher spec"):
+        MatcherSpec.parse("onnx:colour=red")
+
+
+def test_set_aside_failures_and_floor() -> None:
+    x, _, _ = clustered(2, 3)
+    es = EmbeddedSet.from_arrays(x, det_scores=np.array([0.9, 0.2, np.nan, 0.5, 0.49, 0.8]))
+    es.failed_ids, es.failed_reasons = ["bad.jpg"], ["no_face"]
+    kept, aside = set_aside(es, 0.5)
+    assert kept.ids == ["img000000", "img000002", "img000003", "img000005"]
+    assert aside.ids == ["bad.jpg", "img000001", "img000004"]
+    assert aside.by_reason() == {"det_score_below_floor": 2, "no_face": 1}
+    assert aside.unknown_det_score == 1 and kept.failed_ids == []
+    assert np.array_equal(kept.embeddings, x[[0, 2, 3, 5]])
+
+
+# ------------------------------------------------------------------------------------------
+# idiap
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 7, 50, 400])
+@pytest.mark.parametrize("twice", [False, True])
+def test_top_pairs_equal_brute_force(seed: int, k: int, twice: bool) -> None:
+    t, t_lab, centres = clustered(12, 5, seed=seed)
+    s, s_lab, _ = clustered(12, 3, seed=seed + 100, centres=centres)
+    s = np.concatenate([s, t[:3]])  # exact copies: ties and perfect matches
+    s_groups = np.concatenate([s_lab, [99, 99, 98]])
+    got = top_pairs(s, t, k, no_identity_twice=twice, synthetic_groups=s_groups, train_groups=t_lab,
+                    engine="exact", k_start=2)
+    sc, ti, si = top_pairs_bruteforce(s, t, k, no_identity_twice=twice, synthetic_groups=s_groups,
+                                      train_groups=t_lab)
+    np.testing.assert_allclose(got.scores, sc, atol=1e-5)
+    assert got.scores.size == sc.size
+    np.testing.assert_allclose(np.einsum("ij,ij->i", s[got.synthetic_idx], t[got.train_idx]), sc, atol=1e-5)
+    assert len(set(zip(got.synthetic_idx.tolist(), got.train_idx.tolist(), strict=True))) == sc.size
+    # identical pairs wherever a score is clear of its neighbours (the engines' rounding differs)
+    every = (s @ t.T).ravel()
+    unique = np.array([np.sum(np.abs(every - x) <= 1e-4) == 1 for x in sc], bool)
+    clear = np.cumprod(unique).astype(bool)  # up to the first near-tie, the walk is unambiguous
+    assert np.array_equal(got.train_idx[clear], ti[clear]) and np.array_equal(got.synthetic_idx[clear], si[clear])
+    if twice:
+        assert len(set(t_lab[got.train_idx])) == got.scores.size == len(set(s_groups[got.synthetic_idx]))
+
+
+def test_top_pairs_certificate_extends_lists() -> None:
+    # one synthetic image close to every training image: its list must grow past k_start
+    t, _, _ = clustered(1, 40, noise=0.2, seed=3)
+    far_q, _, _ = clustered(5, 1, seed=4)
+    far_b, _, _ = clustered(5, 1, seed=5)
+    s = np.concatenate([unit(t.mean(axis=0, keepdims=True)), far_q])
+    got = top_pairs(s, np.concatenate([t, far_b]), 30, engine="exact", k_start=4)
+    sc, ti, si = top_pairs_bruteforce(s, np.concatenate([t, far_b]), 30)
+    assert got.rounds >= 2 and np.array_equal(got.train_idx, ti) and np.array_equal(got.synthetic_idx, si)
+
+
+def test_best_match_equals_brute_force() -> None:
+    t, _, _ = clustered(8, 4, seed=5)
+    s, _, _ = clustered(8, 2, seed=6)
+    bm = best_match(s, t, "exact")
+    sims = s @ t.T
+    assert np.array_equal(bm.idx[:, 0], sims.argmax(1))
+    np.testing.assert_allclose(bm.scores[:, 0], sims.max(1), atol=1e-5)
+    empty = best_match(s, np.zeros((0, 32), np.float32))
+    assert (empty.idx == -1).all()
+
+
+def test_idiap_attack_fraction_above_threshold() -> None:
+    t, t_lab, centres = clustered(10, 4, seed=7)
+    s, _, _ = clustered(10, 2, seed=8, centres=centres)
+    train = EmbeddedSet.from_arrays(t, identities=[f"id{i}" for i in t_lab])
+    syn = EmbeddedSet.from_arrays(s)
+    res = idiap_attack(train, syn, 5, threshold=Threshold(0.8, "--threshold"))
+    best = (s @ t.T).max(1)
+    assert res.fraction_above == pytest.approx(float(np.mean(best >= np.float32(0.8))))
+    assert res.pairs.scores.size == 5 and res.pairs.scores[0] == pytest.approx(best.max(), abs=1e-5)
+    assert idiap_attack(train, syn, 5).fraction_above is None
+
+
+# ------------------------------------------------------------------------------------------
+# tinsley
+# ------------------------------------------------------------------------------------------
+
+
+def test_tinsley_statistics_on_planted_leak() -> None:
+    t, _, centres = clustered(30, 3, seed=10)
+    h, _, _ = clustered(30, 3, seed=11)
+    leaked, _, _ = clustered(30, 1, seed=12, centres=centres)  # other "photos" of T's people
+    novel, _, _ = clustered(30, 1, seed=13)
+    T, H = EmbeddedSet.from_arrays(t), EmbeddedSet.from_arrays(h)
+    leak = matcher_leakage(EmbeddedSet.from_arrays(leaked), T, H, Threshold(0.6, "--threshold"))
+    none = matcher_leakage(EmbeddedSet.from_arrays(novel), T, H, Threshold(0.6, "--threshold"))
+    assert leak.auc is not None and none.auc is not None
+    assert leak.auc > 0.95 and abs(none.auc - 0.5) < 0.2
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a in leak.train_scores for b in leak.holdout_scores])
+    assert leak.auc == pytest.approx(brute)
+    m = leak.metrics()
+    assert m["fraction_above_threshold_train"] == pytest.approx(float(np.mean((leaked @ t.T).max(1) >= np.float32(0.6))))
+    assert m["ks_pvalue"] < 1e-6 and m["ks_pvalue_train_greater"] < 1e-6
+    assert sum(m["histogram"]["train"]) == sum(m["histogram"]["holdout"]) == 30
+
+
+def test_two_sample_tests_match_scipy() -> None:
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.2, 1, 50), rng.normal(0, 1, 70)
+    ks, p, _ = two_sample_tests(a, b)
+    ref = ks_2samp(a, b)
+    assert ks == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+
+
+def test_flagged_pairs_and_consensus() -> None:
+    t, _, centres = clustered(10, 3, seed=20)
+    g, _, _ = clustered(10, 1, seed=21, centres=centres)
+    rot = np.linalg.qr(np.random.default_rng(0).normal(size=(32, 32)))[0].astype(np.float32)
+    ids_t, ids_g = [f"t{i}" for i in range(30)], [f"g{i}" for i in range(10)]
+    # matcher b = a rotated (same scores) but missing one generated image
+    gen = {"a": EmbeddedSet.from_arrays(g, ids_g), "b": EmbeddedSet.from_arrays(unit(g @ rot)[1:], ids_g[1:])}
+    trn = {"a": EmbeddedSet.from_arrays(t, ids_t), "b": EmbeddedSet.from_arrays(unit(t @ rot), ids_t)}
+    q, j = flagged_pairs(gen["a"], trn["a"], 0.7)
+    brute = {(a, b) for a in range(10) for b in range(30) if g[a] @ t[b] >= np.float32(0.7)}
+    assert set(zip(q.tolist(), j.tolist(), strict=True)) == brute and brute
+    c = consensus(gen, trn, {"a": Threshold(0.7, "x"), "b": Threshold(0.7, "x")})
+    assert len(c.train_ids) == len(brute)
+    missing = np.array([s == "g0" for s in c.synthetic_ids])
+    assert (c.n_matchers[~missing] == 2).all() and (c.n_matchers[missing] == 1).all()
+    assert np.isnan(c.scores["b"][missing]).all()
+    np.testing.assert_allclose(c.scores["a"][~missing], c.scores["b"][~missing], atol=1e-5)
+    # a matcher without a threshold does not vote
+    c1 = consensus(gen, trn, {"a": Threshold(0.7, "x"), "b": None})
+    assert c1.voters == ["a"] and (c1.n_matchers == 1).all() and not c1.flagged["b"].any()
+
+
+def test_parse_threshold_pairs() -> None:
+    assert parse_threshold_pairs("dlib=0.9, onnx-m=0.3") == (("dlib", 0.9), ("onnx-m", 0.3))
+    with pytest.raises(ConfigError, match="MATCHER=VALUE"):
+        parse_threshold_pairs("0.9")
+
+
+# ------------------------------------------------------------------------------------------
+# webster
+# ------------------------------------------------------------------------------------------
+
+
+def test_identify_centroid_equals_brute_force() -> None:
+    r, r_lab, centres = clustered(15, 3, seed=30)
+    s, _, _ = clustered(15, 2, seed=31, centres=centres)
+    ident = identify(s, r, r_lab, 15, "centroid")
+    cents = centroids(r, r_lab, 15)
+    for i in range(len(s)):
+        sims = [float(s[i] @ cents[q]) for q in range(15)]
+        assert ident.best[i] == int(np.argmax(sims))
+        assert ident.similarity[i] == pytest.approx(max(sims), abs=1e-5)
+        own = [j for j in range(len(r)) if r_lab[j] == ident.best[i]]
+        assert ident.nearest_reference[i] == own[int(np.argmax([s[i] @ r[j] for j in own]))]
+    rej = identify(s, r, r_lab, 15, "centroid", reject_below=0.9)
+    assert np.array_equal(rej.predicted == -1, ident.similarity < np.float32(0.9))
+
+
+def test_linear_classifier_is_deterministic_and_accurate() -> None:
+    r, r_lab, centres = clustered(20, 3, seed=32)
+    s, s_lab, _ = clustered(20, 5, seed=33, centres=centres)
+    a = train_linear(r, r_lab, 20)
+    b = train_linear(r, r_lab, 20)
+    assert np.array_equal(a.weights, b.weights)
+    ident = identify(s, r, r_lab, 20, "linear")
+    assert np.mean(ident.best == s_lab) > 0.9
+
+
+def test_score_flags_and_pr_curve_against_brute_force() -> None:
+    s = score_flags(np.array([1, 1, 0, 0, 1], bool), np.array([1, 0, 1, 0, 1], bool))
+    assert (s.tp, s.fp, s.fn, s.flagged) == (2, 1, 1, 3)
+    assert s.precision == pytest.approx(2 / 3) and s.recall == pytest.approx(2 / 3) and s.f1 == pytest.approx(2 / 3)
+    assert score_flags(np.zeros(3, bool), np.array([1, 0, 0], bool)).precision is None
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 8, 30)
+    members = rng.random(30) < 0.3
+    curve = pr_curve(counts, members, 90)
+    for tau, p in zip(curve.taus, curve.points, strict=True):
+        f = counts > tau
+        assert p.tp == int((f & members).sum()) and p.flagged == int(f.sum())
+    assert curve.points[-1].recall == 1.0 and curve.points[-1].precision == pytest.approx(members.mean())
+    assert curve.alphas[1] == pytest.approx(curve.taus[1] * 30 / 90)
+    assert tau_for(2, 90, 30) == 6.0
+
+
+def test_webster_attack_flags_members() -> None:
+    r, r_lab, centres = clustered(20, 3, seed=40, noise=0.5)
+    members = [0, 3, 7, 11]
+    s_m, _, _ = clustered(4, 6, seed=41, centres=centres[members], noise=0.5)
+    novel, _, _ = clustered(30, 1, seed=42)
+    names = [f"q{i:02d}" for i in r_lab]
+    res = webster_attack(r, names, np.concatenate([s_m, novel]), (1.0, 2.0), "centroid", reject_below=0.6,
+                         members={f"q{i:02d}" for i in members} | {"someone_else"})
+    assert res.n_samples == 54 and res.alphas[1.0][0] == pytest.approx(54 / 20)
+    assert res.scores[1.0].f1 == 1.0 and res.random_precision == pytest.approx(4 / 20)
+    with pytest.raises(ConfigError, match="alpha"):
+        webster_attack(r, names, s_m, (0.0,))
+    with pytest.raises(ConfigError, match="two query identities"):
+        webster_attack(r[:3], ["a"] * 3, s_m)
+
+
+# ------------------------------------------------------------------------------------------
+# run layer + CLI on small collections (no embedding)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_sets(tmp_path: Path, write_collection):
+    t, t_lab, centres = clustered(10, 3, seed=50, noise=0.5)
+    h, h_lab, _ = clustered(10, 3, seed=51, noise=0.5)
+    g, g_lab, _ = clustered(5, 2, seed=52, centres=centres[:5], noise=0.5)
+    g = np.concatenate([g, unit(np.random.default_rng(5).normal(size=(2, 32)))])
+    paths = {
+        "train": write_collection(tmp_path / "T", [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)],
+                                  [f"p{i}" for i in t_lab], t),
+        "holdout": write_collection(tmp_path / "H", [f"h{i}/{j}.jpg" for j, i in enumerate(h_lab)],
+                                    [f"h{i}" for i in h_lab], h),
+        "synthetic": write_collection(
+            tmp_path / "S", [f"s_{j:05d}.jpg" for j in range(13)], [None] * 13,
+            np.concatenate([g, np.zeros((1, 32), np.float32)]),
+            det=[0.9] * 11 + [0.1, None], statuses=["ok"] * 12 + ["no_face"],
+        ),
+        "queries": write_collection(tmp_path / "Q", [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)],
+                                    [f"p{i}" for i in t_lab], t),
+    }
+    return paths
+
+
+def test_run_idiap_writes_tables_and_metrics(tmp_path: Path, small_sets) -> None:
+    out = tmp_path / "idiap"
+    m = run_idiap(IdiapConfig(train=small_sets["train"], synthetic=small_sets["synthetic"], out=str(out),
+                              top_k=8, threshold=0.8, det_score_floor=0.5, engine="exact"))
+    pairs = pq.read_table(out / "pairs.parquet").to_pydict()
+    assert pairs["rank"] == list(range(1, 9))
+    assert list(pairs)[:4] == ["rank", "train_id", "synthetic_id", "score"]
+    assert m["set_aside"]["count"] == 2 and m["set_aside"]["by_reason"] == {"det_score_below_floor": 1, "no_face": 1}
+    assert m["synthetic_scored"] == 11 and m["pairs_returned"] == 8
+    best = pq.read_table(out / "best_matches.parquet").to_pydict()
+    assert len(best["synthetic_id"]) == 11 and "s_00012.jpg" not in best["synthetic_id"]
+    assert m["best_match"]["fraction_above_threshold"] == pytest.approx(np.mean(np.array(best["score"]) >= np.float32(0.8)))
+    assert sum(m["best_match"]["histogram"]["counts"]) == 11
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["files"].keys() == {"pairs.parquet", "best_matches.parquet", "set_aside.parquet"}
+    # no identity twice: at most one pair per training identity
+    m2 = run_idiap(IdiapConfig(train=small_sets["train"], synthetic=small_sets["synthetic"], out=str(out),
+                               top_k=8, no_identity_twice=True))
+    ids = pq.read_table(out / "pairs.parquet").column("train_identity").to_pylist()
+    assert len(ids) == len(set(ids)) == m2["pairs_returned"]
+
+
+def test_run_idiap_refuses_other_matcher(tmp_path: Path, small_sets, write_collection) -> None:
+    other = write_collection(tmp_path / "O", ["a.jpg"], [None], np.ones((1, 32), np.float32) / math.sqrt(32),
+                             matcher="onnx", version="m.onnx@1")
+    with pytest.raises(ConfigError, match="embedded with matcher 'onnx"):
+        run_idiap(IdiapConfig(train=small_sets["train"], synthetic=other, out=str(tmp_path / "o"), matcher="dlib"))
+    with pytest.raises(ConfigError, match="--top-k"):
+        run_idiap(IdiapConfig(train=small_sets["train"], synthetic=other, out=str(tmp_path / "o"), top_k=0))
+
+
+def test_run_tinsley_two_matchers(tmp_path: Path, small_sets) -> None:
+    out = tmp_path / "tinsley"
+    cfg = TinsleyConfig(train=small_sets["train"], holdout=small_sets["holdout"], synthetic=small_sets["synthetic"],
+                        out=str(out), matchers="dlib", thresholds=(("dlib", 0.8),))
+    m = run_tinsley(cfg)
+    r = m["matchers"]["dlib"]
+    for key in ("auc_train_vs_holdout", "ks_statistic", "ks_pvalue", "fraction_above_threshold_train",
+                "fraction_above_threshold_holdout", "threshold"):
+        assert key in r
+    assert r["threshold"] == 0.8 and r["auc_train_vs_holdout"] > 0.7
+    assert r["synthetic_scored"] == 12 and r["set_aside"]["count"] == 1
+    cons = pq.read_table(out / "consensus.parquet").to_pydict()
+    assert set(cons) >= {"synthetic_id", "train_id", "n_matchers", "score_dlib", "flagged_dlib"}
+    assert m["consensus"]["pairs_flagged"] == len(cons["train_id"])
+    with pytest.raises(ConfigError, match="not in --matchers"):
+        run_tinsley(TinsleyConfig(train="a", holdout="b", synthetic="c", out=str(out), thresholds=(("onnx", 0.3),)))
+
+
+def test_run_webster_and_cli(tmp_path: Path, small_sets) -> None:
+    from typer.testing import CliRunner
+
+    from raylead.cli import app
+
+    members = tmp_path / "members.txt"
+    members.write_text("# truth\np0\np1\np2\np3\np4\n\n")
+    out = tmp_path / "webster"
+    m = run_webster(WebsterConfig(queries=small_sets["queries"], samples=small_sets["synthetic"], out=str(out),
+                                  members=str(members), alphas=(0.5, 1.0)))
+    assert set(m["alphas"]) == {"0.5", "1"}
+    a = m["alphas"]["1"]
+    assert a["tau"] == pytest.approx(12 / 10) and isinstance(a["flagged"], list)
+    assert {"precision", "recall", "f1"} <= set(a) and m["random_precision"] == 0.5
+    counts = pq.read_table(out / "counts.parquet").to_pydict()
+    assert sum(counts["count"]) == 12 and counts["identity"] == sorted(counts["identity"])
+    res = CliRunner().invoke(app, ["attack", "webster", "--queries", small_sets["queries"], "--samples",
+                                   small_sets["synthetic"], "--members", str(members), "--classifier", "linear",
+                                   "--alpha", "1,2", "--out", str(tmp_path / "w2")])
+    assert res.exit_code == 0, res.output
+    assert "α=1" in res.output and "random baseline" in res.output
+    res = CliRunner().invoke(app, ["attack", "idiap", "--train", small_sets["train"], "--synthetic",
+                                   small_sets["synthetic"], "--top-k", "3", "--threshold", "0.9",
+                                   "--out", str(tmp_path / "i2")])
+    assert res.exit_code == 0, res.output
+    assert "idiap: top 3 pairs" in res.output
+    res = CliRunner().invoke(app, ["attack", "tinsley", "--train", small_sets["train"], "--holdout",
+                                   small_sets["holdout"], "--synthetic", small_sets["synthetic"],
+                                   "--threshold", "dlib=0.8", "--out", str(tmp_path / "t2")])
+    assert res.exit_code == 0, res.output
+    assert "AUC T-vs-H" in res.output
+    bad = CliRunner().invoke(app, ["attack", "webster", "--queries", small_sets["queries"], "--samples",
+                                   small_sets["synthetic"], "--classifier", "svm", "--out", str(tmp_path / "w3")])
+    assert bad.exit_code != 0

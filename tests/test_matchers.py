@@ -1,0 +1,184 @@
+"""matchers: real dlib and MobileFaceNet embeddings of LFW faces, model discovery, registry."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from raylead.errors import ConfigError, ModelNotFoundError
+from raylead.faces import Preprocessor
+from raylead.matchers import MATCHERS, DlibMatcher, Matcher, OnnxMatcher, make_matcher
+
+PEOPLE = ["Colin_Powell", "Serena_Williams", "Junichiro_Koizumi", "Vladimir_Putin", "Laura_Bush"]
+PER_PERSON = 3
+
+
+def _crops(lfw_dir: Path, pre: Preprocessor) -> tuple[np.ndarray, np.ndarray]:
+    crops, labels = [], []
+    for label, name in enumerate(PEOPLE):
+        for i in range(1, PER_PERSON + 1):
+            crop, _ = pre.process((lfw_dir / name / f"{name}_{i:04d}.jpg").read_bytes())
+            crops.append(crop)
+            labels.append(label)
+    return np.stack(crops), np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def dlib_crops(lfw_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    return _crops(lfw_dir, Preprocessor("dlib", "dlib150", aligned=False))
+
+
+@pytest.fixture(scope="module")
+def arcface_crops(lfw_dir: Path, scrfd_model: Path) -> tuple[np.ndarray, np.ndarray]:
+    return _crops(lfw_dir, Preprocessor(str(scrfd_model), "arcface112", aligned=False))
+
+
+def _assert_separates(emb: np.ndarray, labels: np.ndarray, dim: int) -> None:
+    assert emb.shape == (len(labels), dim) and emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    sim = emb @ emb.T
+    same = labels[:, None] == labels[None, :]
+    off_diag = ~np.eye(len(labels), dtype=bool)
+    genuine, impostor = sim[same & off_diag].mean(), sim[~same].mean()
+    assert genuine > impostor + 0.05, (genuine, impostor)
+    # and per identity: its own images are closer on average than anyone else's
+    for lab in np.unique(labels):
+        rows = labels == lab
+        own = sim[np.ix_(rows, rows)][~np.eye(rows.sum(), dtype=bool)].mean()
+        assert own > sim[np.ix_(rows, ~rows)].mean()
+
+
+def test_dlib_matcher_separates_identities(dlib_crops: tuple[np.ndarray, np.ndarray]) -> None:
+    m = make_matcher("dlib")
+    assert isinstance(m, DlibMatcher) and isinstance(m, Matcher)
+    m.check()
+    assert (m.name, m.dim, m.crop) == ("dlib", 128, "dlib150")
+    assert m.version.startswith("dlib_face_recognition_resnet_model_v1.dat+dlib")
+    crops, labels = dlib_crops
+    _assert_separates(m.embed(crops), labels, 128)
+
+
+def test_onnx_matcher_separates_identities(
+    mbf_model: Path, arcface_crops: tuple[np.ndarray, np.ndarray]
+) -> None:
+    m = make_matcher("onnx", model=str(mbf_model), intra_op_threads=1)
+    assert isinstance(m, OnnxMatcher) and isinstance(m, Matcher)
+    m.check()
+    assert (m.name, m.dim, m.crop) == ("onnx", 128, "arcface112")
+    assert m.version == "mobilefacenet.onnx@f055d9c9a4d8"
+    crops, labels = arcface_crops
+    _assert_separates(m.embed(crops), labels, 128)
+
+
+def test_onnx_dynamic_batch_matches_per_image_loop(
+    mbf_model: Path, arcface_crops: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    # The shipped model is fixed at batch 1 (looped); a copy with a dynamic batch runs in one call.
+    model = onnx.load(str(mbf_model))
+    for init in model.graph.initializer:
+        if init.name == "630":  # the final Reshape's hard-coded [1, -1]
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "630"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    dyn_path = tmp_path / "mbf_dynamic.onnx"
+    onnx.save(model, str(dyn_path))
+    crops = arcface_crops[0][:6]
+    looped, batched = OnnxMatcher(model=str(mbf_model)), OnnxMatcher(model=str(dyn_path))
+    assert not looped._header()["dynamic_batch"] and batched._header()["dynamic_batch"]
+    assert np.allclose(looped.embed(crops), batched.embed(crops), atol=1e-5)
+    assert batched.embed(crops[:0]).shape == (0, 128)
+
+
+def test_bgr_option_changes_the_input(mbf_model: Path, arcface_crops: tuple[np.ndarray, np.ndarray]) -> None:
+    crops = arcface_crops[0][:2]
+    rgb = OnnxMatcher(model=str(mbf_model)).embed(crops)
+    bgr = OnnxMatcher(model=str(mbf_model), bgr=True).embed(crops)
+    assert np.allclose(bgr, OnnxMatcher(model=str(mbf_model)).embed(crops[..., ::-1].copy()), atol=1e-5)
+    assert not np.allclose(rgb, bgr)
+
+
+def test_registry_errors() -> None:
+    assert set(MATCHERS) == {"dlib", "onnx"}
+    with pytest.raises(ConfigError, match=r"unknown matcher 'x'; choose one of: dlib, onnx"):
+        make_matcher("x")
+    with pytest.raises(ConfigError, match="does not accept option"):
+        make_matcher("dlib", pack="buffalo_l")
+    with pytest.raises(ConfigError):
+        make_matcher("onnx")  # neither model nor pack
+    with pytest.raises(ConfigError):
+        make_matcher("dlib", num_jitters=0)
+
+
+def test_wrong_crop_is_a_config_error(mbf_model: Path) -> None:
+    with pytest.raises(ConfigError, match="112"):
+        OnnxMatcher(model=str(mbf_model)).embed(np.zeros((1, 150, 150, 3), np.uint8))
+    with pytest.raises(ConfigError, match="150"):
+        DlibMatcher().embed(np.zeros((1, 112, 112, 3), np.uint8))
+
+
+def test_missing_model_files_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "w600k_r50.onnx"
+    with pytest.raises(ModelNotFoundError) as info:
+        make_matcher("onnx", model=str(missing)).check()
+    assert str(missing) in str(info.value)
+    missing_dat = tmp_path / "resnet.dat"
+    with pytest.raises(ModelNotFoundError) as info:
+        make_matcher("dlib", model=str(missing_dat)).check()
+    assert str(missing_dat) in str(info.value)
+
+
+def test_a_detector_is_not_a_matcher(scrfd_model: Path) -> None:
+    with pytest.raises(ConfigError, match="detector"):
+        OnnxMatcher(model=str(scrfd_model)).check()
+
+
+def test_model_root_pack_discovery(mbf_model: Path, scrfd_model: Path, tmp_path: Path) -> None:
+    # InsightFace layout <root>/models/<pack>/*.onnx, holding a detector and a recogniser
+    pack = tmp_path / "models" / "mypack"
+    pack.mkdir(parents=True)
+    (pack / "det_500m.onnx").symlink_to(scrfd_model)
+    (pack / "w600k_mbf.onnx").symlink_to(mbf_model)
+    m = make_matcher("onnx", model_root=str(tmp_path), pack="mypack")
+    m.check()
+    assert isinstance(m, OnnxMatcher)
+    assert m.model_path == str(pack / "w600k_mbf.onnx") and m.dim == 128
+    # a file name inside the pack; and the flat <root>/<pack>/ layout
+    named = OnnxMatcher(model="w600k_mbf.onnx", model_root=str(tmp_path), pack="mypack")
+    assert named.model_path == str(pack / "w600k_mbf.onnx")
+    flat = tmp_path / "flatpack"
+    flat.mkdir()
+    (flat / "mbf.onnx").symlink_to(mbf_model)
+    assert OnnxMatcher(model_root=str(tmp_path), pack="flatpack").model_path == str(flat / "mbf.onnx")
+
+
+def test_missing_pack_lists_where_it_looked(scrfd_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        OnnxMatcher(model_root=str(tmp_path), pack="buffalo_l").check()
+    msg = str(info.value)
+    assert str(tmp_path / "models" / "buffalo_l") in msg and str(tmp_path / "buffalo_l") in msg
+    only_det = tmp_path / "models" / "detonly"
+    only_det.mkdir(parents=True)
+    (only_det / "det_500m.onnx").symlink_to(scrfd_model)
+    with pytest.raises(ModelNotFoundError, match="no recognition model among det_500m.onnx"):
+        OnnxMatcher(model_root=str(tmp_path), pack="detonly").check()
+
+
+def test_pickle_round_trip_before_and_after_use(
+    mbf_model: Path,
+    arcface_crops: tuple[np.ndarray, np.ndarray],
+    dlib_crops: tuple[np.ndarray, np.ndarray],
+) -> None:
+    for m, crops in (
+        (OnnxMatcher(model=str(mbf_model)), arcface_crops[0][:3]),
+        (DlibMatcher(), dlib_crops[0][:3]),
+    ):
+        clone = pickle.loads(pickle.dumps(m))  # unloaded
+        first = m.embed(crops)  # loads the model
+        again = pickle.loads(pickle.dumps(m))  # loaded: the session is dropped, then reloaded
+        assert np.allclose(first, again.embed(crops), atol=1e-6)
+        assert np.allclose(first, clone.embed(crops), atol=1e-6)
+        assert m.version == again.version and m.dim == again.dim
