@@ -71,7 +71,11 @@ def shard_table(
 ) -> pa.Table:
     """Build a shard table. ``embeddings`` is [n, dim]; rows whose status is not ok get null."""
     n = len(image_ids)
-    emb = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(n, dim) if n else np.zeros((0, dim), np.float32)
+    emb = (
+        np.ascontiguousarray(embeddings, dtype=np.float32).reshape(n, dim)
+        if n
+        else np.zeros((0, dim), np.float32)
+    )
     ok_mask = np.array([s == STATUS_OK for s in statuses], dtype=bool)
     values = pa.array(emb.reshape(-1), type=pa.float32())
     emb_arr = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~ok_mask) if n else None)
@@ -80,7 +84,13 @@ def shard_table(
             pa.array(list(image_ids), pa.string()),
             pa.array(list(identities), pa.string()),
             emb_arr,
-            pa.array([None if d is None or (isinstance(d, float) and np.isnan(d)) else float(d) for d in det_scores], pa.float32()),
+            pa.array(
+                [
+                    None if d is None or (isinstance(d, float) and np.isnan(d)) else float(d)
+                    for d in det_scores
+                ],
+                pa.float32(),
+            ),
             pa.array(list(statuses), pa.string()),
         ],
         schema=shard_schema(dim, metadata),
@@ -267,10 +277,21 @@ def read_collection(uri: str | Location) -> Collection:
 
 
 def new_manifest(
-    source: str, matcher: str, matcher_version: str, dim: int, alignment: str, shards: list[ShardInfo],
+    source: str,
+    matcher: str,
+    matcher_version: str,
+    dim: int,
+    alignment: str,
+    shards: list[ShardInfo],
     failures_by_reason: dict[str, int],
 ) -> CollectionManifest:
     return CollectionManifest(
-        source=source, matcher=matcher, matcher_version=matcher_version, dim=dim, alignment=alignment,
-        shards=shards, failures_by_reason=failures_by_reason, created=time.time(),
+        source=source,
+        matcher=matcher,
+        matcher_version=matcher_version,
+        dim=dim,
+        alignment=alignment,
+        shards=shards,
+        failures_by_reason=failures_by_reason,
+        created=time.time(),
     )

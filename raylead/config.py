@@ -20,12 +20,12 @@ def from_mapping(cls: type[C], data: Mapping[str, Any], where: str = "config") -
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are ConfigErrors."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping of option names to values, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    # fields marked metadata={"config": False} (e.g. credentials) never come from config files
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("config", True)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} in {where}; allowed: {', '.join(sorted(fields))}"
-        )
+        names = ", ".join(map(repr, unknown))
+        raise ConfigError(f"unknown option(s) {names} in {where}; allowed: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 def _insightface_image(name: str) -> Path:
     path = Path(str(resources.files("insightface") / "data" / "images" / name))
     if not path.is_file():
-        raise ConfigError(f"the insightface wheel has no {path}; reinstall insightface (pip install insightface)")
+        raise ConfigError(
+            f"the insightface wheel has no {path}; reinstall insightface (pip install insightface)"
+        )
     return path
 
 
@@ -43,8 +45,10 @@ def installed_photos() -> dict[str, list[np.ndarray]]:
         x1, y1, x2, y2 = (float(v) for v in face.bbox)
         w, h = x2 - x1, y2 - y1
         box = (
-            int(max(0, x1 - 0.6 * w)), int(max(0, y1 - 0.7 * h)),
-            int(min(group.shape[1], x2 + 0.6 * w)), int(min(group.shape[0], y2 + 0.5 * h)),
+            int(max(0, x1 - 0.6 * w)),
+            int(max(0, y1 - 0.7 * h)),
+            int(min(group.shape[1], x2 + 0.6 * w)),
+            int(min(group.shape[0], y2 + 0.5 * h)),
         )
         photos[f"t1_person_{i}"] = [np.ascontiguousarray(group[box[1] : box[3], box[0] : box[2]])]
     photos["Tom_Hanks"] = [decode_image(_insightface_image("Tom_Hanks_54745.png").read_bytes())]

@@ -5,7 +5,7 @@ Flow (one pipeline per matcher)::
     listing (driver, sorted) → input shards of ``shard_size`` images (fingerprinted)
       → Ray Data rows (image_id, identity, shard)
       → read + decode + detect + align   (CPU tasks, ``map_batches`` with a function)
-      → embed                            (actor pool: ``concurrency=actors``, ``num_gpus``)
+      → embed                            (actor pool of ``actors``, ``num_gpus`` each)
       → driver groups rows by shard; a shard with all its rows is written atomically,
         then its ``.done.json`` marker; the manifest is written last.
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from raylead import catalog
 from raylead.errors import ConfigError, CorruptDataError, RayleadError
+from raylead.faces import CROP_SIZES
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,19 @@ class EmbedConfig:
     detector: str = "dlib"
     aligned: bool = False
     batch_size: int = 32
-    actors: int = 1
+    actors: int | None = None
     gpus_per_actor: float | None = None
     shard_size: int = 256
     read_batch_size: int = 16
     det_score_floor: float = 0.0
     max_pixels: int = 40_000_000
-    s3: S3Options | None = field(default=None, compare=False)
+    s3: S3Options | None = field(default=None, compare=False, metadata={"config": False})
 
     def validate(self) -> None:
         for name in ("batch_size", "actors", "shard_size", "read_batch_size", "max_pixels"):
             value = getattr(self, name)
+            if value is None and name == "actors":
+                continue
             if not isinstance(value, int) or value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive whole number, got {value!r}")
@@ -208,11 +211,8 @@ class EmbedActor:
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
         self.dim = int(matcher.dim)
-        self.matcher.embed(np.zeros((1, *self._crop_shape()), np.uint8))  # load weights now
-
-    def _crop_shape(self) -> tuple[int, int, int]:
-        size = 150 if self.matcher.crop == "dlib150" else 112
-        return (size, size, 3)
+        size = CROP_SIZES[matcher.crop]
+        self.matcher.embed(np.zeros((1, size, size, 3), np.uint8))  # load the weights now
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         status = np.asarray(batch["status"], dtype=object).copy()
@@ -255,7 +255,9 @@ def _completed(out: Location, i: int, ids: list[str]) -> catalog.ShardInfo | Non
     return info
 
 
-def _write_shard(prep: Prepared, i: int, ids: list[str], rows: dict[str, dict[str, Any]]) -> catalog.ShardInfo:
+def _write_shard(
+    prep: Prepared, i: int, ids: list[str], rows: dict[str, dict[str, Any]]
+) -> catalog.ShardInfo:
     dim = int(prep.matcher.dim)
     ordered = [rows[image_id] for image_id in ids]
     emb = np.stack([r["embedding"] for r in ordered]) if ordered else np.zeros((0, dim), np.float32)
@@ -273,8 +275,12 @@ def _write_shard(prep: Prepared, i: int, ids: list[str], rows: dict[str, dict[st
     prep.out.child(shard_name(i)).write_bytes(data)
     ok = sum(s == catalog.STATUS_OK for s in statuses)
     info = catalog.ShardInfo(
-        path=shard_name(i), rows=len(ids), ok=ok, failed=len(ids) - ok,
-        sha256=catalog.sha256_bytes(data), input_fingerprint=catalog.fingerprint(ids),
+        path=shard_name(i),
+        rows=len(ids),
+        ok=ok,
+        failed=len(ids) - ok,
+        sha256=catalog.sha256_bytes(data),
+        input_fingerprint=catalog.fingerprint(ids),
     )
     prep.out.child(marker_name(i)).write_json(info.to_json())
     return info
@@ -291,10 +297,26 @@ def _failure_counts(prep: Prepared, shards: list[catalog.ShardInfo]) -> dict[str
     return dict(counts)
 
 
+def resolve_parallelism(cfg: EmbedConfig, matcher: Any) -> tuple[int, float]:
+    """(actors, GPUs per actor) for the matcher pool, from the config and the Ray cluster.
+
+    GPUs present: one actor per GPU. CPU only: one single-threaded model copy per core, so
+    model threads never oversubscribe the cores that decode/detect also need.
+    """
+    from raylead.runtime import cluster_cpus, cluster_gpus
+
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cluster_gpus() > 0 else 0.0)
+    if gpus:
+        return cfg.actors or max(1, int(cluster_gpus() / gpus)), gpus
+    if getattr(matcher, "intra_op_threads", None) == 0:
+        matcher.intra_op_threads = 1
+    return cfg.actors or max(1, int(cluster_cpus())), 0.0
+
+
 def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[dict[str, Any]]:
     import ray
 
-    from raylead.runtime import cluster_gpus, ensure_ray
+    from raylead.runtime import ensure_ray
 
     ensure_ray()
     cfg = prep.cfg
@@ -303,7 +325,7 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
         for i, ids in pending.items()
         for image_id in ids
     ]
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cluster_gpus() > 0 else 0.0)
+    actors, gpus = resolve_parallelism(cfg, prep.matcher)
     n_blocks = max(1, min(len(rows) // cfg.read_batch_size, 512))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = ds.map_batches(
@@ -318,7 +340,7 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
         fn_constructor_kwargs={"matcher": prep.matcher},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus,
         num_cpus=0 if gpus else 1,
     )
@@ -356,7 +378,11 @@ def embed_collection(
         on_progress(finished_images, total)
     log.info(
         "embedding %d images from %s with %s: %d shards, %d already complete",
-        total, prep.source.uri, prep.matcher.name, len(shards), skipped,
+        total,
+        prep.source.uri,
+        prep.matcher.name,
+        len(shards),
+        skipped,
     )
     if pending:
         buffers: dict[int, dict[str, dict[str, Any]]] = {i: {} for i in pending}
@@ -414,4 +440,3 @@ def config_dict(cfg: EmbedConfig) -> dict[str, Any]:
     d = asdict(replace(cfg, s3=None))
     d.pop("s3", None)
     return d
-

@@ -14,6 +14,7 @@ part of a ``repr``, a log line or an error message.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -49,7 +50,7 @@ class S3Options:
     secret_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
     region: str | None = None
-    from_env: bool = False
+    env_credentials: bool = False
 
     @classmethod
     def from_env(cls, **overrides: Any) -> S3Options:
@@ -60,17 +61,17 @@ class S3Options:
             secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
             session_token=env.get("AWS_SESSION_TOKEN") or None,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-            from_env=True,
+            env_credentials=True,
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if given.keys() & {"access_key", "secret_key", "session_token"}:
-            given["from_env"] = False
+            given["env_credentials"] = False
         return replace(base, **given)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Secrets that came from the environment are re-read from the worker's environment
         # instead of travelling inside pickles (which Ray may spill to disk).
-        if self.from_env:
+        if self.env_credentials:
             return (_s3_options_from_env, (self.endpoint_url, self.region))
         return (
             S3Options,
@@ -112,10 +113,8 @@ def _makedirs_private(path: str) -> None:
             break
         path = parent
     for p in reversed(missing):
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(p, DIR_MODE)
-        except FileExistsError:
-            pass
 
 
 def safe_relpath(rel: str) -> str:
@@ -305,7 +304,9 @@ class Location:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             from raylead.errors import CorruptDataError
 
-            raise CorruptDataError(f"{self.uri} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+            raise CorruptDataError(
+                f"{self.uri} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+            ) from None
 
     # -- writes ---------------------------------------------------------------------------
     def makedirs(self) -> None:

@@ -91,8 +91,13 @@ def lfw_dlib(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, ray_local:
 
 
 @pytest.fixture(scope="session")
-def lfw_onnx(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, mbf_model: Path, scrfd_model: Path,
-             ray_local: None):
+def lfw_onnx(
+    tmp_path_factory: pytest.TempPathFactory,
+    lfw_dir: Path,
+    mbf_model: Path,
+    scrfd_model: Path,
+    ray_local: None,
+):
     """All 1580 LFW images embedded with MobileFaceNet (onnx) + SCRFD, once per session."""
     return _embed_once(
         tmp_path_factory, "lfw_onnx", lfw_dir, matcher="onnx", model=str(mbf_model), detector=str(scrfd_model)

@@ -57,7 +57,7 @@ def odd_encodings(face_jpeg: Path) -> dict[str, bytes]:
         "palette.png": _save(im.convert("P", palette=Image.Palette.ADAPTIVE, colors=256), "PNG"),
         "alpha.png": _save(rgba, "PNG"),
         "really_a_png.jpg": _save(im, "PNG"),
-        "it's \"quoted\" <b>&amp;.jpg": face_jpeg.read_bytes(),
+        'it\'s "quoted" <b>&amp;.jpg': face_jpeg.read_bytes(),
         "ünïcødé_名前.jpg": face_jpeg.read_bytes(),
         "<img src=x onerror=alert(1)>.jpg": face_jpeg.read_bytes(),
     }

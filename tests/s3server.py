@@ -40,8 +40,19 @@ class SeaweedS3:
     def __init__(self, data_dir: Path, buckets: tuple[str, ...] = ("raylead",)) -> None:
         self.data_dir = data_dir
         self.buckets = buckets
-        names = ["s3", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "webdav",
-                 "admin", "admin.grpc", "debug"]
+        names = [
+            "s3",
+            "master",
+            "master.grpc",
+            "volume",
+            "volume.grpc",
+            "filer",
+            "filer.grpc",
+            "webdav",
+            "admin",
+            "admin.grpc",
+            "debug",
+        ]
         self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "weed.log"
@@ -62,17 +73,30 @@ class SeaweedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         p = self.ports
         args = [
-            weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-admin.ui=false", f"-s3.port={p['s3']}", f"-master.port={p['master']}",
-            f"-master.port.grpc={p['master.grpc']}", f"-volume.port={p['volume']}",
-            f"-volume.port.grpc={p['volume.grpc']}", f"-filer.port={p['filer']}",
-            f"-filer.port.grpc={p['filer.grpc']}", f"-webdav.port={p['webdav']}",
-            f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin.grpc']}", f"-debug.port={p['debug']}",
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            f"-s3.port={p['s3']}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            f"-webdav.port={p['webdav']}",
+            f"-admin.port={p['admin']}",
+            f"-admin.port.grpc={p['admin.grpc']}",
+            f"-debug.port={p['debug']}",
             f"-bucket={','.join(self.buckets)}",
         ]
         env = {**os.environ, **self.env()}
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -88,8 +112,11 @@ class SeaweedS3:
 
         try:
             client = botocore.session.get_session().create_client(
-                "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                "s3",
+                endpoint_url=self.endpoint,
+                aws_access_key_id=ACCESS_KEY,
+                aws_secret_access_key=SECRET_KEY,
+                region_name="us-east-1",
             )
             names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
             if not set(self.buckets) <= names:

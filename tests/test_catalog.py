@@ -23,7 +23,9 @@ def _collection(tmp_path) -> Location:
     data = catalog.table_to_parquet_bytes(table)
     root.child("shards/part-00000.parquet").write_bytes(data)
     info = catalog.ShardInfo("shards/part-00000.parquet", 3, 2, 1, catalog.sha256_bytes(data), "f")
-    catalog.write_manifest(root, catalog.new_manifest("src", "dlib", "v1", 4, "aligned", [info], {"no_face": 1}))
+    catalog.write_manifest(
+        root, catalog.new_manifest("src", "dlib", "v1", 4, "aligned", [info], {"no_face": 1})
+    )
     return root
 
 
@@ -85,4 +87,6 @@ def test_embed_config_from_mapping_errors(data, message) -> None:
 
 def test_embed_config_from_mapping_ok() -> None:
     cfg = from_mapping(EmbedConfig, {"source": "s3://b/in", "out": "/x", "batch_size": 8, "aligned": True})
-    assert dataclasses.replace(cfg, s3=None) == EmbedConfig(source="s3://b/in", out="/x", batch_size=8, aligned=True)
+    assert dataclasses.replace(cfg, s3=None) == EmbedConfig(
+        source="s3://b/in", out="/x", batch_size=8, aligned=True
+    )

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from corpus import write_mixed_folder
+
 from raylead.catalog import Collection, read_collection
 from raylead.embed import EmbedConfig, embed_collection
 from raylead.storage import Location
@@ -69,9 +69,7 @@ def test_s3_in_and_out_gives_identical_embeddings(tmp_path, lfw_dir, s3_server, 
     for f in files:
         bucket.child(str(f.relative_to(local_in))).write_bytes(f.read_bytes())
     local = embed_collection(EmbedConfig(source=str(local_in), out=str(tmp_path / "out"), shard_size=6))
-    remote = embed_collection(
-        EmbedConfig(source=bucket.uri, out="s3://raylead/embed-test/out", shard_size=6)
-    )
+    remote = embed_collection(EmbedConfig(source=bucket.uri, out="s3://raylead/embed-test/out", shard_size=6))
     assert remote.out.child("manifest.json").exists()
     a, b = read_collection(local.out), read_collection(remote.out)
     assert a.image_ids == b.image_ids and a.statuses == b.statuses
@@ -80,7 +78,9 @@ def test_s3_in_and_out_gives_identical_embeddings(tmp_path, lfw_dir, s3_server, 
 
 def test_bad_files_become_rows_with_reasons(tmp_path, lfw_dir, ray_local) -> None:
     n_inputs, good, bad = write_mixed_folder(tmp_path / "mixed", lfw_dir)
-    result = embed_collection(EmbedConfig(source=str(tmp_path / "mixed"), out=str(tmp_path / "out"), shard_size=8))
+    result = embed_collection(
+        EmbedConfig(source=str(tmp_path / "mixed"), out=str(tmp_path / "out"), shard_size=8)
+    )
     col = read_collection(result.out)
     _assert_every_input_once(col, n_inputs)
     status = dict(zip(col.image_ids, col.statuses, strict=True))
@@ -103,7 +103,9 @@ def test_killed_embed_resumes_with_every_image_once(tmp_path, lfw_dir, ray_local
     _subset(lfw_dir, src, identities=8, per=5)
     out = tmp_path / "out"
     args = [*RAYLEAD, "embed", str(src), "--out", str(out), "--shard-size", "3", "--batch-size", "3"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while not _markers(out) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -115,7 +117,9 @@ def test_killed_embed_resumes_with_every_image_once(tmp_path, lfw_dir, ray_local
     subprocess.run(args, check=True, capture_output=True, timeout=300)
     resumed = read_collection(str(out))
     _assert_every_input_once(resumed, 40)
-    fresh = read_collection(embed_collection(EmbedConfig(source=str(src), out=str(tmp_path / "fresh"), shard_size=3)).out)
+    fresh = read_collection(
+        embed_collection(EmbedConfig(source=str(src), out=str(tmp_path / "fresh"), shard_size=3)).out
+    )
     assert resumed.image_ids == fresh.image_ids
     np.testing.assert_array_equal(resumed.embeddings, fresh.embeddings)
 
@@ -131,8 +135,12 @@ def test_killed_embed_resumes_with_every_image_once(tmp_path, lfw_dir, ray_local
 )
 def test_bad_arguments_fail_before_work(tmp_path, lfw_dir, extra, expect) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run([*RAYLEAD, "embed", str(lfw_dir), "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*RAYLEAD, "embed", str(lfw_dir), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], proc.stderr
@@ -142,21 +150,32 @@ def test_bad_arguments_fail_before_work(tmp_path, lfw_dir, extra, expect) -> Non
 def test_output_inside_input_is_refused(tmp_path, lfw_dir) -> None:
     src = tmp_path / "in"
     _subset(lfw_dir, src, identities=1, per=2)
-    proc = subprocess.run([*RAYLEAD, "embed", str(src), "--out", str(src / "emb")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*RAYLEAD, "embed", str(src), "--out", str(src / "emb")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "inside the input" in proc.stderr
     assert not (src / "emb").exists()
 
 
 def test_unreachable_and_unauthorised_bucket(tmp_path, lfw_dir, s3_server) -> None:
     env_bad_key = {**os.environ, "AWS_SECRET_ACCESS_KEY": "not-the-secret-1234"}
-    proc = subprocess.run([*RAYLEAD, "embed", str(lfw_dir), "--out", "s3://raylead/x"],
-                          capture_output=True, text=True, timeout=120, env=env_bad_key)
+    proc = subprocess.run(
+        [*RAYLEAD, "embed", str(lfw_dir), "--out", "s3://raylead/x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_bad_key,
+    )
     assert proc.returncode == 3 and "refused" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "not-the-secret-1234" not in proc.stderr
     env_dead = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
-    proc = subprocess.run([*RAYLEAD, "embed", str(lfw_dir), "--out", "s3://raylead/x"],
-                          capture_output=True, text=True, timeout=120, env=env_dead)
+    proc = subprocess.run(
+        [*RAYLEAD, "embed", str(lfw_dir), "--out", "s3://raylead/x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_dead,
+    )
     assert proc.returncode == 3 and "cannot reach" in proc.stderr
 
 

@@ -12,8 +12,17 @@ from raylead.errors import ConfigError, PathEscapeError, StorageError
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options, safe_relpath
 
 ESCAPES = [
-    "../x.parquet", "a/../../x", "/etc/passwd", "s3://other-bucket/x", "file:///etc/passwd",
-    "C:\\windows", "\\\\server\\share", "", ".", "a/..", "x\x00y",
+    "../x.parquet",
+    "a/../../x",
+    "/etc/passwd",
+    "s3://other-bucket/x",
+    "file:///etc/passwd",
+    "C:\\windows",
+    "\\\\server\\share",
+    "",
+    ".",
+    "a/..",
+    "x\x00y",
 ]
 
 
@@ -23,7 +32,9 @@ def test_safe_relpath_rejects_escapes(rel: str) -> None:
         safe_relpath(rel)
 
 
-@pytest.mark.parametrize(("rel", "norm"), [("a/b.jpg", "a/b.jpg"), ("./a//b.jpg", "a/b.jpg"), ("a/./b", "a/b")])
+@pytest.mark.parametrize(
+    ("rel", "norm"), [("a/b.jpg", "a/b.jpg"), ("./a//b.jpg", "a/b.jpg"), ("a/./b", "a/b")]
+)
 def test_safe_relpath_normalises(rel: str, norm: str) -> None:
     assert safe_relpath(rel) == norm
 

@@ -10,11 +10,15 @@ from raylead.storage import Location, S3Options
 
 S3Endpoint = Annotated[
     str | None,
-    typer.Option("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL).", rich_help_panel="Storage"),
+    typer.Option(
+        "--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL).", rich_help_panel="Storage"
+    ),
 ]
 S3Key = Annotated[
     str | None,
-    typer.Option("--s3-key", help="S3 access key id (default: AWS_ACCESS_KEY_ID).", rich_help_panel="Storage"),
+    typer.Option(
+        "--s3-key", help="S3 access key id (default: AWS_ACCESS_KEY_ID).", rich_help_panel="Storage"
+    ),
 ]
 S3Secret = Annotated[
     str | None,

@@ -11,7 +11,9 @@ from raylead.cli import app
 
 @app.command()
 def demo(
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the demo's data and results.")] = "raylead-demo",
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Folder for the demo's data and results.")
+    ] = "raylead-demo",
 ) -> None:
     """Build a small face set from installed photos and run the pipeline on it with the dlib matcher."""
     from raylead.demo import run_demo

@@ -17,32 +17,53 @@ log = logging.getLogger(__name__)
 
 @app.command()
 def embed(
-    source: Annotated[str, typer.Argument(help="Folder of images: local path, file:// or s3://bucket/prefix.")],
+    source: Annotated[
+        str, typer.Argument(help="Folder of images: local path, file:// or s3://bucket/prefix.")
+    ],
     out: Annotated[str, typer.Option("--out", "-o", help="Output collection folder (local or s3://).")],
     matcher: Annotated[str, typer.Option(help="Face matcher: dlib or onnx.")] = "dlib",
     model: Annotated[str | None, typer.Option(help="Recognition ONNX file (onnx matcher).")] = None,
     model_root: Annotated[
         str | None, typer.Option(help="InsightFace model root, e.g. ~/.insightface (onnx matcher).")
     ] = None,
-    pack: Annotated[str | None, typer.Option(help="InsightFace pack under --model-root, e.g. buffalo_l.")] = None,
+    pack: Annotated[
+        str | None, typer.Option(help="InsightFace pack under --model-root, e.g. buffalo_l.")
+    ] = None,
     detector: Annotated[str, typer.Option(help="'dlib' (HOG + 5-point) or a SCRFD .onnx file.")] = "dlib",
-    aligned: Annotated[bool, typer.Option(help="Inputs are already-aligned face crops: resize only.")] = False,
+    aligned: Annotated[
+        bool, typer.Option(help="Inputs are already-aligned face crops: resize only.")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per matcher batch.")] = 32,
-    actors: Annotated[int, typer.Option(help="Matcher actors (one model copy each).")] = 1,
+    actors: Annotated[
+        int | None,
+        typer.Option(help="Matcher actors (one model copy each; default: one per GPU, else per CPU)."),
+    ] = None,
     gpus_per_actor: Annotated[
         float | None, typer.Option(help="GPUs per matcher actor (default: 1 when the cluster has GPUs).")
     ] = None,
     shard_size: Annotated[int, typer.Option(help="Images per output shard (the resume unit).")] = 256,
-    det_score_floor: Annotated[float, typer.Option(help="Faces below this detector score fail as no_face.")] = 0.0,
+    det_score_floor: Annotated[
+        float, typer.Option(help="Faces below this detector score fail as no_face.")
+    ] = 0.0,
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
 ) -> None:
     """Embed every image under SOURCE with one matcher into Parquet shards + a manifest."""
     cfg = EmbedConfig(
-        source=source, out=out, matcher=matcher, model=model, model_root=model_root, pack=pack,
-        detector=detector, aligned=aligned, batch_size=batch_size, actors=actors,
-        gpus_per_actor=gpus_per_actor, shard_size=shard_size, det_score_floor=det_score_floor,
+        source=source,
+        out=out,
+        matcher=matcher,
+        model=model,
+        model_root=model_root,
+        pack=pack,
+        detector=detector,
+        aligned=aligned,
+        batch_size=batch_size,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        shard_size=shard_size,
+        det_score_floor=det_score_floor,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     prepared = prepare(cfg)

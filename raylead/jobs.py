@@ -1,0 +1,34 @@
+"""Shared runner of the Ray job entrypoints in ``jobs/``: ``--config FILE.yaml`` → config object → stage.
+
+The YAML keys are the options of the matching ``raylead`` command (``--top-k`` → ``top_k``),
+validated by the same config dataclasses as the CLI, so a bad key fails before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from raylead.config import from_mapping, load_yaml
+from raylead.errors import RayleadError
+
+C = TypeVar("C")
+
+
+def run_job(name: str, config_cls: type[C], stage: Callable[[C], str], argv: list[str] | None = None) -> int:
+    """Parse ``--config``, build ``config_cls`` from the YAML, run ``stage``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=f"raylead {name} as a Ray job")
+    parser.add_argument("--config", required=True, help="YAML file with the stage's options")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        data: Any = load_yaml(args.config)
+        cfg = from_mapping(config_cls, data or {}, where=args.config)
+        print(stage(cfg), flush=True)
+    except RayleadError as exc:
+        print(f"raylead {name}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
