@@ -54,7 +54,10 @@ def clustered(n_ids: int, per_id: int, dim: int = 32, noise: float = 0.7, seed: 
     if centres is None:
         centres = unit(rng.normal(size=(n_ids, dim)))
     labels = np.repeat(np.arange(len(centres)), per_id)
-    x = unit(centres[labels] + noise * rng.normal(size=(labels.size, centres.shape[1])) / math.sqrt(centres.shape[1]))
+    x = unit(
+        centres[labels]
+        + noise * rng.normal(size=(labels.size, centres.shape[1])) / math.sqrt(centres.shape[1])
+    )
     return x, labels, centres
 
 
@@ -83,8 +86,12 @@ def test_histogram_covers_all_values() -> None:
 
 def test_matcher_spec_parse() -> None:
     s = MatcherSpec.parse("onnx:model=/m/mobilefacenet.onnx:detector=/d/det_500m.onnx")
-    assert (s.name, s.model, s.detector, s.label) == ("onnx", "/m/mobilefacenet.onnx", "/d/det_500m.onnx",
-                                                      "onnx-mobilefacenet")
+    assert (s.name, s.model, s.detector, s.label) == (
+        "onnx",
+        "/m/mobilefacenet.onnx",
+        "/d/det_500m.onnx",
+        "onnx-mobilefacenet",
+    )
     assert MatcherSpec.parse(s.text) == s
     assert MatcherSpec.parse("dlib").with_options(detector="x.onnx").detector == "x.onnx"
     assert [m.label for m in parse_matchers("dlib, onnx:model=a.onnx")] == ["dlib", "onnx-a"]
@@ -119,10 +126,19 @@ def test_top_pairs_equal_brute_force(seed: int, k: int, twice: bool) -> None:
     s, s_lab, _ = clustered(12, 3, seed=seed + 100, centres=centres)
     s = np.concatenate([s, t[:3]])  # exact copies: ties and perfect matches
     s_groups = np.concatenate([s_lab, [99, 99, 98]])
-    got = top_pairs(s, t, k, no_identity_twice=twice, synthetic_groups=s_groups, train_groups=t_lab,
-                    engine="exact", k_start=2)
-    sc, ti, si = top_pairs_bruteforce(s, t, k, no_identity_twice=twice, synthetic_groups=s_groups,
-                                      train_groups=t_lab)
+    got = top_pairs(
+        s,
+        t,
+        k,
+        no_identity_twice=twice,
+        synthetic_groups=s_groups,
+        train_groups=t_lab,
+        engine="exact",
+        k_start=2,
+    )
+    sc, ti, si = top_pairs_bruteforce(
+        s, t, k, no_identity_twice=twice, synthetic_groups=s_groups, train_groups=t_lab
+    )
     np.testing.assert_allclose(got.scores, sc, atol=1e-5)
     assert got.scores.size == sc.size
     np.testing.assert_allclose(np.einsum("ij,ij->i", s[got.synthetic_idx], t[got.train_idx]), sc, atol=1e-5)
@@ -131,7 +147,9 @@ def test_top_pairs_equal_brute_force(seed: int, k: int, twice: bool) -> None:
     every = (s @ t.T).ravel()
     unique = np.array([np.sum(np.abs(every - x) <= 1e-4) == 1 for x in sc], bool)
     clear = np.cumprod(unique).astype(bool)  # up to the first near-tie, the walk is unambiguous
-    assert np.array_equal(got.train_idx[clear], ti[clear]) and np.array_equal(got.synthetic_idx[clear], si[clear])
+    assert np.array_equal(got.train_idx[clear], ti[clear]) and np.array_equal(
+        got.synthetic_idx[clear], si[clear]
+    )
     if twice:
         assert len(set(t_lab[got.train_idx])) == got.scores.size == len(set(s_groups[got.synthetic_idx]))
 
@@ -188,7 +206,9 @@ def test_tinsley_statistics_on_planted_leak() -> None:
     brute = np.mean([(a > b) + 0.5 * (a == b) for a in leak.train_scores for b in leak.holdout_scores])
     assert leak.auc == pytest.approx(brute)
     m = leak.metrics()
-    assert m["fraction_above_threshold_train"] == pytest.approx(float(np.mean((leaked @ t.T).max(1) >= np.float32(0.6))))
+    assert m["fraction_above_threshold_train"] == pytest.approx(
+        float(np.mean((leaked @ t.T).max(1) >= np.float32(0.6)))
+    )
     assert m["ks_pvalue"] < 1e-6 and m["ks_pvalue_train_greater"] < 1e-6
     assert sum(m["histogram"]["train"]) == sum(m["histogram"]["holdout"]) == 30
 
@@ -226,7 +246,7 @@ def test_flagged_pairs_and_consensus() -> None:
 
 
 def test_parse_threshold_pairs() -> None:
-    assert parse_threshold_pairs("dlib=0.9, onnx-m=0.3") == (("dlib", 0.9), ("onnx-m", 0.3))
+    assert parse_threshold_pairs("dlib=0.9, onnx-m=0.3") == {"dlib": 0.9, "onnx-m": 0.3}
     with pytest.raises(ConfigError, match="MATCHER=VALUE"):
         parse_threshold_pairs("0.9")
 
@@ -264,7 +284,11 @@ def test_linear_classifier_is_deterministic_and_accurate() -> None:
 def test_score_flags_and_pr_curve_against_brute_force() -> None:
     s = score_flags(np.array([1, 1, 0, 0, 1], bool), np.array([1, 0, 1, 0, 1], bool))
     assert (s.tp, s.fp, s.fn, s.flagged) == (2, 1, 1, 3)
-    assert s.precision == pytest.approx(2 / 3) and s.recall == pytest.approx(2 / 3) and s.f1 == pytest.approx(2 / 3)
+    assert (
+        s.precision == pytest.approx(2 / 3)
+        and s.recall == pytest.approx(2 / 3)
+        and s.f1 == pytest.approx(2 / 3)
+    )
     assert score_flags(np.zeros(3, bool), np.array([1, 0, 0], bool)).precision is None
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 8, 30)
@@ -284,8 +308,15 @@ def test_webster_attack_flags_members() -> None:
     s_m, _, _ = clustered(4, 6, seed=41, centres=centres[members], noise=0.5)
     novel, _, _ = clustered(30, 1, seed=42)
     names = [f"q{i:02d}" for i in r_lab]
-    res = webster_attack(r, names, np.concatenate([s_m, novel]), (1.0, 2.0), "centroid", reject_below=0.6,
-                         members={f"q{i:02d}" for i in members} | {"someone_else"})
+    res = webster_attack(
+        r,
+        names,
+        np.concatenate([s_m, novel]),
+        (1.0, 2.0),
+        "centroid",
+        reject_below=0.6,
+        members={f"q{i:02d}" for i in members} | {"someone_else"},
+    )
     assert res.n_samples == 54 and res.alphas[1.0][0] == pytest.approx(54 / 20)
     assert res.scores[1.0].f1 == 1.0 and res.random_precision == pytest.approx(4 / 20)
     with pytest.raises(ConfigError, match="alpha"):
@@ -306,60 +337,107 @@ def small_sets(tmp_path: Path, write_collection):
     g, g_lab, _ = clustered(5, 2, seed=52, centres=centres[:5], noise=0.5)
     g = np.concatenate([g, unit(np.random.default_rng(5).normal(size=(2, 32)))])
     paths = {
-        "train": write_collection(tmp_path / "T", [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)],
-                                  [f"p{i}" for i in t_lab], t),
-        "holdout": write_collection(tmp_path / "H", [f"h{i}/{j}.jpg" for j, i in enumerate(h_lab)],
-                                    [f"h{i}" for i in h_lab], h),
-        "synthetic": write_collection(
-            tmp_path / "S", [f"s_{j:05d}.jpg" for j in range(13)], [None] * 13,
-            np.concatenate([g, np.zeros((1, 32), np.float32)]),
-            det=[0.9] * 11 + [0.1, None], statuses=["ok"] * 12 + ["no_face"],
+        "train": write_collection(
+            tmp_path / "T", [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)], [f"p{i}" for i in t_lab], t
         ),
-        "queries": write_collection(tmp_path / "Q", [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)],
-                                    [f"p{i}" for i in t_lab], t),
+        "holdout": write_collection(
+            tmp_path / "H", [f"h{i}/{j}.jpg" for j, i in enumerate(h_lab)], [f"h{i}" for i in h_lab], h
+        ),
+        "synthetic": write_collection(
+            tmp_path / "S",
+            [f"s_{j:05d}.jpg" for j in range(13)],
+            [None] * 13,
+            np.concatenate([g, np.zeros((1, 32), np.float32)]),
+            det=[0.9] * 11 + [0.1, None],
+            statuses=["ok"] * 12 + ["no_face"],
+        ),
+        "queries": write_collection(
+            tmp_path / "Q", [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)], [f"p{i}" for i in t_lab], t
+        ),
     }
     return paths
 
 
 def test_run_idiap_writes_tables_and_metrics(tmp_path: Path, small_sets) -> None:
     out = tmp_path / "idiap"
-    m = run_idiap(IdiapConfig(train=small_sets["train"], synthetic=small_sets["synthetic"], out=str(out),
-                              top_k=8, threshold=0.8, det_score_floor=0.5, engine="exact"))
+    m = run_idiap(
+        IdiapConfig(
+            train=small_sets["train"],
+            synthetic=small_sets["synthetic"],
+            out=str(out),
+            top_k=8,
+            threshold=0.8,
+            det_score_floor=0.5,
+            engine="exact",
+        )
+    )
     pairs = pq.read_table(out / "pairs.parquet").to_pydict()
     assert pairs["rank"] == list(range(1, 9))
     assert list(pairs)[:4] == ["rank", "train_id", "synthetic_id", "score"]
-    assert m["set_aside"]["count"] == 2 and m["set_aside"]["by_reason"] == {"det_score_below_floor": 1, "no_face": 1}
+    assert m["set_aside"]["count"] == 2 and m["set_aside"]["by_reason"] == {
+        "det_score_below_floor": 1,
+        "no_face": 1,
+    }
     assert m["synthetic_scored"] == 11 and m["pairs_returned"] == 8
     best = pq.read_table(out / "best_matches.parquet").to_pydict()
     assert len(best["synthetic_id"]) == 11 and "s_00012.jpg" not in best["synthetic_id"]
-    assert m["best_match"]["fraction_above_threshold"] == pytest.approx(np.mean(np.array(best["score"]) >= np.float32(0.8)))
+    assert m["best_match"]["fraction_above_threshold"] == pytest.approx(
+        np.mean(np.array(best["score"]) >= np.float32(0.8))
+    )
     assert sum(m["best_match"]["histogram"]["counts"]) == 11
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["files"].keys() == {"pairs.parquet", "best_matches.parquet", "set_aside.parquet"}
     # no identity twice: at most one pair per training identity
-    m2 = run_idiap(IdiapConfig(train=small_sets["train"], synthetic=small_sets["synthetic"], out=str(out),
-                               top_k=8, no_identity_twice=True))
+    m2 = run_idiap(
+        IdiapConfig(
+            train=small_sets["train"],
+            synthetic=small_sets["synthetic"],
+            out=str(out),
+            top_k=8,
+            no_identity_twice=True,
+        )
+    )
     ids = pq.read_table(out / "pairs.parquet").column("train_identity").to_pylist()
     assert len(ids) == len(set(ids)) == m2["pairs_returned"]
 
 
 def test_run_idiap_refuses_other_matcher(tmp_path: Path, small_sets, write_collection) -> None:
-    other = write_collection(tmp_path / "O", ["a.jpg"], [None], np.ones((1, 32), np.float32) / math.sqrt(32),
-                             matcher="onnx", version="m.onnx@1")
+    other = write_collection(
+        tmp_path / "O",
+        ["a.jpg"],
+        [None],
+        np.ones((1, 32), np.float32) / math.sqrt(32),
+        matcher="onnx",
+        version="m.onnx@1",
+    )
     with pytest.raises(ConfigError, match="embedded with matcher 'onnx"):
-        run_idiap(IdiapConfig(train=small_sets["train"], synthetic=other, out=str(tmp_path / "o"), matcher="dlib"))
+        run_idiap(
+            IdiapConfig(train=small_sets["train"], synthetic=other, out=str(tmp_path / "o"), matcher="dlib")
+        )
     with pytest.raises(ConfigError, match="--top-k"):
         run_idiap(IdiapConfig(train=small_sets["train"], synthetic=other, out=str(tmp_path / "o"), top_k=0))
 
 
 def test_run_tinsley_two_matchers(tmp_path: Path, small_sets) -> None:
     out = tmp_path / "tinsley"
-    cfg = TinsleyConfig(train=small_sets["train"], holdout=small_sets["holdout"], synthetic=small_sets["synthetic"],
-                        out=str(out), matchers="dlib", thresholds=(("dlib", 0.8),))
+    cfg = TinsleyConfig(
+        train=small_sets["train"],
+        holdout=small_sets["holdout"],
+        synthetic=small_sets["synthetic"],
+        out=str(out),
+        matchers="dlib",
+        thresholds={"dlib": 0.8},
+    )
     m = run_tinsley(cfg)
     r = m["matchers"]["dlib"]
-    for key in ("auc_train_vs_holdout", "ks_statistic", "ks_pvalue", "fraction_above_threshold_train",
-                "fraction_above_threshold_holdout", "threshold"):
+    for key in (
+        "auc_train_vs_holdout",
+        "ks_statistic",
+        "ks_pvalue",
+        "fraction_above_threshold_train",
+        "fraction_above_threshold_holdout",
+        "threshold",
+    ):
         assert key in r
     assert r["threshold"] == 0.8 and r["auc_train_vs_holdout"] > 0.7
     assert r["synthetic_scored"] == 12 and r["set_aside"]["count"] == 1
@@ -367,7 +445,9 @@ def test_run_tinsley_two_matchers(tmp_path: Path, small_sets) -> None:
     assert set(cons) >= {"synthetic_id", "train_id", "n_matchers", "score_dlib", "flagged_dlib"}
     assert m["consensus"]["pairs_flagged"] == len(cons["train_id"])
     with pytest.raises(ConfigError, match="not in --matchers"):
-        run_tinsley(TinsleyConfig(train="a", holdout="b", synthetic="c", out=str(out), thresholds=(("onnx", 0.3),)))
+        run_tinsley(
+            TinsleyConfig(train="a", holdout="b", synthetic="c", out=str(out), thresholds={"onnx": 0.3})
+        )
 
 
 def test_run_webster_and_cli(tmp_path: Path, small_sets) -> None:
@@ -378,29 +458,120 @@ def test_run_webster_and_cli(tmp_path: Path, small_sets) -> None:
     members = tmp_path / "members.txt"
     members.write_text("# truth\np0\np1\np2\np3\np4\n\n")
     out = tmp_path / "webster"
-    m = run_webster(WebsterConfig(queries=small_sets["queries"], samples=small_sets["synthetic"], out=str(out),
-                                  members=str(members), alphas=(0.5, 1.0)))
+    m = run_webster(
+        WebsterConfig(
+            queries=small_sets["queries"],
+            samples=small_sets["synthetic"],
+            out=str(out),
+            members=str(members),
+            alphas=(0.5, 1.0),
+        )
+    )
     assert set(m["alphas"]) == {"0.5", "1"}
     a = m["alphas"]["1"]
     assert a["tau"] == pytest.approx(12 / 10) and isinstance(a["flagged"], list)
     assert {"precision", "recall", "f1"} <= set(a) and m["random_precision"] == 0.5
     counts = pq.read_table(out / "counts.parquet").to_pydict()
     assert sum(counts["count"]) == 12 and counts["identity"] == sorted(counts["identity"])
-    res = CliRunner().invoke(app, ["attack", "webster", "--queries", small_sets["queries"], "--samples",
-                                   small_sets["synthetic"], "--members", str(members), "--classifier", "linear",
-                                   "--alpha", "1,2", "--out", str(tmp_path / "w2")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "attack",
+            "webster",
+            "--queries",
+            small_sets["queries"],
+            "--samples",
+            small_sets["synthetic"],
+            "--members",
+            str(members),
+            "--classifier",
+            "linear",
+            "--alpha",
+            "1,2",
+            "--out",
+            str(tmp_path / "w2"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "α=1" in res.output and "random baseline" in res.output
-    res = CliRunner().invoke(app, ["attack", "idiap", "--train", small_sets["train"], "--synthetic",
-                                   small_sets["synthetic"], "--top-k", "3", "--threshold", "0.9",
-                                   "--out", str(tmp_path / "i2")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "attack",
+            "idiap",
+            "--train",
+            small_sets["train"],
+            "--synthetic",
+            small_sets["synthetic"],
+            "--top-k",
+            "3",
+            "--threshold",
+            "0.9",
+            "--out",
+            str(tmp_path / "i2"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "idiap: top 3 pairs" in res.output
-    res = CliRunner().invoke(app, ["attack", "tinsley", "--train", small_sets["train"], "--holdout",
-                                   small_sets["holdout"], "--synthetic", small_sets["synthetic"],
-                                   "--threshold", "dlib=0.8", "--out", str(tmp_path / "t2")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "attack",
+            "tinsley",
+            "--train",
+            small_sets["train"],
+            "--holdout",
+            small_sets["holdout"],
+            "--synthetic",
+            small_sets["synthetic"],
+            "--threshold",
+            "dlib=0.8",
+            "--out",
+            str(tmp_path / "t2"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "AUC T-vs-H" in res.output
-    bad = CliRunner().invoke(app, ["attack", "webster", "--queries", small_sets["queries"], "--samples",
-                                   small_sets["synthetic"], "--classifier", "svm", "--out", str(tmp_path / "w3")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "attack",
+            "webster",
+            "--queries",
+            small_sets["queries"],
+            "--samples",
+            small_sets["synthetic"],
+            "--classifier",
+            "svm",
+            "--out",
+            str(tmp_path / "w3"),
+        ],
+    )
     assert bad.exit_code != 0
+
+
+def test_configs_build_from_job_yaml_mappings() -> None:
+    """The Ray job entrypoints build these configs from YAML with raylead.config.from_mapping."""
+    from raylead.attacks.calibrate import CalibrateConfig
+    from raylead.config import from_mapping
+
+    t = from_mapping(
+        TinsleyConfig,
+        {
+            "train": "a",
+            "holdout": "h",
+            "synthetic": "s",
+            "out": "o",
+            "thresholds": {"dlib": 0.93},
+            "threshold_from": ["c.json"],
+        },
+    )
+    assert t.thresholds == {"dlib": 0.93} and t.threshold_from == ("c.json",)
+    assert from_mapping(
+        WebsterConfig, {"queries": "q", "samples": "s", "out": "o", "alphas": [1, 2]}
+    ).alphas == (1, 2)
+    assert from_mapping(CalibrateConfig, {"labelled": "l", "out": "o", "fmr": 1e-3}).fmr == 1e-3
+    with pytest.raises(ConfigError, match="--top-k"):
+        from_mapping(IdiapConfig, {"train": "a", "synthetic": "b", "out": "o", "top_k": 0})
+    with pytest.raises(ConfigError, match="unknown option"):
+        from_mapping(IdiapConfig, {"train": "a", "synthetic": "b", "out": "o", "topk": 5})

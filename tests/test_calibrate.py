@@ -140,7 +140,9 @@ def test_calibrate_set_json_and_unlabelled_rows() -> None:
     assert d["threshold"] == brute_threshold(cal.scores.impostor, 1e-2)
     assert len(d["histogram"]["edges"]) == 21 and sum(d["histogram"]["genuine"]) == d["genuine_pairs"]
     assert sum(d["histogram"]["impostor"]) == d["impostor_pairs"]
-    assert d["fnmr_at_threshold"] == pytest.approx(float(np.mean(cal.scores.genuine < np.float32(d["threshold"]))))
+    assert d["fnmr_at_threshold"] == pytest.approx(
+        float(np.mean(cal.scores.genuine < np.float32(d["threshold"])))
+    )
     assert d["impostor_sampling"] == {"mode": "all"}
     assert [p["fmr_target"] for p in d["operating_points"]] == [0.1, 0.01, 0.001]
     json.dumps(d)
@@ -156,11 +158,17 @@ def test_calibrate_needs_two_identities() -> None:
 def test_run_calibrate_on_collection_and_threshold_from(tmp_path, write_collection) -> None:
     x, labels = clustered(15, 4, seed=4)
     ids = [f"p{lab}/{i}.jpg" for i, lab in enumerate(labels)]
-    coll = write_collection(tmp_path / "coll", ids, [f"p{lab}" for lab in labels], x, matcher="dlib", version="v1")
+    coll = write_collection(
+        tmp_path / "coll", ids, [f"p{lab}" for lab in labels], x, matcher="dlib", version="v1"
+    )
     out = tmp_path / "cal" / "dlib.json"
     data = run_calibrate(CalibrateConfig(labelled=coll, out=str(out), matcher="dlib", fmr=1e-2))
     on_disk = read_calibration(str(out))
-    assert on_disk["threshold"] == data["threshold"] and on_disk["matcher"] == {"name": "dlib", "version": "v1", "dim": 32}
+    assert on_disk["threshold"] == data["threshold"] and on_disk["matcher"] == {
+        "name": "dlib",
+        "version": "v1",
+        "dim": 32,
+    }
     th = resolve_threshold(None, str(out), "dlib", "v1")
     assert th is not None and th.value == data["threshold"] and th.fmr == 1e-2
     with pytest.raises(ConfigError, match="made with matcher 'dlib v1'"):
@@ -187,7 +195,19 @@ def test_calibrate_cli(tmp_path, write_collection) -> None:
     coll = write_collection(tmp_path / "c", [f"{i}.jpg" for i in range(40)], [f"p{lab}" for lab in labels], x)
     out = tmp_path / "cal.json"
     res = CliRunner().invoke(
-        app, ["calibrate", coll, "--matcher", "dlib", "--fmr", "1e-2", "--impostor-pairs", "500", "--out", str(out)]
+        app,
+        [
+            "calibrate",
+            coll,
+            "--matcher",
+            "dlib",
+            "--fmr",
+            "1e-2",
+            "--impostor-pairs",
+            "500",
+            "--out",
+            str(out),
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "threshold" in res.output and "EER" in res.output

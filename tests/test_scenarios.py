@@ -21,11 +21,14 @@ from raylead.attacks.scenarios import (
     write_role_collections,
 )
 from raylead.errors import ConfigError
+from raylead.storage import Location
 
 
 def fake_photos(n_ids: int = 40, per_id: int = 10) -> dict[str, list[str]]:
-    return {f"person_{i:03d}": [f"person_{i:03d}/person_{i:03d}_{j:04d}.jpg" for j in range(per_id)]
-            for i in range(n_ids)}
+    return {
+        f"person_{i:03d}": [f"person_{i:03d}/person_{i:03d}_{j:04d}.jpg" for j in range(per_id)]
+        for i in range(n_ids)
+    }
 
 
 def by_role(sc, role):
@@ -34,8 +37,9 @@ def by_role(sc, role):
 
 def test_pairs_plan_is_deterministic_disjoint_and_leaks_other_photos() -> None:
     photos = fake_photos()
-    cfg = PairsScenarioConfig(seed=3, leak_fraction=0.25, n_train=12, n_holdout=10, train_photos=4, leak_photos=3,
-                              synthetic_size=30)
+    cfg = PairsScenarioConfig(
+        seed=3, leak_fraction=0.25, n_train=12, n_holdout=10, train_photos=4, leak_photos=3, synthetic_size=30
+    )
     a, b = plan_pairs(photos, cfg), plan_pairs(photos, cfg)
     assert a.entries == b.entries and a.members == b.members
     assert plan_pairs(photos, PairsScenarioConfig(**{**cfg.__dict__, "seed": 4})).entries != a.entries
@@ -57,10 +61,13 @@ def test_pairs_no_leak_control_keeps_t_and_h() -> None:
     base = dict(seed=1, n_train=12, n_holdout=12, train_photos=4, leak_photos=2, synthetic_size=30)
     leak = plan_pairs(photos, PairsScenarioConfig(leak_fraction=1.0, **base))  # type: ignore[arg-type]
     none = plan_pairs(photos, PairsScenarioConfig(leak_fraction=0.0, **base))  # type: ignore[arg-type]
-    assert by_role(leak, "train") == by_role(none, "train") and by_role(leak, "holdout") == by_role(none, "holdout")
+    assert by_role(leak, "train") == by_role(none, "train") and by_role(leak, "holdout") == by_role(
+        none, "holdout"
+    )
     assert len(by_role(leak, "synthetic")) == len(by_role(none, "synthetic")) == 30
-    assert none.leaked == [] and all(e.identity not in {x.identity for x in by_role(none, "train")}
-                                     for e in by_role(none, "synthetic"))
+    assert none.leaked == [] and all(
+        e.identity not in {x.identity for x in by_role(none, "train")} for e in by_role(none, "synthetic")
+    )
 
 
 def test_pairs_config_errors() -> None:
@@ -69,7 +76,9 @@ def test_pairs_config_errors() -> None:
     with pytest.raises(ConfigError, match="identities have"):
         plan_pairs(fake_photos(5), PairsScenarioConfig(n_train=10))
     with pytest.raises(ConfigError, match="smaller than"):
-        plan_pairs(fake_photos(), PairsScenarioConfig(n_train=10, n_holdout=5, leak_fraction=1.0, synthetic_size=5))
+        plan_pairs(
+            fake_photos(), PairsScenarioConfig(n_train=10, n_holdout=5, leak_fraction=1.0, synthetic_size=5)
+        )
 
 
 def test_membership_plan() -> None:
@@ -86,7 +95,9 @@ def test_membership_plan() -> None:
     leaked_samples = [e for e in s if e.identity in sc.leaked]
     assert len(leaked_samples) == 16 and len(s) == 31
     assert all(e.identity not in q_ids | t_ids for e in s if e.identity not in sc.leaked)
-    wide = plan_membership(photos, MembershipScenarioConfig(**{**cfg.__dict__, "query_unleaked_members": True}))
+    wide = plan_membership(
+        photos, MembershipScenarioConfig(**{**cfg.__dict__, "query_unleaked_members": True})
+    )
     assert set(wide.members) == t_ids and set(wide.leaked) == set(sc.leaked)
 
 
@@ -101,10 +112,16 @@ def test_build_from_folder_symlinks_and_cli(tmp_path: Path) -> None:
         for f in files:
             (src / f).write_bytes(f.encode())
     out = tmp_path / "scenario"
-    sc, written = build_scenario(ScenarioBuildConfig(
-        labelled=str(src), out=str(out), kind="pairs",
-        pairs=PairsScenarioConfig(n_train=10, n_holdout=10, train_photos=4, leak_photos=2, leak_fraction=0.3),
-    ))
+    sc, written = build_scenario(
+        ScenarioBuildConfig(
+            labelled=str(src),
+            out=str(out),
+            kind="pairs",
+            pairs=PairsScenarioConfig(
+                n_train=10, n_holdout=10, train_photos=4, leak_photos=2, leak_fraction=0.3
+            ),
+        )
+    )
     assert set(written) == {"train", "holdout", "synthetic"}
     first = sc.role("synthetic")[0]
     link = out / first.dest
@@ -113,9 +130,25 @@ def test_build_from_folder_symlinks_and_cli(tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "truth.csv").open()))
     assert len(rows) == len(sc.role("synthetic")) and {r["leaked"] for r in rows} == {"True", "False"}
     assert json.loads((out / "scenario.json").read_text())["counts"]["members"] == 3
-    res = CliRunner().invoke(app, ["scenario", "build", str(src), "--out", str(tmp_path / "m"), "--kind",
-                                   "membership", "--n-train", "10", "--n-nonmember", "8", "--novel-samples", "5",
-                                   "--copy"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "scenario",
+            "build",
+            str(src),
+            "--out",
+            str(tmp_path / "m"),
+            "--kind",
+            "membership",
+            "--n-train",
+            "10",
+            "--n-nonmember",
+            "8",
+            "--novel-samples",
+            "5",
+            "--copy",
+        ],
+    )
     assert res.exit_code == 0, res.output
     samples = sorted(os.listdir(tmp_path / "m" / "samples"))
     assert len(samples) == 2 * 4 + 5 and not (tmp_path / "m" / "samples" / samples[0]).is_symlink()
@@ -135,7 +168,7 @@ def test_role_collections_match_what_embedding_the_folders_gives(tmp_path: Path,
     coll = read_collection(write_collection(tmp_path / "c", ids, idents, emb, statuses=statuses))
     assert photos_by_identity(coll.image_ids, coll.identities) == photos
     sc = plan_pairs(photos, PairsScenarioConfig(n_train=10, n_holdout=10, train_photos=4, leak_photos=2))
-    written = write_role_collections(sc, coll, __import__("raylead.storage").storage.Location.parse(str(tmp_path / "s")))
+    written = write_role_collections(sc, coll, Location.parse(str(tmp_path / "s")))
     syn = read_collection(written["synthetic"])
     assert sorted(syn.image_ids) == sorted(e.image_id for e in sc.role("synthetic"))
     assert set(syn.identities) == {None}
@@ -146,3 +179,36 @@ def test_role_collections_match_what_embedding_the_folders_gives(tmp_path: Path,
     src_row = {p: i for i, p in enumerate(ids)}
     for k, img in enumerate(train.ok_ids):
         assert np.array_equal(train.embeddings[k], emb[src_row[pos[img]]])
+
+
+def test_alterations_change_pixels_but_keep_shape() -> None:
+    from raylead.attacks.scenarios import ALTERATIONS, alter
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    for how in ALTERATIONS:
+        out = alter(img, how, rng)
+        assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img), how
+    assert np.array_equal(alter(img, "flip", rng), img[:, ::-1])
+    with pytest.raises(ConfigError, match="unknown alteration"):
+        alter(img, "rotate", rng)
+
+
+def test_write_altered_scenario(tmp_path: Path) -> None:
+    from raylead.attacks.scenarios import AlteredScenarioConfig, write_altered_scenario
+
+    rng = np.random.default_rng(1)
+    photos = {f"p{i}": [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)] for i in range(8)}
+    sc = write_altered_scenario(photos, Location.parse(str(tmp_path)), AlteredScenarioConfig(seed=3))
+    assert len(sc.roles["train"]) == 4 and len(sc.leaked) == 2 and set(sc.leaked) <= set(sc.roles["train"])
+    syn = sc.role("synthetic")
+    assert len(syn) == (2 + 2) * 5 and all((tmp_path / e.dest).is_file() for e in sc.entries)
+    rows = sc.truth_rows()
+    assert sum(r["leaked"] for r in rows) == 10 and {r["identity"] for r in rows} == set(sc.leaked) | set(
+        sc.roles["other"]
+    )
+    assert (tmp_path / "members.txt").read_text().split() == sc.leaked
+    with pytest.raises(ConfigError, match="cannot make"):
+        write_altered_scenario(
+            photos, Location.parse(str(tmp_path / "x")), AlteredScenarioConfig(n_holdout=7)
+        )

@@ -504,14 +504,18 @@ def load_set(
 ) -> EmbeddedSet:
     """An attack input: an embedding collection as is, or an image folder embedded with ``matcher``.
 
-    A folder is embedded into ``EMBEDDINGS_DIR/<role>-<matcher>-<hash of the source>`` with the
-    embed pipeline, which reuses what is already there for the same matcher (so a second attack
-    over the same folders embeds nothing). A collection made with another matcher is a
-    :class:`ConfigError`.
+    ``source`` may be (1) a collection; (2) a folder holding one collection per matcher in
+    subfolders named by matcher label (``dlib/``, ``onnx-mobilefacenet/``: what several matchers
+    need in one attack); (3) an image folder. A folder is embedded with the embed pipeline into
+    ``EMBEDDINGS_DIR/<role>-<matcher label>-<hash of the source>``, reusing what is already there
+    for the same matcher (so a second attack over the same folders embeds nothing). A collection
+    made with another matcher is a :class:`ConfigError`.
     """
     from raylead import catalog
 
     loc = Location.parse(source, s3 if source.startswith("s3://") else None)
+    if not catalog.is_collection(loc) and catalog.is_collection(loc.child(matcher.label)):
+        loc = loc.child(matcher.label)
     if catalog.is_collection(loc):
         coll = catalog.read_collection(loc)
         version = _expected_version(matcher)

@@ -155,7 +155,7 @@ class Scenario:
 
     def truth_rows(self) -> list[dict[str, Any]]:
         """One row per synthetic/sample image: where it came from and whether it leaks."""
-        role = "synthetic" if self.kind == "pairs" else "samples"
+        role = "samples" if self.kind == "membership" else "synthetic"
         leaked = set(self.leaked)
         return [
             {
@@ -345,6 +345,28 @@ def plan_membership(photos: Mapping[str, list[str]], cfg: MembershipScenarioConf
     )
 
 
+def labelled_scenario(
+    photos: Mapping[str, list[str]], identities: list[str], role: str = "labelled"
+) -> Scenario:
+    """Every photo of ``identities`` as one labelled role (e.g. a calibration split)."""
+    missing = [i for i in identities if i not in photos]
+    if missing:
+        raise ConfigError(f"identity {missing[0]!r} has no photos in the labelled set")
+    entries = [
+        Entry(role, f"{role}/{i}/{posixpath.basename(p)}", p, i)
+        for i in sorted(identities)
+        for p in photos[i]
+    ]
+    return Scenario(
+        kind="labelled",
+        config={"kind": "labelled"},
+        entries=entries,
+        members=[],
+        leaked=[],
+        roles={role: sorted(identities)},
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------
@@ -398,10 +420,14 @@ def materialise(sc: Scenario, source: Location, out: Location, copy: bool = Fals
     return mode
 
 
-def write_role_collections(sc: Scenario, coll: Any, out: Location) -> dict[str, str]:
+def write_role_collections(
+    sc: Scenario, coll: Any, out: Location, matcher_label: str | None = None
+) -> dict[str, str]:
     """One embedding collection per role from the rows of ``coll`` (no re-embedding).
 
     Image ids and identities are those that embedding the materialised role folder would give.
+    Each goes to ``OUT/<role>``, or ``OUT/<role>/<matcher_label>`` when given (the layout the
+    attacks read for several matchers).
     """
     from raylead import catalog
 
@@ -426,7 +452,7 @@ def write_role_collections(sc: Scenario, coll: Any, out: Location) -> dict[str, 
             {"raylead.matcher": coll.manifest.matcher, "raylead.scenario_role": role},
         )
         data = catalog.table_to_parquet_bytes(table)
-        root = out.child(role)
+        root = out.child(role, matcher_label) if matcher_label else out.child(role)
         root.child("shards/part-00000.parquet").write_bytes(data)
         ok = sum(coll.statuses[r] == catalog.STATUS_OK for r in rows)
         info = catalog.ShardInfo(
@@ -506,3 +532,194 @@ def build_scenario(cfg: ScenarioBuildConfig) -> tuple[Scenario, dict[str, str]]:
         written = {r: out.child(r).uri for r in sorted({e.role for e in sc.entries})}
     log.info("scenario %s written to %s: %s", sc.kind, out.uri, sc.counts())
     return sc, written
+
+
+# ------------------------------------------------------------------------------------------
+# altered copies: the near-copies the Idiap paper found in DCFace (for the README's audit)
+# ------------------------------------------------------------------------------------------
+
+ALTERATIONS = ("crop", "flip", "colour", "blur", "jpeg")
+
+
+def alter(rgb: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray:
+    """One altered copy of an RGB photo: ``crop`` (85-92 % of each side, resized back), ``flip``
+    (mirror), ``colour`` (saturation, brightness, contrast), ``blur`` (Gaussian, radius 1-1.8) or
+    ``jpeg`` (re-compressed at quality 12-25)."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).convert("RGB")
+    w, h = im.size
+    if how == "crop":
+        f = float(rng.uniform(0.85, 0.92))
+        cw, ch = int(w * f), int(h * f)
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        im = im.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.Resampling.BICUBIC)
+    elif how == "flip":
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    elif how == "colour":
+        im = ImageEnhance.Color(im).enhance(float(rng.uniform(0.4, 1.6)))
+        im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.8, 1.2)))
+        im = ImageEnhance.Contrast(im).enhance(float(rng.uniform(0.8, 1.2)))
+    elif how == "blur":
+        im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(1.0, 1.8))))
+    elif how == "jpeg":
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=int(rng.integers(12, 26)))
+        buf.seek(0)
+        im = Image.open(buf).convert("RGB")
+    else:
+        raise ConfigError(f"unknown alteration {how!r}; choose from {', '.join(ALTERATIONS)}")
+    return np.asarray(im, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class AlteredScenarioConfig:
+    """T = originals of most people; H = originals of ``n_holdout`` others; S = altered copies of
+    ``n_leaked`` T people (one per alteration and photo) beside altered photos of ``n_other``
+    people in neither T nor H (so every synthetic image went through the same processing)."""
+
+    seed: int = 0
+    n_leaked: int = 2
+    n_holdout: int = 2
+    n_other: int = 2
+    alterations: tuple[str, ...] = ALTERATIONS
+
+    def validate(self, n_people: int) -> None:
+        for name in ("n_leaked", "n_holdout", "n_other"):
+            _check_non_negative(name, getattr(self, name))
+        bad = [a for a in self.alterations if a not in ALTERATIONS]
+        if bad or not self.alterations:
+            raise ConfigError(
+                f"alterations must be some of {', '.join(ALTERATIONS)}, got {self.alterations!r}"
+            )
+        if self.n_holdout + self.n_other + max(self.n_leaked, 1) > n_people:
+            raise ConfigError(
+                f"{n_people} people cannot make {self.n_holdout} holdout + {self.n_other} other + "
+                f"{self.n_leaked} leaked training identities; lower the counts"
+            )
+
+
+def write_altered_scenario(
+    photos: Mapping[str, list[np.ndarray]], out: Location, cfg: AlteredScenarioConfig | None = None
+) -> Scenario:
+    """Write ``OUT/{train,holdout,synthetic}`` as JPEGs plus the ground truth (see the config)."""
+    from PIL import Image
+
+    cfg = cfg or AlteredScenarioConfig()
+    cfg.validate(len(photos))
+    r_roles, r_alter, r_order = _rngs(cfg.seed, 3)
+    people = _shuffled(r_roles, sorted(photos))
+    holdout = sorted(people[: cfg.n_holdout])
+    other = sorted(people[cfg.n_holdout : cfg.n_holdout + cfg.n_other])
+    train = sorted(people[cfg.n_holdout + cfg.n_other :])
+    leaked = sorted(_shuffled(r_roles, train)[: cfg.n_leaked])
+
+    def jpeg(rgb: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    entries: list[Entry] = []
+    for role, ids in (("train", train), ("holdout", holdout)):
+        for i in ids:
+            for n, rgb in enumerate(photos[i]):
+                e = Entry(role, f"{role}/{i}/{i}_{n:02d}.jpg", f"{i}#{n}", i)
+                out.child(e.dest).write_bytes(jpeg(rgb))
+                entries.append(e)
+    copies: list[tuple[str, int, str, bytes]] = []
+    for i in leaked + other:
+        for n, rgb in enumerate(photos[i]):
+            for how in cfg.alterations:
+                copies.append((i, n, how, jpeg(alter(rgb, how, r_alter))))
+    for k, j in enumerate(r_order.permutation(len(copies)), start=1):
+        i, n, how, data = copies[j]
+        e = Entry("synthetic", f"synthetic/s_{k:05d}.jpg", f"{i}#{n}:{how}", i)
+        out.child(e.dest).write_bytes(data)
+        entries.append(e)
+    sc = Scenario(
+        kind="altered",
+        config={"kind": "altered", **asdict(cfg)},
+        entries=entries,
+        members=leaked,
+        leaked=leaked,
+        roles={"train": train, "holdout": holdout, "other": other},
+    )
+    write_ground_truth(sc, out)
+    return sc
+
+
+def altered_audit(
+    photos: Mapping[str, list[np.ndarray]],
+    out: str,
+    matcher: str = "dlib",
+    threshold: float | None = None,
+    cfg: AlteredScenarioConfig | None = None,
+) -> list[str]:
+    """A full leakage audit on a few people: altered copies → idiap and tinsley; returns the lines
+    to print (headline figures, how many of the top pairs are the planted copies, where results are).
+
+    Too few identities for webster (it needs reference photos besides the training ones) and for
+    calibration (one photo per person): pass a ``threshold`` calibrated elsewhere, if any.
+    """
+    from raylead.attacks.idiap import IdiapConfig, run_idiap
+    from raylead.attacks.idiap import headline as idiap_headline
+    from raylead.attacks.tinsley import TinsleyConfig, run_tinsley
+    from raylead.attacks.tinsley import headline as tinsley_headline
+
+    root = Location.parse(out)
+    sc_loc = root.child("scenario")
+    sc = write_altered_scenario(photos, sc_loc, cfg)
+    emb = root.child("embeddings").uri
+    truth = {r["image_id"]: r for r in sc.truth_rows()}
+    k = sum(1 for r in truth.values() if r["leaked"])
+    spec = _spec_text(matcher)
+    im = run_idiap(
+        IdiapConfig(
+            train=sc_loc.child("train").uri,
+            synthetic=sc_loc.child("synthetic").uri,
+            out=root.child("idiap").uri,
+            matcher=spec,
+            top_k=max(k, 1),
+            threshold=threshold,
+            embeddings_dir=emb,
+            engine="exact",
+        )
+    )
+    lines = [
+        f"altered-copy scenario: T {len(sc.roles['train'])} people, H {len(sc.roles['holdout'])}, "
+        f"S {len(sc.role('synthetic'))} altered images ({k} copies of {', '.join(sc.leaked)}; the rest of "
+        f"{', '.join(sc.roles['other'])}, in neither T nor H) in {sc_loc.uri}"
+    ]
+    lines += idiap_headline(im)
+    pairs = _read_pairs(root.child("idiap", "pairs.parquet"))
+    hits = sum(truth[s]["leaked"] and truth[s]["identity"] == t.split("/")[0] for s, t in pairs)
+    lines.append(f"  {hits} of the top {len(pairs)} pairs are a planted copy beside its original person")
+    if sc.roles["holdout"]:
+        tm = run_tinsley(
+            TinsleyConfig(
+                train=sc_loc.child("train").uri,
+                holdout=sc_loc.child("holdout").uri,
+                synthetic=sc_loc.child("synthetic").uri,
+                out=root.child("tinsley").uri,
+                matchers=spec,
+                thresholds={spec.split(":", 1)[0]: threshold} if threshold is not None else {},
+                embeddings_dir=emb,
+                engine="exact",
+            )
+        )
+        lines += tinsley_headline(tm)
+    lines.append(f"results: {root.child('idiap').uri}, {root.child('tinsley').uri} (metrics.json + Parquet)")
+    return lines
+
+
+def _spec_text(text: str) -> str:
+    from raylead.attacks import MatcherSpec
+
+    return MatcherSpec.parse(text).text
+
+
+def _read_pairs(loc: Location) -> list[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(io.BytesIO(loc.read_bytes()))
+    return list(zip(t.column("synthetic_id").to_pylist(), t.column("train_id").to_pylist(), strict=True))

@@ -239,8 +239,8 @@ def consensus(
 class TinsleyConfig:
     """``raylead attack tinsley --train SRC --holdout SRC --synthetic SRC --matchers M1,M2 --out DIR``.
 
-    ``thresholds`` maps a matcher label to ``--threshold`` values; ``threshold_from`` lists
-    calibration files, each applied to the matcher it was made with.
+    ``thresholds`` maps a matcher label (or name) to a ``--threshold`` value; ``threshold_from``
+    lists calibration files, each applied to the matcher it was made with.
     """
 
     train: str
@@ -248,7 +248,7 @@ class TinsleyConfig:
     synthetic: str
     out: str
     matchers: str = "dlib"
-    thresholds: tuple[tuple[str, float], ...] = ()
+    thresholds: dict[str, float] = field(default_factory=dict)
     threshold_from: tuple[str, ...] = ()
     det_score_floor: float = 0.0
     engine: str = "auto"
@@ -260,7 +260,7 @@ class TinsleyConfig:
     def validate(self) -> None:
         specs = parse_matchers(self.matchers)
         labels = {s.label for s in specs} | {s.name for s in specs}
-        for label, value in self.thresholds:
+        for label, value in self.thresholds.items():
             if label not in labels:
                 raise ConfigError(
                     f"--threshold names matcher {label!r}, which is not in --matchers ({self.matchers})"
@@ -275,10 +275,10 @@ class TinsleyConfig:
             raise ConfigError(f"--bins must be ≥ 1, got {self.bins}")
 
 
-def parse_threshold_pairs(text: str | None) -> tuple[tuple[str, float], ...]:
-    """``dlib=0.93,onnx-mobilefacenet=0.41`` → ((label, value), ...)."""
+def parse_threshold_pairs(text: str | None) -> dict[str, float]:
+    """``dlib=0.93,onnx-mobilefacenet=0.41`` → {label: value}."""
     if not text:
-        return ()
+        return {}
     out = []
     for part in text.split(","):
         label, sep, value = part.partition("=")
@@ -288,7 +288,7 @@ def parse_threshold_pairs(text: str | None) -> tuple[tuple[str, float], ...]:
             sep = ""
         if not sep or not label.strip():
             raise ConfigError(f"cannot read --threshold {text!r}: use MATCHER=VALUE[,MATCHER=VALUE]")
-    return tuple(out)
+    return dict(out)
 
 
 @dataclass
@@ -312,7 +312,7 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
     specs = parse_matchers(cfg.matchers)
     by_label = {s.label: s for s in specs}
-    explicit = dict(cfg.thresholds)
+    explicit = cfg.thresholds
     per: dict[str, TinsleyInputs] = {}
     files_by_matcher: dict[str, str] = {}
     for label, spec in by_label.items():
