@@ -141,7 +141,7 @@ class ShardInfo:
                 sha256=str(d["sha256"]),
                 input_fingerprint=str(d.get("input_fingerprint", "")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptDataError(f"malformed shard entry in manifest: {exc!r}") from None
 
 
@@ -199,7 +199,7 @@ class CollectionManifest:
                 failures_by_reason={str(k): int(v) for k, v in d.get("failures_by_reason", {}).items()},
                 created=float(d.get("created", 0.0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptDataError(f"{where} is malformed ({exc!r}); rebuild the collection") from None
 
 

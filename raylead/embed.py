@@ -348,7 +348,8 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
         for j in range(len(batch["image_id"])):
             yield {
                 "image_id": str(batch["image_id"][j]),
-                "identity": batch["identity"][j],
+                # Ray Data may turn an all-None string column into NaN floats
+                "identity": ident if isinstance(ident := batch["identity"][j], str) else None,
                 "shard": int(batch["shard"][j]),
                 "det_score": float(batch["det_score"][j]),
                 "status": str(batch["status"][j]),

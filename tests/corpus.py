@@ -12,12 +12,12 @@ import numpy as np
 from PIL import Image
 
 
-def png_header_claiming(width: int, height: int) -> bytes:
+def png_header_claiming(width: int, height: int, idat: bytes | None = None) -> bytes:
     """A PNG whose IHDR claims ``width``×``height`` (a decompression bomb's header)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
     out = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    idat = zlib.compress(b"\x00" * 64)
+    idat = zlib.compress(b"\x00" * 64) if idat is None else idat
     chunk = b"IDAT" + idat
     out += struct.pack(">I", len(idat)) + chunk + struct.pack(">I", zlib.crc32(chunk))
     return out
@@ -82,3 +82,53 @@ def write_mixed_folder(root: Path, lfw_dir: Path, identities: int = 2) -> tuple[
         (root / "bad" / name).write_bytes(data)
         bad.add(f"bad/{name}")
     return len(good) + len(bad), good, bad
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A JPEG header (SOI + SOF0) claiming width×height, with no image data after it."""
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 17, 8, height, width, 3) + b"\x01\x11\x00\x02\x11\x01\x03\x11\x01"
+    return b"\xff\xd8" + sof + b"\xff\xd9"
+
+
+def hostile_files() -> dict[str, bytes]:
+    """≥ 30 malformed or hostile files; each must become one failure row, quickly."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    jpeg, png = _save(img, "JPEG"), _save(img, "PNG")
+    gif, webp, tiff, bmp = _save(img, "GIF"), _save(img, "WEBP"), _save(img, "TIFF"), _save(img, "BMP")
+    bad_crc = bytearray(png)
+    bad_crc[29] ^= 0xFF  # inside the IHDR CRC
+    corrupt_scan = bytearray(jpeg)
+    for i in range(len(corrupt_scan) // 2, len(corrupt_scan) - 2):
+        corrupt_scan[i] = 0xFF if i % 2 else 0x00
+    huge_zero = zlib.compress(b"\x00" * (1 << 20))
+    files = dict(bad_files())
+    files.update({
+        "only_soi.jpg": b"\xff\xd8",
+        "jpeg_claims_65000.jpg": _jpeg_claiming(65000, 65000),
+        "jpeg_corrupt_scan.jpg": bytes(corrupt_scan),
+        "png_bad_crc.png": bytes(bad_crc),
+        "png_truncated.png": png[: len(png) // 2],
+        "png_100000x1.png": png_header_claiming(100000, 1),
+        "png_bomb_20000.png": png_header_claiming(20000, 20000, idat=huge_zero),
+        "gif_truncated.gif": gif[:20],
+        "gif_claims_huge.gif": gif[:6] + struct.pack("<HH", 65535, 65535) + gif[10:],
+        "webp_truncated.webp": webp[:30],
+        "tiff_truncated.tif": tiff[:40],
+        "tiff_garbage.tiff": b"II*\x00" + rng.integers(0, 255, 200, dtype=np.uint8).tobytes(),
+        "bmp_truncated.bmp": bmp[:60],
+        "bmp_claims_huge.bmp": b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + struct.pack(
+            "<IiiHHIIiiII", 40, 60000, 60000, 1, 24, 0, 0, 0, 0, 0, 0),
+        "zeros.jpg": b"\x00" * 1024,
+        "ones.png": b"\xff" * 1024,
+        "zip.jpg": b"PK\x03\x04" + b"\x00" * 100,
+        "pdf.png": b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF",
+        "svg.png": b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><script>alert(1)</script></svg>',
+        "gzip.png": b"\x1f\x8b\x08\x00" + b"\x00" * 50,
+        "elf.jpg": b"\x7fELF\x02\x01\x01" + b"\x00" * 100,
+        "utf16.jpg": "not an image".encode("utf-16"),
+        "two_by_two.png": _save(Image.new("RGB", (2, 2)), "PNG"),
+        "flat_grey.jpg": _save(Image.new("L", (300, 300), 128), "JPEG"),
+        "noise_no_face.png": _save(Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)), "PNG"),
+    })
+    return files
