@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from raylead import catalog
-from raylead.errors import ConfigError, CorruptDataError, RayleadError
+from raylead.errors import ConfigError, CorruptDataError, PathEscapeError, RayleadError
 from raylead.faces import CROP_SIZES
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
 
@@ -188,10 +188,10 @@ def _read_and_preprocess(batch: dict[str, np.ndarray], source: Location, preproc
         try:
             data.append(source.child(image_id).read_bytes())
             errors.append("")
-        except RayleadError as exc:
-            data.append(None)
-            errors.append(f"read_error: {str(exc)[:200]}")
-        except OSError as exc:
+        except (FileNotFoundError, PermissionError, IsADirectoryError, PathEscapeError) as exc:
+            # this image cannot be read (gone since listing, not allowed): a row, not a crash.
+            # A storage outage (StorageError after retries) fails the task instead: Ray retries
+            # it, and a job that still fails resumes from its finished shards on a rerun.
             data.append(None)
             errors.append(f"read_error: {type(exc).__name__}")
     raw = {
@@ -344,7 +344,7 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
         num_gpus=gpus,
         num_cpus=0 if gpus else 1,
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _batches_or_storage_error(ds):
         for j in range(len(batch["image_id"])):
             yield {
                 "image_id": str(batch["image_id"][j]),
@@ -355,6 +355,25 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
                 "status": str(batch["status"][j]),
                 "embedding": batch["embedding"][j],
             }
+
+
+def _batches_or_storage_error(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Iterate the dataset; a RayleadError raised inside a task (e.g. storage down after its
+    retries) comes out as that error, one line, instead of a Ray traceback."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except RayleadError:
+        raise
+    except Exception as exc:
+        seen: set[int] = set()
+        cur: BaseException | None = exc
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            if isinstance(cur, RayleadError):
+                raise type(cur)(str(cur)) from None
+            nxt = getattr(cur, "cause", None)
+            cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
+        raise
 
 
 def embed_collection(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ray.init(address=address, **kwargs)  # type: ignore[arg-type]
     try:
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = True
+        ctx.enable_progress_bars = sys.stderr.isatty()  # bars on a terminal; no log spam in CI
         ctx.verbose_stats_logs = False
     except Exception:  # pragma: no cover - older Ray
         pass

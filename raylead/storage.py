@@ -150,8 +150,10 @@ def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
         try:
             return fn()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
-            raise
-        except (OSError, ConnectionError, TimeoutError) as exc:
+            raise  # permanent: retrying cannot help
+        except (ValueError, TypeError, AttributeError, KeyError):
+            raise  # programming errors
+        except Exception as exc:  # botocore/aiohttp raise many types for a dead or flaky endpoint
             if time.monotonic() + delay > deadline:
                 raise StorageError(
                     f"{what} failed after {attempt} attempts over {budget:.0f}s: "

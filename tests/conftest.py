@@ -60,17 +60,38 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
                 os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local(s3_server: object) -> Iterator[None]:
-    """One local Ray for the session (2 logical CPUs, like the CI machine).
-
-    Started after the S3 server so its workers inherit the AWS_* variables, as a user's would.
-    """
+    """A local Ray (2 logical CPUs, like the CI machine), started once and restarted only if a
+    multi-node test shut it down. Started after the S3 server so its workers inherit the AWS_*
+    variables, as a user's would."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[object]:
+    """A 3-node ``ray.cluster_utils.Cluster`` (2 logical CPUs per node) the driver is connected to."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": 200 * 2**20, "include_dashboard": False},
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, object_store_memory=200 * 2**20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _embed_once(tmp_path_factory: pytest.TempPathFactory, name: str, source: Path, **options: object):
@@ -85,7 +106,7 @@ def _embed_once(tmp_path_factory: pytest.TempPathFactory, name: str, source: Pat
 
 
 @pytest.fixture(scope="session")
-def lfw_dlib(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, ray_local: None):
+def lfw_dlib(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, s3_server: object):
     """All 1580 LFW images embedded with the dlib matcher (dlib HOG detector), once per session."""
     return _embed_once(tmp_path_factory, "lfw_dlib", lfw_dir)
 

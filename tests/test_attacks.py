@@ -12,6 +12,8 @@ import pytest
 
 from raylead.attacks import (
     EmbeddedSet,
+    SearchBase,
+    nearest,
     MatcherSpec,
     Threshold,
     auc_mann_whitney,
@@ -160,7 +162,7 @@ def test_top_pairs_certificate_extends_lists() -> None:
     far_q, _, _ = clustered(5, 1, seed=4)
     far_b, _, _ = clustered(5, 1, seed=5)
     s = np.concatenate([unit(t.mean(axis=0, keepdims=True)), far_q])
-    got = top_pairs(s, np.concatenate([t, far_b]), 30, engine="exact", k_start=4)
+    got = top_pairs(s, np.concatenate([t, far_b]), 30, k_start=4, search_fn=lambda q, b, k: nearest(q, b, k, "exact"))
     sc, ti, si = top_pairs_bruteforce(s, np.concatenate([t, far_b]), 30)
     assert got.rounds >= 2 and np.array_equal(got.train_idx, ti) and np.array_equal(got.synthetic_idx, si)
 
@@ -575,3 +577,23 @@ def test_configs_build_from_job_yaml_mappings() -> None:
         from_mapping(IdiapConfig, {"train": "a", "synthetic": "b", "out": "o", "top_k": 0})
     with pytest.raises(ConfigError, match="unknown option"):
         from_mapping(IdiapConfig, {"train": "a", "synthetic": "b", "out": "o", "topk": 5})
+
+
+def test_top_pairs_terminates_when_an_engine_returns_short_lists() -> None:
+    """An approximate engine may pad lists with -1; the certificate must not loop forever."""
+    from raylead.attacks import Neighbours
+
+    t, _, _ = clustered(10, 4, seed=60)
+    s, _, _ = clustered(10, 2, seed=61)
+    calls = []
+
+    def short(q: np.ndarray, b: np.ndarray, k: int) -> Neighbours:
+        calls.append(k)
+        sims = q @ b.T
+        idx = np.argsort(-sims, axis=1)[:, :k]
+        sc = np.take_along_axis(sims, idx, 1).astype(np.float32)
+        idx[:, 3:], sc[:, 3:] = -1, -np.inf  # never more than 3 real neighbours
+        return Neighbours(sc, idx.astype(np.int64), "approximate", "test")
+
+    got = top_pairs(s, t, 200, search_fn=short, k_start=2)
+    assert got.scores.size == 20 * 3 and calls[-1] == 40 and np.all(np.diff(got.scores) <= 0)

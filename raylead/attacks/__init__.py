@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -439,43 +439,129 @@ def resolve_threshold(
 
 @dataclass
 class Neighbours:
-    scores: np.ndarray  # float32 [nq, k], descending per row
-    idx: np.ndarray  # int64 [nq, k]
+    scores: np.ndarray  # float32 [nq, k], descending per row (−inf where none)
+    idx: np.ndarray  # int64 [nq, k] (−1 where none)
     engine: str
     reason: str
+    nprobe: int | None = None
+    k_factor: int | None = None
 
 
-def nearest(queries: np.ndarray, base: np.ndarray, k: int, engine: str = "auto") -> Neighbours:
-    """Top-``k`` of ``base`` for every query by exact cosine score (k is clipped to len(base))."""
+ENGINES = ("auto", "exact", "approximate")
+
+
+@dataclass
+class SearchBase:
+    """One side of an attack's searches (T or H), prepared once for all of them.
+
+    ``exact``: the vectors themselves, searched with :mod:`raylead.exact` (blocked, exact).
+    ``approximate``: an IVF-PQ index (:mod:`raylead.search`) built in memory, or a persisted
+    index built by ``raylead index build`` (shard searchers on Ray); candidates are re-ranked
+    by exact score, so every score an attack reports is exact.
+    """
+
+    vectors: np.ndarray
+    engine: str
+    reason: str
+    searcher: Any | None = None
+    nprobe: int | None = None
+    k_factor: int | None = None
+
+    @classmethod
+    def prepare(
+        cls, base: np.ndarray, n_queries: int, engine: str = "auto", k: int = 1, index: str | None = None
+    ) -> SearchBase:
+        """Choose the engine (``auto``: by the cost estimate of :func:`raylead.plan.choose_engine`)."""
+        if engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        b = np.ascontiguousarray(base, dtype=np.float32)
+        if index is not None:
+            from raylead.search import IndexSearcher
+
+            searcher = IndexSearcher(index)
+            if searcher.ntotal != b.shape[0]:
+                searcher.close()
+                raise ConfigError(
+                    f"index {index} holds {searcher.ntotal} vectors but the training set has {b.shape[0]} "
+                    "usable embeddings; build the index from the training collection (`raylead index build`)"
+                )
+            return cls(
+                b, "approximate" if engine != "exact" else "exact", f"persisted index {index}", searcher
+            )
+        if engine == "exact" or b.shape[0] == 0 or n_queries == 0:
+            return cls(b, "exact", f"engine={engine} requested" if engine == "exact" else "empty input")
+        reason = "engine=approximate requested"
+        if engine == "auto":
+            from raylead.exact import resolve_device
+            from raylead.plan import choose_engine
+
+            dev = resolve_device("auto")
+            choice = choose_engine(
+                n_queries,
+                b.shape[0],
+                b.shape[1],
+                k=max(1, min(k, b.shape[0])),
+                index_built=False,
+                cpus=_cpus(),
+                gpu=dev not in ("cpu", "torch"),
+            )
+            if choice.engine == "exact":
+                return cls(b, "exact", choice.reason)
+            reason = choice.reason
+        from raylead.index import IndexBuildConfig, build_memory_index
+        from raylead.search import IndexSearcher
+
+        mem = build_memory_index(b, IndexBuildConfig(executor="local"))
+        return cls(b, "approximate", reason, IndexSearcher(mem))
+
+    def close(self) -> None:
+        if self.searcher is not None:
+            self.searcher.close()
+
+
+def _cpus() -> int:
+    import os
+
+    return max(1, os.cpu_count() or 1)
+
+
+def nearest(queries: np.ndarray, base: np.ndarray | SearchBase, k: int, engine: str = "auto") -> Neighbours:
+    """Top-``k`` of ``base`` for every query by exact cosine score (k is clipped to len(base)).
+
+    ``base`` is an array (the engine is chosen per call) or a :class:`SearchBase`.
+    """
+    sb = base if isinstance(base, SearchBase) else SearchBase.prepare(base, len(queries), engine, k)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    b = np.ascontiguousarray(base, dtype=np.float32)
-    k = min(int(k), b.shape[0])
+    k = min(int(k), sb.vectors.shape[0])
     if q.shape[0] == 0 or k == 0:
-        return Neighbours(
-            np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64), "none", "empty"
-        )
-    try:
-        from raylead.search import search
-    except ImportError:  # TEMPORARY until raylead.search lands
-        return _flat_fallback(q, b, k)
-    res = search(q, b, k, engine=engine)
+        empty = (np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64))
+        return Neighbours(*empty, sb.engine, sb.reason)
+    if sb.engine == "exact" and sb.searcher is None:
+        from raylead.exact import exact_search
+
+        s, i = exact_search(q, sb.vectors, k)
+        return Neighbours(np.asarray(s, np.float32), np.asarray(i, np.int64), "exact", sb.reason)
+    from raylead.search import search
+
+    assert sb.searcher is not None
+    mode: Literal["exact", "approximate"] = "exact" if sb.engine == "exact" else "approximate"
+    res = search(q, sb.searcher, k, engine=mode, nprobe=sb.nprobe, k_factor=sb.k_factor)
+    if res.engine == "approximate" and sb.nprobe is None:  # tuned once; reused by later calls
+        sb.nprobe, sb.k_factor = res.nprobe, res.k_factor
     return Neighbours(
-        np.asarray(res.scores, np.float32), np.asarray(res.idx, np.int64), str(res.engine), str(res.reason)
+        np.asarray(res.scores, np.float32),
+        np.asarray(res.idx, np.int64),
+        str(res.engine),
+        f"{sb.reason}; {res.reason}",
+        res.nprobe,
+        res.k_factor,
     )
 
 
-def _flat_fallback(q: np.ndarray, b: np.ndarray, k: int) -> Neighbours:  # TEMPORARY
-    import faiss
-
-    index = faiss.IndexFlatIP(b.shape[1])
-    index.add(b)
-    scores, idx = index.search(q, k)
-    return Neighbours(scores.astype(np.float32), idx.astype(np.int64), "exact", "fallback flat")
-
-
-def best_match(queries: np.ndarray, base: np.ndarray, engine: str = "auto") -> Neighbours:
+def best_match(queries: np.ndarray, base: np.ndarray | SearchBase, engine: str = "auto") -> Neighbours:
     """Each query's single best match in ``base`` (score −inf, index −1 when ``base`` is empty)."""
-    if base.shape[0] == 0:
+    vectors = base.vectors if isinstance(base, SearchBase) else base
+    if vectors.shape[0] == 0:
         n = queries.shape[0]
         return Neighbours(
             np.full((n, 1), -np.inf, np.float32), np.full((n, 1), -1, np.int64), "none", "empty base"

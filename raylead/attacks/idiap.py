@@ -28,6 +28,7 @@ from raylead.attacks import (
     MatcherSpec,
     Neighbours,
     ResultWriter,
+    SearchBase,
     SetAside,
     Threshold,
     best_match,
@@ -104,6 +105,7 @@ def top_pairs(
     synthetic_groups: np.ndarray | None = None,
     train_groups: np.ndarray | None = None,
     engine: str = "auto",
+    base: SearchBase | None = None,
     k_start: int = 16,
     search_fn: SearchFn | None = None,
 ) -> PairSelection:
@@ -111,7 +113,11 @@ def top_pairs(
 
     Ties are broken by (synthetic index, train index) so the answer is deterministic. With
     ``no_identity_twice`` the groups (integer identity codes; default: every image its own)
-    may each appear in one kept pair only.
+    may each appear in one kept pair only. ``base`` is T prepared for search (default: prepared
+    here with ``engine``). Without the option, the exact engine computes the pairs with
+    :func:`raylead.exact.topk_pairs` and the approximate one with
+    :func:`raylead.search.search_topk_pairs`; with it, per-synthetic candidate lists are deepened
+    until the certificate of the module docstring holds.
     """
     if k < 1:
         raise ConfigError(f"--top-k must be ≥ 1, got {k}")
@@ -123,12 +129,24 @@ def top_pairs(
         return PairSelection(np.zeros(0, np.float32), empty, empty, "none", "empty input", 0, 0)
     s_groups = synthetic_groups if synthetic_groups is not None else np.arange(n_s, dtype=np.int64)
     t_groups = train_groups if train_groups is not None else np.arange(n_t, dtype=np.int64)
-    run = search_fn or (lambda q, b, kk: nearest(q, b, kk, engine))
+    sb = base if base is not None else SearchBase.prepare(trn, n_s, engine, k=min(k, k_start))
+    if search_fn is None and not no_identity_twice:
+        return _plain_top_pairs(syn, sb, k, k_start)
+
+    def by_base(q: np.ndarray, _b: np.ndarray, kk: int) -> Neighbours:
+        return nearest(q, sb, kk)
+
+    run = search_fn or by_base
 
     kq = min(n_t, max(1, k_start if no_identity_twice else min(k, k_start)))
     res: Neighbours = run(syn, trn, kq)
-    lists_s = [res.scores[i] for i in range(n_s)]
-    lists_t = [res.idx[i] for i in range(n_s)]
+    lists_s: list[np.ndarray] = []
+    lists_t: list[np.ndarray] = []
+    for i in range(n_s):
+        ok = res.idx[i] >= 0  # an engine may pad a short list with -1
+        lists_s.append(res.scores[i][ok])
+        lists_t.append(res.idx[i][ok])
+    asked = np.full(n_s, kq, dtype=np.int64)  # the k' each list was searched with
     engine_used, reason = res.engine, res.reason
     rounds = 0
     largest = kq
@@ -137,8 +155,6 @@ def top_pairs(
         flat_s = np.concatenate(lists_s).astype(np.float32)
         flat_t = np.concatenate(lists_t).astype(np.int64)
         flat_q = np.repeat(np.arange(n_s, dtype=np.int64), lens)
-        valid = flat_t >= 0
-        flat_s, flat_t, flat_q = flat_s[valid], flat_t[valid], flat_q[valid]
         order = np.lexsort((flat_t, flat_q, -flat_s.astype(np.float64)))
         flat_s, flat_t, flat_q = flat_s[order], flat_t[order], flat_q[order]
         if no_identity_twice:
@@ -147,8 +163,10 @@ def top_pairs(
             keep = np.arange(min(k, flat_s.size), dtype=np.int64)
         kth = float(flat_s[keep[-1]]) if keep.size == k else -math.inf
         last = np.array([x[-1] if x.size else -np.inf for x in lists_s], dtype=np.float32)
-        incomplete = lens < n_t
-        need = np.flatnonzero(incomplete & (last >= kth))
+        # a list may hide a better pair when it is shorter than T, was not yet searched with
+        # k' = |T|, and ends at or above the K-th selected score
+        extendable = (lens < n_t) & (asked < n_t)
+        need = np.flatnonzero(extendable & (last >= kth))
         if need.size == 0:
             break
         rounds += 1
@@ -161,9 +179,45 @@ def top_pairs(
         largest = kq
         more = run(syn[need], trn, kq)
         for j, q in enumerate(need):
-            lists_s[q] = more.scores[j]
-            lists_t[q] = more.idx[j]
+            ok = more.idx[j] >= 0
+            lists_s[q] = more.scores[j][ok]
+            lists_t[q] = more.idx[j][ok]
+            asked[q] = kq
     return PairSelection(flat_s[keep], flat_t[keep], flat_q[keep], engine_used, reason, rounds, largest)
+
+
+def _plain_top_pairs(syn: np.ndarray, sb: SearchBase, k: int, k_start: int) -> PairSelection:
+    if sb.engine == "exact" and sb.searcher is None:
+        from raylead.exact import topk_pairs
+
+        s, q, t = topk_pairs(syn, sb.vectors, k)
+        return PairSelection(
+            np.asarray(s, np.float32),
+            np.asarray(t, np.int64),
+            np.asarray(q, np.int64),
+            "exact",
+            f"{sb.reason}; exhaustive blocked search (raylead.exact.topk_pairs)",
+            0,
+            0,
+        )
+    from raylead.search import search_topk_pairs
+
+    if sb.engine == "approximate" and sb.nprobe is None:
+        nearest(syn[: min(len(syn), 2000)], sb, 1)  # tunes nprobe / k_factor on a sample of the queries
+    nprobe = sb.nprobe if sb.engine == "approximate" else None
+    k_factor = sb.k_factor if sb.engine == "approximate" else None
+    assert sb.searcher is not None
+    s, q, t = search_topk_pairs(syn, sb.searcher, k, k0=k_start, nprobe=nprobe, k_factor=k_factor)
+    how = f"approximate candidates (nprobe={nprobe}, k_factor={k_factor})" if nprobe else "exact per shard"
+    return PairSelection(
+        np.asarray(s, np.float32),
+        np.asarray(t, np.int64),
+        np.asarray(q, np.int64),
+        sb.engine,
+        f"{sb.reason}; {how}, exact re-rank, deepened where saturated",
+        0,
+        k_start,
+    )
 
 
 def top_pairs_bruteforce(
@@ -224,18 +278,27 @@ def idiap_attack(
     no_identity_twice: bool = False,
     engine: str = "auto",
     bins: int = DEFAULT_BINS,
+    train_index: str | None = None,
 ) -> IdiapResult:
-    """The attack on already set-aside inputs (every synthetic row is scored)."""
-    pairs = top_pairs(
-        synthetic.embeddings,
-        train.embeddings,
-        top_k,
-        no_identity_twice=no_identity_twice,
-        synthetic_groups=groups_of(synthetic),
-        train_groups=groups_of(train),
-        engine=engine,
-    )
-    best = best_match(synthetic.embeddings, train.embeddings, engine)
+    """The attack on already set-aside inputs (every synthetic row is scored).
+
+    T is prepared for search once (engine chosen by cost, or ``train_index``: a persisted index
+    of T's collection) and used for both the pairs and the best matches.
+    """
+    sb = SearchBase.prepare(train.embeddings, len(synthetic), engine, k=min(top_k, 16), index=train_index)
+    try:
+        best = best_match(synthetic.embeddings, sb)
+        pairs = top_pairs(
+            synthetic.embeddings,
+            train.embeddings,
+            top_k,
+            no_identity_twice=no_identity_twice,
+            synthetic_groups=groups_of(synthetic),
+            train_groups=groups_of(train),
+            base=sb,
+        )
+    finally:
+        sb.close()
     scores = best.scores[:, 0] if best.scores.size else np.zeros(len(synthetic), np.float32)
     idx = best.idx[:, 0] if best.idx.size else np.full(len(synthetic), -1, np.int64)
     extra_values = [threshold.value] if threshold is not None else []
@@ -262,6 +325,7 @@ class IdiapConfig:
     threshold: float | None = None
     threshold_from: str | None = None
     engine: str = "auto"
+    train_index: str | None = None  # a persisted index of T's collection (`raylead index build`)
     bins: int = DEFAULT_BINS
     embeddings_dir: str | None = None  # default: OUT/embeddings
     actors: int = 1
@@ -295,6 +359,14 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     synthetic, aside = set_aside(synthetic_all, cfg.det_score_floor)
     if len(train) == 0:
         raise ConfigError(f"the training set {cfg.train} has no usable face embeddings; check its images")
+    if cfg.train_index is not None:
+        from raylead.search import open_index
+
+        if open_index(cfg.train_index).target_ids() != train.ids:
+            raise ConfigError(
+                f"index {cfg.train_index} was not built from the training collection {cfg.train} "
+                "(its rows differ); build it with `raylead index build` on that collection"
+            )
     result = idiap_attack(
         train,
         synthetic,
@@ -303,6 +375,7 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
         no_identity_twice=cfg.no_identity_twice,
         engine=cfg.engine,
         bins=cfg.bins,
+        train_index=cfg.train_index,
     )
     result.set_aside = aside
     metrics = write_idiap(out, cfg, train, synthetic_all, synthetic, result)
@@ -367,6 +440,7 @@ def write_idiap(
             "best_match": result.best_engine,
             "best_match_reason": result.best_reason,
             "requested": cfg.engine,
+            "train_index": cfg.train_index,
             "certificate_rounds": p.rounds,
             "candidates_per_query": p.candidates_per_query,
         },

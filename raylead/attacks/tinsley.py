@@ -30,6 +30,7 @@ from raylead.attacks import (
     DEFAULT_BINS,
     EmbeddedSet,
     ResultWriter,
+    SearchBase,
     SetAside,
     Threshold,
     auc_mann_whitney,
@@ -126,8 +127,13 @@ def matcher_leakage(
     bins: int = DEFAULT_BINS,
 ) -> MatcherLeakage:
     """Best matches of ``generated`` in T and in H under one matcher, and the statistics."""
-    bt = best_match(generated.embeddings, train.embeddings, engine)
-    bh = best_match(generated.embeddings, holdout.embeddings, engine)
+    bases = [SearchBase.prepare(x.embeddings, len(generated), engine) for x in (train, holdout)]
+    try:
+        bt = best_match(generated.embeddings, bases[0])
+        bh = best_match(generated.embeddings, bases[1])
+    finally:
+        for b in bases:
+            b.close()
     ts = bt.scores[:, 0] if bt.scores.size else np.zeros(0, np.float32)
     hs = bh.scores[:, 0] if bh.scores.size else np.zeros(0, np.float32)
     ks, p2, p1 = two_sample_tests(ts, hs)
@@ -179,17 +185,8 @@ def flagged_pairs(
     t = np.ascontiguousarray(train.embeddings, np.float32)
     if g.shape[0] == 0 or t.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    try:
-        from raylead.exact import range_search
-    except ImportError:  # TEMPORARY until raylead.exact lands
-        qs, ts = [], []
-        th = np.float32(threshold)
-        for i0 in range(0, g.shape[0], 1024):
-            sims = g[i0 : i0 + 1024] @ t.T
-            q, j = np.nonzero(sims >= th)
-            qs.append(q + i0)
-            ts.append(j)
-        return np.concatenate(qs).astype(np.int64), np.concatenate(ts).astype(np.int64)
+    from raylead.exact import range_search
+
     lims, _scores, idx = range_search(g, t, float(np.float32(threshold)))
     lims = np.asarray(lims, dtype=np.int64)
     q = np.repeat(np.arange(g.shape[0], dtype=np.int64), np.diff(lims))

@@ -42,15 +42,13 @@ _register()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False: typer returns the exit code of typer.Exit (130 for Ctrl-C)
+        rc = app(standalone_mode=False)
     except RayleadError as exc:
         typer.echo(f"raylead: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("raylead: interrupted; rerun the same command to resume from finished shards", err=True)
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        rc = 130
     except Exception as exc:  # click usage errors
         import click
 
@@ -58,3 +56,6 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if rc == 130:
+        typer.echo("raylead: interrupted; rerun the same command to resume from finished shards", err=True)
+    sys.exit(rc if isinstance(rc, int) else 0)

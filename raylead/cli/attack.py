@@ -67,6 +67,10 @@ def idiap(
     threshold: ThresholdOpt = None,
     threshold_from: ThresholdFromOpt = None,
     engine: EngineOpt = "auto",
+    train_index: Annotated[
+        str | None,
+        typer.Option(help="Persisted index of T's collection (`raylead index build`), for huge T."),
+    ] = None,
     bins: BinsOpt = 50,
     embeddings_dir: EmbeddingsDirOpt = None,
     actors: ActorsOpt = 1,
@@ -88,6 +92,7 @@ def idiap(
         threshold=threshold,
         threshold_from=threshold_from,
         engine=engine,
+        train_index=train_index,
         bins=bins,
         embeddings_dir=embeddings_dir,
         actors=actors,

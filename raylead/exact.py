@@ -1,0 +1,375 @@
+"""Exact engine: blocked inner-product search with a running top-k.
+
+All functions take float arrays of L2-normalised embeddings, so inner product = cosine
+similarity. The base is read one block of ``block_size`` rows at a time (it may be a
+float16 ``np.memmap``; each block is converted to float32), so memory stays bounded.
+
+Devices: ``"auto"`` uses torch on a CUDA GPU when one is visible, else FAISS GPU when
+faiss-gpu sees a GPU, else FAISS / BLAS on the CPU. ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+``"faiss-gpu"`` and ``"torch"`` (torch on the CPU, for testing that code path) force one.
+
+Results are deterministic: equal scores are ordered by ascending base index (and, for
+:func:`topk_pairs`, by query index first). When the base has fewer than ``k`` rows, the
+missing places hold index ``-1`` and score ``-inf``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from raylead.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INT64_MAX = np.iinfo(np.int64).max
+# Elements of one (query chunk × base block) score matrix; bounds temporary memory (~256 MiB).
+MAX_BLOCK_ELEMENTS = 1 << 26
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _check_matrix(name: str, x: Any, *, finite: bool) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ConfigError(f"{name} has shape {x.shape}: give a 2-D array [rows, dim] of embeddings")
+    if x.dtype.kind != "f":
+        raise ConfigError(f"{name} has dtype {x.dtype}: give float32 (or float16) embeddings")
+    if finite and x.size and not np.isfinite(x).all():
+        raise ConfigError(f"{name} contains NaN or infinite values: drop or re-embed those rows")
+    return x
+
+
+def _check_pair(queries: Any, base: Any) -> tuple[np.ndarray, np.ndarray]:
+    q = np.ascontiguousarray(_check_matrix("queries", queries, finite=True), dtype=np.float32)
+    b = _check_matrix("base", base, finite=False)
+    if q.shape[1] != b.shape[1]:
+        raise ConfigError(
+            f"queries have dimension {q.shape[1]} but base has {b.shape[1]}: embed both with the same matcher"
+        )
+    return q, b
+
+
+def _check_block_size(block_size: Any) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ConfigError(f"block_size={block_size!r} is invalid: give a positive number of base rows, e.g. 16384")
+    return block_size
+
+
+def _block(base: np.ndarray, a: int, b: int) -> np.ndarray:
+    return np.ascontiguousarray(base[a:b], dtype=np.float32)
+
+
+def _query_chunk(block_rows: int) -> int:
+    return max(1, MAX_BLOCK_ELEMENTS // max(1, block_rows))
+
+
+# -- devices ------------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda:0`` (torch), ``faiss-gpu`` or ``cpu``; other names are checked and returned."""
+    if not isinstance(device, str):
+        raise ConfigError(f"device={device!r} is invalid: use auto, cpu, cuda, cuda:N, faiss-gpu or torch")
+    if device == "auto":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return "cuda:0"
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+        if _faiss_gpus() > 0:
+            return "faiss-gpu"
+        return "cpu"
+    if device in ("cpu", "torch", "faiss-gpu") or device == "cuda" or device.startswith("cuda:"):
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={device!r} but torch sees no CUDA GPU: use device='auto' or 'cpu'")
+            return "cuda:0" if device == "cuda" else device
+        if device == "faiss-gpu" and _faiss_gpus() == 0:
+            raise ConfigError("device='faiss-gpu' but FAISS sees no GPU: install faiss-gpu or use device='cpu'")
+        return device
+    raise ConfigError(f"device={device!r} is invalid: use auto, cpu, cuda, cuda:N, faiss-gpu or torch")
+
+
+def _faiss_gpus() -> int:
+    import faiss
+
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+# -- top-k merging ------------------------------------------------------------------------------
+def _sort_rows(scores: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the first ``k`` by (score desc, index asc), padding (-1) last."""
+    key_i = np.where(idx < 0, INT64_MAX, idx)
+    order = np.lexsort((key_i, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def merge_topk(
+    scores_a: np.ndarray, idx_a: np.ndarray, scores_b: np.ndarray, idx_b: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two per-row candidate lists into the top ``k`` (score desc, index asc)."""
+    s = np.concatenate([scores_a, scores_b], axis=1)
+    i = np.concatenate([idx_a, idx_b], axis=1)
+    return _sort_rows(s, i, k)
+
+
+def _empty_topk(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+
+
+# -- exact k-NN ---------------------------------------------------------------------------------
+def exact_search(
+    queries: np.ndarray, base: np.ndarray, k: int, *, block_size: int = 16384, device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` highest inner products of each query over ``base``.
+
+    Returns ``(scores [nq, k] float32, idx [nq, k] int64)`` sorted by descending score.
+    """
+    q, b = _check_pair(queries, base)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k={k!r} is invalid: give the number of neighbours to return (≥ 1)")
+    block_size = _check_block_size(block_size)
+    dev = resolve_device(device)
+    nq, nb = q.shape[0], b.shape[0]
+    if nq == 0 or nb == 0:
+        return _empty_topk(nq, k)
+    if dev == "cpu":
+        return _exact_search_faiss(q, b, k, block_size)
+    if dev == "faiss-gpu":
+        return _exact_search_faiss(q, b, k, block_size, gpu=True)
+    return _exact_search_torch(q, b, k, block_size, "cpu" if dev == "torch" else dev)
+
+
+def _exact_search_faiss(
+    q: np.ndarray, base: np.ndarray, k: int, block_size: int, gpu: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    nq, nb = q.shape[0], base.shape[0]
+    best_s, best_i = _empty_topk(nq, k)
+    res = faiss.StandardGpuResources() if gpu else None
+    for a in range(0, nb, block_size):
+        b = min(nb, a + block_size)
+        blk = _block(base, a, b)
+        kk = min(k, b - a)
+        if gpu:
+            d, i = faiss.knn_gpu(res, q, blk, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            d, i = faiss.knn(q, blk, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        i = np.where(i >= 0, i + a, -1).astype(np.int64)
+        d = np.where(i >= 0, d, -np.inf).astype(np.float32)
+        best_s, best_i = merge_topk(best_s, best_i, d, i, k)
+    return best_s, best_i
+
+
+def _torch_precision() -> Any:
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def highest() -> Any:
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+    return highest()
+
+
+def _exact_search_torch(
+    q: np.ndarray, base: np.ndarray, k: int, block_size: int, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    nq, nb = q.shape[0], base.shape[0]
+    dev = torch.device(device)
+    tq = torch.from_numpy(q).to(dev)
+    best_s = torch.full((nq, k), float("-inf"), dtype=torch.float32, device=dev)
+    best_i = torch.full((nq, k), -1, dtype=torch.int64, device=dev)
+    chunk = _query_chunk(block_size)
+    with _torch_precision(), torch.no_grad():
+        for a in range(0, nb, block_size):
+            b = min(nb, a + block_size)
+            tb = torch.from_numpy(_block(base, a, b)).to(dev)
+            kk = min(k, b - a)
+            for c0 in range(0, nq, chunk):
+                c1 = min(nq, c0 + chunk)
+                s, i = torch.topk(tq[c0:c1] @ tb.T, kk, dim=1)
+                s_all = torch.cat([best_s[c0:c1], s], 1)
+                i_all = torch.cat([best_i[c0:c1], i + a], 1)
+                # Deterministic: sort by index (padding last), then stable sort by descending score.
+                key = torch.where(i_all < 0, torch.full_like(i_all, INT64_MAX), i_all)
+                o1 = torch.argsort(key, dim=1, stable=True)
+                s_all, i_all = s_all.gather(1, o1), i_all.gather(1, o1)
+                o2 = torch.argsort(-s_all, dim=1, stable=True)[:, :k]
+                best_s[c0:c1], best_i[c0:c1] = s_all.gather(1, o2), i_all.gather(1, o2)
+    return best_s.cpu().numpy().astype(np.float32), best_i.cpu().numpy().astype(np.int64)
+
+
+# -- blocked score matrices (range search, top-K pairs) ----------------------------------------
+def _score_blocks(
+    q: np.ndarray, base: np.ndarray, block_size: int, device: str
+) -> Any:
+    """Yield ``(q0, b0, scores)`` for every (query chunk × base block), as numpy float32."""
+    nq, nb = q.shape[0], base.shape[0]
+    chunk = _query_chunk(min(block_size, nb))
+    if device == "cpu" or device == "faiss-gpu":
+        for a in range(0, nb, block_size):
+            blk = _block(base, a, min(nb, a + block_size))
+            for c0 in range(0, nq, chunk):
+                yield c0, a, q[c0 : c0 + chunk] @ blk.T
+        return
+    import torch
+
+    dev = torch.device("cpu" if device == "torch" else device)
+    tq = torch.from_numpy(q).to(dev)
+    with _torch_precision(), torch.no_grad():
+        for a in range(0, nb, block_size):
+            tb = torch.from_numpy(_block(base, a, min(nb, a + block_size))).to(dev)
+            for c0 in range(0, nq, chunk):
+                yield c0, a, (tq[c0 : c0 + chunk] @ tb.T).cpu().numpy()
+
+
+def range_search(
+    queries: np.ndarray, base: np.ndarray, threshold: float, *, block_size: int = 16384, device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (query, base) pair with inner product ≥ ``threshold``.
+
+    FAISS-style result: ``lims`` [nq + 1] int64; the pairs of query ``i`` are
+    ``scores[lims[i]:lims[i+1]]`` / ``idx[lims[i]:lims[i+1]]``, sorted by descending score
+    (ties by ascending index).
+    """
+    q, b = _check_pair(queries, base)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not np.isfinite(threshold):
+        raise ConfigError(f"threshold={threshold!r} is invalid: give a finite similarity, e.g. 0.4")
+    block_size = _check_block_size(block_size)
+    dev = resolve_device(device)
+    nq = q.shape[0]
+    thr = np.float32(threshold)
+    qs: list[np.ndarray] = []
+    bs: list[np.ndarray] = []
+    ss: list[np.ndarray] = []
+    if nq and b.shape[0]:
+        for q0, b0, s in _score_blocks(q, b, block_size, dev):
+            r, c = np.nonzero(s >= thr)
+            if r.size:
+                qs.append(r.astype(np.int64) + q0)
+                bs.append(c.astype(np.int64) + b0)
+                ss.append(s[r, c].astype(np.float32))
+    return _pairs_to_lims(nq, qs, bs, ss)
+
+
+def _pairs_to_lims(
+    nq: int, qs: list[np.ndarray], bs: list[np.ndarray], ss: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not qs:
+        return np.zeros(nq + 1, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    qi, bi, sc = np.concatenate(qs), np.concatenate(bs), np.concatenate(ss)
+    order = np.lexsort((bi, -sc, qi))
+    qi, bi, sc = qi[order], bi[order], sc[order]
+    lims = np.zeros(nq + 1, np.int64)
+    np.cumsum(np.bincount(qi, minlength=nq), out=lims[1:])
+    return lims, sc, bi
+
+
+def _prune_pairs(
+    s: np.ndarray, qi: np.ndarray, bi: np.ndarray, K: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.lexsort((bi, qi, -s))[:K]
+    return s[order], qi[order], bi[order]
+
+
+def topk_pairs(
+    queries: np.ndarray, base: np.ndarray, K: int, *, block_size: int = 16384, device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``K`` highest-scoring (query, base) pairs over all queries × base.
+
+    Returns ``(scores [K], q_idx [K], b_idx [K])`` sorted by descending score, ties by
+    ascending query index then base index (fewer than K when there are fewer pairs).
+    """
+    q, b = _check_pair(queries, base)
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ConfigError(f"K={K!r} is invalid: give the number of pairs to return (≥ 1), e.g. 1500")
+    block_size = _check_block_size(block_size)
+    dev = resolve_device(device)
+    best_s = np.zeros(0, np.float32)
+    best_q = np.zeros(0, np.int64)
+    best_b = np.zeros(0, np.int64)
+    if not q.shape[0] or not b.shape[0]:
+        return best_s, best_q, best_b
+    for q0, b0, s in _score_blocks(q, b, block_size, dev):
+        tau = best_s[K - 1] if best_s.size >= K else -np.inf
+        if best_s.size < K and s.size > K:
+            flat = s.ravel()
+            tau = max(tau, np.partition(flat, flat.size - K)[flat.size - K])
+        r, c = np.nonzero(s >= tau)
+        if not r.size:
+            continue
+        best_s = np.concatenate([best_s, s[r, c].astype(np.float32)])
+        best_q = np.concatenate([best_q, r.astype(np.int64) + q0])
+        best_b = np.concatenate([best_b, c.astype(np.int64) + b0])
+        best_s, best_q, best_b = _prune_pairs(best_s, best_q, best_b, K)
+    return best_s, best_q, best_b
+
+
+def topk_pairs_from_search(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    n_queries: int,
+    K: int,
+    *,
+    k0: int = 10,
+    n_base: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Global top-``K`` pairs from a per-query top-k search, deepening where needed.
+
+    ``search(query_rows, k)`` returns ``(scores [len(rows), k], idx [len(rows), k])`` for the
+    given query row numbers. A query whose k-th score still reaches the current K-th best
+    pair may hide more pairs; those queries are searched again with twice the k until none
+    does. With an exact ``search`` the result equals :func:`topk_pairs`.
+    """
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ConfigError(f"K={K!r} is invalid: give the number of pairs to return (≥ 1), e.g. 1500")
+    rows = np.arange(n_queries, dtype=np.int64)
+    k = max(1, min(k0, n_base if n_base is not None else k0))
+    per_query: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    pending = rows
+    while pending.size:
+        s, i = search(pending, k)
+        for r, srow, irow in zip(pending.tolist(), s, i, strict=True):
+            per_query[r] = (srow, irow)
+        all_s, all_q, all_b = _collect_pairs(per_query)
+        top_s, _, _ = _prune_pairs(all_s, all_q, all_b, K)
+        tau = top_s[K - 1] if top_s.size >= K else -np.inf
+        # A query is saturated when its k results are all real and its last one reaches tau.
+        sat = [r for r in pending.tolist() if per_query[r][1][-1] >= 0 and per_query[r][0][-1] >= tau]
+        limit = n_base if n_base is not None else None
+        if not sat or (limit is not None and k >= limit):
+            break
+        k = min(k * 2, limit) if limit is not None else k * 2
+        pending = np.array(sat, dtype=np.int64)
+        log.debug("top-%d pairs: %d queries saturated; searching them again with k=%d", K, len(sat), k)
+    all_s, all_q, all_b = _collect_pairs(per_query)
+    return _prune_pairs(all_s, all_q, all_b, K)
+
+
+def _collect_pairs(
+    per_query: dict[int, tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not per_query:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    keys = sorted(per_query)
+    s = np.concatenate([per_query[r][0] for r in keys]).astype(np.float32)
+    i = np.concatenate([per_query[r][1] for r in keys]).astype(np.int64)
+    qi = np.concatenate([np.full(per_query[r][0].shape[0], r, np.int64) for r in keys])
+    keep = i >= 0
+    return s[keep], qi[keep], i[keep]

@@ -1,0 +1,640 @@
+"""Index: train IVF-PQ once, encode shards in parallel Ray tasks, write index + exact vectors.
+
+Layout of an index folder (``OUT``)::
+
+    OUT/build.json                      plan + fingerprint of inputs/settings, written first
+    OUT/trained.faissindex              the trained, empty index (FAISS's binary format)
+    OUT/trained.done.json               its completion marker (sha256)
+    OUT/shards/shard-00000.faissindex   the shard's IVF-PQ index (trained parameters + codes + ids)
+    OUT/shards/shard-00000.vectors.npy  exact vectors of the shard for re-ranking (float16/32,
+                                        np.load(mmap_mode="r")-able)
+    OUT/shards/shard-00000.ids.parquet  row (int64, global row number) → image_id (string)
+    OUT/shards/shard-00000.done.json    completion marker, written after the three files
+    OUT/index.json                      the index manifest, written LAST, with every checksum
+
+Every shard holds the same trained coarse quantizer / OPQ rotation / PQ codebooks, so shards
+can be searched independently and their results merged. A killed build is resumed by running
+it again: the trained index and every shard whose marker matches the build fingerprint and
+whose files pass their checksums are kept. Nothing read from storage is ever unpickled: FAISS
+files are read with ``faiss.deserialize_index``, vectors with ``np.load(allow_pickle=False)``,
+ids with Parquet, manifests as JSON.
+
+Reading only the re-rank candidates' rows from S3 (range requests) instead of downloading a
+shard's vector file is a later optimisation; today a searcher on S3 downloads it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
+from raylead.catalog import read_collection, sha256_bytes
+from raylead.errors import ConfigError, CorruptDataError
+from raylead.plan import DEFAULT_SHARD_MAX_BYTES, IndexPlan, factory_string, plan_index, resident_bytes_per_vector
+from raylead.progress import progress_bar
+from raylead.runtime import ensure_ray
+from raylead.storage import Location, safe_relpath
+
+log = logging.getLogger(__name__)
+
+INDEX_MANIFEST = "index.json"
+INDEX_KIND = "raylead.index"
+FORMAT_VERSION = 1
+BUILD_FILE = "build.json"
+TRAINED_FILE = "trained.faissindex"
+TRAINED_MARKER = "trained.done.json"
+DEFAULT_MEMORY_BUDGET = 8 << 30
+# Fault injection for the resume test: SIGKILL this process in the middle of the shard that
+# follows the N-th shard completed by this run (local executor only).
+FAULT_ENV = "RAYLEAD_FAULT_KILL_AFTER_SHARDS"
+ADD_CHUNK = 65536
+
+VectorDtype = Literal["float16", "float32"]
+
+
+# -- configuration ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexBuildConfig:
+    """Settings of ``raylead index build``; every value is checked before any work starts."""
+
+    shards: int | None = None
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
+    shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES
+    target_recall: float = 0.99
+    vector_dtype: VectorDtype = "float16"
+    seed: int = 1234
+    train_size: int | None = None
+    nlist: int | None = None
+    m: int | None = None
+    opq: bool | None = None
+    kmeans_iterations: int = 10
+    executor: Literal["ray", "local"] = "ray"
+    cpus_per_task: int = 1
+    gpu: Literal["auto", "never"] = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        def pos(name: str, v: Any, fix: str, allow_none: bool = True) -> None:
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r} is invalid: {fix}")
+
+        pos("shards", self.shards, "give a positive number of index shards, e.g. --shards 4")
+        pos("memory_budget_bytes", self.memory_budget_bytes, "give a positive budget, e.g. 8GiB", False)
+        pos("shard_max_bytes", self.shard_max_bytes, "give a positive size per shard, e.g. 4GiB", False)
+        pos("train_size", self.train_size, "give a positive number of training vectors")
+        pos("nlist", self.nlist, "give a positive number of inverted lists, e.g. 4096")
+        pos("m", self.m, "give a positive number of PQ sub-quantizers dividing the dimension, e.g. 64")
+        pos("kmeans_iterations", self.kmeans_iterations, "give a positive iteration count, e.g. 10", False)
+        pos("cpus_per_task", self.cpus_per_task, "give at least 1 CPU per encoding task", False)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r} is invalid: give a non-negative integer")
+        if isinstance(self.target_recall, bool) or not isinstance(self.target_recall, int | float) or not (
+            0 < self.target_recall <= 1
+        ):
+            raise ConfigError(f"target_recall={self.target_recall!r} is invalid: give a fraction in (0, 1]")
+        if self.vector_dtype not in ("float16", "float32"):
+            raise ConfigError(f"vector_dtype={self.vector_dtype!r} is invalid: use float16 or float32")
+        if self.executor not in ("ray", "local"):
+            raise ConfigError(f"executor={self.executor!r} is invalid: use ray or local")
+        if self.gpu not in ("auto", "never"):
+            raise ConfigError(f"gpu={self.gpu!r} is invalid: use auto or never")
+
+
+# -- sources ------------------------------------------------------------------------------------
+@dataclass
+class VectorSource:
+    """The vectors to index: float rows (may be a memmap), their ids, and an input fingerprint."""
+
+    vectors: np.ndarray
+    ids: Sequence[str]
+    fingerprint: str
+    description: str
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or self.vectors.dtype.kind != "f":
+            raise ConfigError(
+                f"vectors have shape {self.vectors.shape} and dtype {self.vectors.dtype}: give float [n, dim] rows"
+            )
+        if len(self.ids) != self.vectors.shape[0]:
+            raise ConfigError(f"{len(self.ids)} ids for {self.vectors.shape[0]} vectors: give one id per row")
+
+
+def source_from_collection(uri: str | Location) -> VectorSource:
+    """The ``ok`` embeddings of a finished embedding collection (checksums verified)."""
+    root = uri if isinstance(uri, Location) else Location.parse(uri)
+    coll = read_collection(root)
+    fp = sha256_bytes(root.child(COLLECTION_MANIFEST).read_bytes())
+    return VectorSource(coll.embeddings, coll.ok_ids, fp, root.uri)
+
+
+def source_from_arrays(vectors: np.ndarray, ids: Sequence[str] | None = None, description: str = "array") -> VectorSource:
+    """In-memory vectors; ids default to the row numbers. The fingerprint hashes the data."""
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
+        raise ConfigError("vectors must be a 2-D numpy array [n, dim]")
+    id_list: Sequence[str] = [str(i) for i in range(vectors.shape[0])] if ids is None else list(ids)
+    h = hashlib.sha256()
+    h.update(f"{vectors.shape}|{vectors.dtype}".encode())
+    step = max(1, (64 << 20) // max(1, vectors.shape[1] * vectors.dtype.itemsize))
+    for a in range(0, vectors.shape[0], step):
+        h.update(np.ascontiguousarray(vectors[a : a + step]).tobytes())
+    for s in id_list:
+        h.update(s.encode("utf-8", "surrogateescape"))
+        h.update(b"\x00")
+    return VectorSource(vectors, id_list, h.hexdigest(), description)
+
+
+# -- manifest -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+
+    @classmethod
+    def from_json(cls, d: Any) -> FileEntry:
+        return cls(path=safe_relpath(str(d["path"])), sha256=str(d["sha256"]), bytes=int(d["bytes"]))
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    shard: int
+    row_start: int
+    rows: int
+    index: FileEntry
+    vectors: FileEntry
+    ids: FileEntry
+    resident_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard, "row_start": self.row_start, "rows": self.rows,
+            "index": self.index.to_json(), "vectors": self.vectors.to_json(), "ids": self.ids.to_json(),
+            "resident_bytes": self.resident_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> ShardEntry:
+        return cls(
+            shard=int(d["shard"]), row_start=int(d["row_start"]), rows=int(d["rows"]),
+            index=FileEntry.from_json(d["index"]), vectors=FileEntry.from_json(d["vectors"]),
+            ids=FileEntry.from_json(d["ids"]), resident_bytes=int(d["resident_bytes"]),
+        )
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    dim: int
+    ntotal: int
+    plan: IndexPlan
+    vector_dtype: VectorDtype
+    fingerprint: str
+    source: str
+    trained: FileEntry
+    shards: tuple[ShardEntry, ...]
+    build_seconds: float
+    created: float
+    metric: str = "inner_product"
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(s.resident_bytes for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": INDEX_KIND, "format_version": FORMAT_VERSION, "dim": self.dim, "ntotal": self.ntotal,
+            "metric": self.metric, "plan": self.plan.to_json(), "vector_dtype": self.vector_dtype,
+            "fingerprint": self.fingerprint, "source": self.source, "trained": self.trained.to_json(),
+            "shards": [s.to_json() for s in self.shards], "resident_bytes": self.resident_bytes,
+            "build_seconds": self.build_seconds, "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> IndexManifest:
+        if not isinstance(d, dict) or d.get("kind") != INDEX_KIND:
+            raise CorruptDataError(f"{where} is not a raylead index manifest")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CorruptDataError(
+                f"{where} has format_version {d.get('format_version')!r}; this raylead reads {FORMAT_VERSION}: rebuild"
+            )
+        try:
+            m = cls(
+                dim=int(d["dim"]), ntotal=int(d["ntotal"]), plan=IndexPlan.from_json(d["plan"]),
+                vector_dtype=d["vector_dtype"], fingerprint=str(d["fingerprint"]), source=str(d.get("source", "")),
+                trained=FileEntry.from_json(d["trained"]),
+                shards=tuple(ShardEntry.from_json(s) for s in d["shards"]),
+                build_seconds=float(d.get("build_seconds", 0.0)), created=float(d.get("created", 0.0)),
+                metric=str(d.get("metric", "inner_product")),
+            )
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise CorruptDataError(f"{where} is malformed ({exc!r}); rebuild the index") from None
+        if m.vector_dtype not in ("float16", "float32") or sum(s.rows for s in m.shards) != m.ntotal:
+            raise CorruptDataError(f"{where} is inconsistent (dtype or row counts); rebuild the index")
+        return m
+
+
+def read_index_manifest(root: Location) -> IndexManifest:
+    loc = root.child(INDEX_MANIFEST)
+    if not loc.exists():
+        raise ConfigError(
+            f"{root.uri} has no {INDEX_MANIFEST}: it is not a finished index "
+            "(run `raylead index build EMBEDDINGS --out URI` to create or finish it)"
+        )
+    return IndexManifest.from_json(loc.read_json(), loc.uri)
+
+
+def read_checked(loc: Location, entry: FileEntry) -> bytes:
+    data = loc.read_bytes()
+    if len(data) != entry.bytes or sha256_bytes(data) != entry.sha256:
+        raise CorruptDataError(
+            f"{loc.uri} failed its checksum (truncated or corrupted); rerun `raylead index build` with the "
+            "same arguments after deleting it and its shard's .done.json marker"
+        )
+    return data
+
+
+def sha256_file(path: str, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def read_ids(root: Location, entry: FileEntry) -> tuple[np.ndarray, list[str]]:
+    table = pq.read_table(io.BytesIO(read_checked(root.child(entry.path), entry)))
+    return table.column("row").to_numpy().astype(np.int64), table.column("image_id").to_pylist()
+
+
+# -- faiss helpers ------------------------------------------------------------------------------
+def serialize(index: Any) -> bytes:
+    import faiss
+
+    return bytes(faiss.serialize_index(index).tobytes())
+
+
+def deserialize(data: bytes) -> Any:
+    import faiss
+
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def _set_threads(n: int) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(n)))
+
+
+def train_index(
+    sample: np.ndarray, dim: int, plan: IndexPlan, *, seed: int, iterations: int, gpu: str = "auto"
+) -> Any:
+    """Train the empty IVF-PQ index of ``plan`` on ``sample`` (GPU k-means when FAISS sees a GPU)."""
+    import faiss
+
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = iterations
+    ivf.cp.seed = seed
+    ivf.cp.min_points_per_centroid = 1
+    ivf.cp.max_points_per_centroid = 1 << 30  # the sample is already the size we want
+    pq_obj = getattr(ivf, "pq", None)
+    if pq_obj is not None:
+        pq_obj.cp.seed = seed + 1
+        pq_obj.cp.min_points_per_centroid = 1
+    if gpu == "auto" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        log.info("training the coarse quantizer on %d GPU(s)", faiss.get_num_gpus())
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    if getattr(ivf, "clustering_index", None) is not None:
+        ivf.clustering_index = None
+    return index
+
+
+def add_vectors(index: Any, vectors: np.ndarray, row_start: int) -> None:
+    for a in range(0, vectors.shape[0], ADD_CHUNK):
+        x = np.ascontiguousarray(vectors[a : a + ADD_CHUNK], dtype=np.float32)
+        index.add_with_ids(x, np.arange(row_start + a, row_start + a + x.shape[0], dtype=np.int64))
+
+
+def resident_bytes_of(index: Any) -> int:
+    """Bytes the loaded index holds in memory (its serialized size: codes, ids, centroids, codebooks)."""
+    return len(serialize(index))
+
+
+# -- shards -------------------------------------------------------------------------------------
+def shard_names(shard: int) -> tuple[str, str, str, str]:
+    stem = f"shards/shard-{shard:05d}"
+    return f"{stem}.faissindex", f"{stem}.vectors.npy", f"{stem}.ids.parquet", f"{stem}.done.json"
+
+
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, n, shards + 1).round().astype(np.int64)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(shards)]
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _ids_bytes(rows: np.ndarray, ids: Sequence[str]) -> bytes:
+    table = pa.table({"row": pa.array(rows, pa.int64()), "image_id": pa.array(list(ids), pa.string())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def encode_shard(
+    out: Location,
+    shard: int,
+    trained: bytes,
+    vectors: np.ndarray,
+    ids: Sequence[str],
+    row_start: int,
+    vector_dtype: str,
+    fingerprint: str,
+    threads: int = 1,
+    die_midway: bool = False,
+) -> dict[str, Any]:
+    """Encode one shard with the trained index and write its files, then its marker."""
+    _set_threads(threads)
+    index = deserialize(trained)
+    add_vectors(index, vectors, row_start)
+    idx_path, vec_path, ids_path, marker_path = shard_names(shard)
+    idx_bytes = serialize(index)
+    out.child(idx_path).write_bytes(idx_bytes)
+    if die_midway:  # fault injection (see FAULT_ENV): the shard is half written, no marker
+        log.warning("fault injection: killing the build in the middle of shard %d", shard)
+        os.kill(os.getpid(), signal.SIGKILL)
+    vec_bytes = _npy_bytes(np.ascontiguousarray(vectors, dtype=np.dtype(vector_dtype)))
+    out.child(vec_path).write_bytes(vec_bytes)
+    rows = np.arange(row_start, row_start + vectors.shape[0], dtype=np.int64)
+    id_bytes = _ids_bytes(rows, ids)
+    out.child(ids_path).write_bytes(id_bytes)
+    entry = ShardEntry(
+        shard=shard, row_start=row_start, rows=int(vectors.shape[0]),
+        index=FileEntry(idx_path, sha256_bytes(idx_bytes), len(idx_bytes)),
+        vectors=FileEntry(vec_path, sha256_bytes(vec_bytes), len(vec_bytes)),
+        ids=FileEntry(ids_path, sha256_bytes(id_bytes), len(id_bytes)),
+        resident_bytes=len(idx_bytes),
+    ).to_json()
+    out.child(marker_path).write_json({"fingerprint": fingerprint, "shard": entry})
+    return entry
+
+
+def _valid_file(loc: Location, entry: FileEntry) -> bool:
+    try:
+        if not loc.exists() or loc.size() != entry.bytes:
+            return False
+        if loc.is_s3:
+            return sha256_bytes(loc.read_bytes()) == entry.sha256
+        return sha256_file(loc.path) == entry.sha256
+    except (OSError, CorruptDataError):
+        return False
+
+
+def _finished_shard(out: Location, shard: int, fingerprint: str, row_range: tuple[int, int]) -> ShardEntry | None:
+    marker = out.child(shard_names(shard)[3])
+    if not marker.exists():
+        return None
+    try:
+        d = marker.read_json()
+        if d.get("fingerprint") != fingerprint:
+            return None
+        entry = ShardEntry.from_json(d["shard"])
+    except (CorruptDataError, KeyError, TypeError, ValueError):
+        return None
+    if (entry.row_start, entry.row_start + entry.rows) != row_range:
+        return None
+    for f in (entry.index, entry.vectors, entry.ids):
+        if not _valid_file(out.child(f.path), f):
+            log.warning("shard %d: %s failed its checksum; rebuilding the shard", shard, f.path)
+            return None
+    return entry
+
+
+# -- build --------------------------------------------------------------------------------------
+def make_plan(n: int, dim: int, config: IndexBuildConfig) -> IndexPlan:
+    """The planner's choice, with any explicit overrides of the config applied."""
+    plan = plan_index(
+        n, dim, config.memory_budget_bytes, config.target_recall,
+        min_shards=config.shards or 1, shard_max_bytes=config.shard_max_bytes,
+    )
+    if config.shards is not None and plan.shards != config.shards:
+        log.warning("--shards %d raised to %d so that no shard exceeds %d bytes",
+                    config.shards, plan.shards, config.shard_max_bytes)
+    over = {k: v for k, v in (("nlist", config.nlist), ("m", config.m), ("opq", config.opq),
+                              ("train_size", config.train_size)) if v is not None}
+    if not over:
+        return plan
+    nlist = over.get("nlist", plan.nlist)
+    m = over.get("m", plan.m)
+    opq = over.get("opq", plan.opq)
+    if dim % m:
+        raise ConfigError(f"m={m} does not divide the dimension {dim}: choose a divisor of {dim}")
+    if nlist > n:
+        raise ConfigError(f"nlist={nlist} exceeds the {n} vectors: choose nlist ≤ {n}")
+    train_size = min(n, over.get("train_size", max(plan.train_size, min(n, 39 * nlist))))
+    bpv = resident_bytes_per_vector(n, dim, nlist, m, plan.nbits, opq, plan.shards)
+    return dataclasses.replace(
+        plan, factory=factory_string(dim, nlist, m, plan.nbits, opq), nlist=nlist, m=m, opq=opq,
+        train_size=train_size, nprobe_start=max(1, min(plan.nprobe_start, nlist // 256 or 1)),
+        bytes_per_vector=round(bpv, 3), reason=plan.reason + f"; overridden: {sorted(over)}",
+    )
+
+
+def build_fingerprint(source_fp: str, plan: IndexPlan, config: IndexBuildConfig, n: int, dim: int) -> str:
+    key = {
+        "format_version": FORMAT_VERSION, "source": source_fp, "n": n, "dim": dim,
+        "plan": {k: v for k, v in plan.to_json().items() if k not in ("reason",)},
+        "vector_dtype": config.vector_dtype, "seed": config.seed, "iterations": config.kmeans_iterations,
+    }
+    return sha256_bytes(json.dumps(key, sort_keys=True).encode())
+
+
+def build_index(source: VectorSource, out: str | Location, config: IndexBuildConfig | None = None) -> IndexManifest:
+    """Build (or resume building) an index of ``source`` under ``out``; returns its manifest."""
+    config = config or IndexBuildConfig()
+    root = out if isinstance(out, Location) else Location.parse(out)
+    t0 = time.monotonic()
+    n, dim = (int(x) for x in source.vectors.shape)
+    plan = make_plan(n, dim, config)
+    fp = build_fingerprint(source.fingerprint, plan, config, n, dim)
+    log.info("index plan: %s — %s", plan.factory, plan.reason)
+
+    if root.child(INDEX_MANIFEST).exists() and not config.overwrite:
+        existing = read_index_manifest(root)
+        if existing.fingerprint == fp:
+            log.info("%s is already a finished index of these inputs; nothing to do", root.uri)
+            return existing
+        raise ConfigError(
+            f"{root.uri} already holds an index of other inputs or settings: choose another --out or pass --overwrite"
+        )
+    build_loc = root.child(BUILD_FILE)
+    if build_loc.exists() and not config.overwrite:
+        prev = build_loc.read_json()
+        if not isinstance(prev, dict) or prev.get("fingerprint") != fp:
+            raise ConfigError(
+                f"{root.uri} holds an unfinished build of other inputs or settings: rerun with the same "
+                "arguments to resume it, or pass --overwrite to start over"
+            )
+        log.info("resuming the unfinished build in %s", root.uri)
+    elif config.overwrite and root.exists():
+        if not (build_loc.exists() or root.child(INDEX_MANIFEST).exists()):
+            raise ConfigError(f"--overwrite refused: {root.uri} does not look like a raylead index folder; "
+                              "give a new or index --out folder")
+        log.info("--overwrite: removing %s", root.uri)
+        root.remove()
+    root.check_reachable(write=True)
+    build_loc.write_json({"fingerprint": fp, "plan": plan.to_json(), "source": source.description,
+                          "n": n, "dim": dim, "vector_dtype": config.vector_dtype})
+
+    trained, trained_entry = _trained(root, source, plan, config, fp, dim)
+    ranges = shard_ranges(n, plan.shards)
+    entries: dict[int, ShardEntry] = {}
+    todo = []
+    for s, rr in enumerate(ranges):
+        done = _finished_shard(root, s, fp, rr)
+        if done is not None:
+            entries[s] = done
+        else:
+            todo.append(s)
+    if entries:
+        log.info("%d of %d shards already finished; encoding %d", len(entries), len(ranges), len(todo))
+    if todo:
+        run = _encode_local if config.executor == "local" else _encode_ray
+        for d in run(root, source, trained, ranges, todo, config, fp):
+            e = ShardEntry.from_json(d)
+            entries[e.shard] = e
+
+    manifest = IndexManifest(
+        dim=dim, ntotal=n, plan=plan, vector_dtype=config.vector_dtype, fingerprint=fp,
+        source=source.description, trained=trained_entry,
+        shards=tuple(entries[s] for s in range(len(ranges))),
+        build_seconds=round(time.monotonic() - t0, 3), created=time.time(),
+    )
+    root.child(INDEX_MANIFEST).write_json(manifest.to_json())
+    log.info("index written to %s: %d vectors in %d shard(s), %.1f B/vector resident, %.1fs",
+             root.uri, n, len(ranges), manifest.resident_bytes / max(1, n), manifest.build_seconds)
+    return manifest
+
+
+def _trained(
+    root: Location, source: VectorSource, plan: IndexPlan, config: IndexBuildConfig, fp: str, dim: int
+) -> tuple[bytes, FileEntry]:
+    marker = root.child(TRAINED_MARKER)
+    loc = root.child(TRAINED_FILE)
+    if marker.exists():
+        try:
+            d = marker.read_json()
+            entry = FileEntry.from_json(d["trained"])
+            if d.get("fingerprint") == fp:
+                data = read_checked(loc, entry)
+                log.info("reusing the trained index %s", loc.uri)
+                return data, entry
+        except (CorruptDataError, KeyError, TypeError, ValueError):
+            log.warning("trained index marker or file is damaged; training again")
+    n = source.vectors.shape[0]
+    rng = np.random.default_rng(config.seed)
+    rows = np.sort(rng.choice(n, size=plan.train_size, replace=False)) if plan.train_size < n else np.arange(n)
+    sample = np.ascontiguousarray(source.vectors[rows], dtype=np.float32)
+    t = time.monotonic()
+    log.info("training %s on %d vectors", plan.factory, sample.shape[0])
+    _set_threads(os.cpu_count() or 1)
+    index = train_index(sample, dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu)
+    data = serialize(index)
+    loc.write_bytes(data)
+    entry = FileEntry(TRAINED_FILE, sha256_bytes(data), len(data))
+    marker.write_json({"fingerprint": fp, "trained": entry.to_json()})
+    log.info("trained in %.1fs", time.monotonic() - t)
+    return data, entry
+
+
+def _encode_local(
+    root: Location, source: VectorSource, trained: bytes, ranges: list[tuple[int, int]], todo: list[int],
+    config: IndexBuildConfig, fp: str,
+) -> list[dict[str, Any]]:
+    fault = os.environ.get(FAULT_ENV)
+    kill_after = int(fault) if fault and fault.isdigit() else None
+    out: list[dict[str, Any]] = []
+    with progress_bar("encoding index shards", len(todo)) as update:
+        for s in todo:
+            a, b = ranges[s]
+            die = kill_after is not None and len(out) >= kill_after
+            out.append(encode_shard(root, s, trained, source.vectors[a:b], source.ids[a:b], a,
+                                    config.vector_dtype, fp, os.cpu_count() or 1, die))
+            update(len(out), len(todo))
+    return out
+
+
+def _encode_ray(
+    root: Location, source: VectorSource, trained: bytes, ranges: list[tuple[int, int]], todo: list[int],
+    config: IndexBuildConfig, fp: str,
+) -> list[dict[str, Any]]:
+    import ray
+
+    ensure_ray()
+    remote = ray.remote(num_cpus=config.cpus_per_task, max_retries=3)(encode_shard)
+    trained_ref = ray.put(trained)
+    pending = {}
+    for s in todo:
+        a, b = ranges[s]
+        vec_ref = ray.put(np.ascontiguousarray(source.vectors[a:b]))
+        ref = remote.remote(root, s, trained_ref, vec_ref, list(source.ids[a:b]), a, config.vector_dtype, fp,
+                            config.cpus_per_task)
+        pending[ref] = s
+    out: list[dict[str, Any]] = []
+    with progress_bar("encoding index shards", len(todo)) as update:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                pending.pop(ref)
+                out.append(ray.get(ref))
+                update(len(out), len(todo))
+    return out
+
+
+# -- small in-memory indexes (for attacks searching arrays) -------------------------------------
+@dataclass
+class MemoryIndex:
+    """An IVF-PQ index over an in-memory base; the base itself is the re-rank store."""
+
+    index: Any
+    base: np.ndarray
+    plan: IndexPlan
+    build_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_memory_index(base: np.ndarray, config: IndexBuildConfig | None = None) -> MemoryIndex:
+    config = config or IndexBuildConfig(executor="local")
+    t = time.monotonic()
+    n, dim = base.shape
+    plan = dataclasses.replace(make_plan(n, dim, config), shards=1)
+    rng = np.random.default_rng(config.seed)
+    rows = np.sort(rng.choice(n, size=plan.train_size, replace=False)) if plan.train_size < n else np.arange(n)
+    index = train_index(base[rows], dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu)
+    add_vectors(index, base, 0)
+    return MemoryIndex(index=index, base=base, plan=plan, build_seconds=time.monotonic() - t)

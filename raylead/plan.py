@@ -1,0 +1,281 @@
+"""Planning: choose an index layout and a search engine from sizes alone.
+
+Choosing is kept apart from doing: the functions here are pure (no FAISS, no I/O), so
+every decision is a function of its arguments and can be tested from a table of cases.
+The CLI prints the chosen plan and its ``reason``.
+
+Rules for :func:`plan_index` (after the FAISS guidelines and autofaiss):
+
+* ``nlist`` ≈ 4·√N rounded to a power of two, at most N/39 (k-means wants ≥ 39 training
+  points per list) and at most 65 536.
+* PQ with 8-bit codes (fewer bits only for tiny sets, so that each sub-quantizer still has
+  ≥ 39 training points per centroid); ``m`` is the largest divisor of D, at most 64 and at
+  most D/2, whose resident size (codes + 8-byte ids + each shard's copy of the coarse
+  centroids and OPQ matrix) fits the memory budget.
+* OPQ when each sub-quantizer covers ≥ 4 dimensions and N ≥ 10 000: the rotation balances
+  variance between sub-spaces, which matters for anisotropic embeddings.
+* training sample: 50·nlist points (≥ 10 000, ≤ N, ≤ 1 000 000).
+* shards: enough that no shard's resident index exceeds ``shard_max_bytes``, at least
+  ``min_shards``.
+* the search starts at ``k_factor`` (candidates per result re-ranked exactly) and
+  ``nprobe_start``; the tuner raises both until the target recall is met.
+
+:func:`choose_engine` compares rough cost estimates (FLOPs at a calibrated rate) of exact
+blocked search and of approximate search (+ building and tuning when needed) and picks
+approximate only when it is clearly cheaper, because only exact search has recall 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from raylead.errors import ConfigError
+
+# -- calibration (2-core AMD EPYC dev machine, FAISS 1.15 / OpenBLAS; one A100-class GPU) --
+CPU_FLOPS_PER_CORE = 6.0e10  # dense float32 GEMM throughput actually reached per core
+GPU_FLOPS = 1.5e13
+PQ_LOOKUP_SECONDS = 1.0e-9  # one table lookup while scanning PQ codes, per core
+RERANK_SECONDS_PER_BYTE = 2.0e-10  # gathering + scoring one byte of stored exact vectors
+KMEANS_ITERATIONS = 10
+TUNING_SAMPLE = 128  # queries whose exact answers calibrate nprobe / k_factor
+
+MAX_NLIST = 65536
+MIN_POINTS_PER_CENTROID = 39
+MIN_INDEX_VECTORS = 64
+MAX_PQ_M = 64
+ID_BYTES = 8
+DEFAULT_SHARD_MAX_BYTES = 4 << 30
+APPROX_MARGIN = 4.0  # approximate must be this many times cheaper than exact to be chosen
+
+EngineName = Literal["exact", "approximate"]
+
+
+def _check_int(name: str, value: Any, minimum: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} is invalid: {fix}")
+    return value
+
+
+def _check_recall(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < float(value) <= 1.0):
+        raise ConfigError(f"target_recall={value!r} is invalid: give a fraction in (0, 1], e.g. 0.99")
+    return float(value)
+
+
+def _pow2_round(x: float) -> int:
+    return 1 << max(0, round(math.log2(max(x, 1.0))))
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, math.floor(math.log2(max(x, 1.0))))
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """How to build an IVF-PQ index: the FAISS factory string and the numbers behind it."""
+
+    factory: str
+    nlist: int
+    m: int
+    nbits: int
+    opq: bool
+    train_size: int
+    shards: int
+    k_factor: int
+    nprobe_start: int
+    reason: str
+    bytes_per_vector: float = 0.0  # estimated resident bytes per vector, all shards together
+
+    def __post_init__(self) -> None:
+        for name in ("nlist", "m", "nbits", "train_size", "shards", "k_factor", "nprobe_start"):
+            _check_int(name, getattr(self, name), 1, "must be a positive integer")
+        if self.nbits > 16:
+            raise ConfigError(f"nbits={self.nbits} is invalid: PQ codes use 1..16 bits per sub-quantizer")
+        if self.nprobe_start > self.nlist:
+            raise ConfigError(f"nprobe_start={self.nprobe_start} exceeds nlist={self.nlist}: lower it")
+
+    @property
+    def code_bytes(self) -> int:
+        return (self.m * self.nbits + 7) // 8
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> IndexPlan:
+        known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
+        return cls(**known)
+
+
+def factory_string(dim: int, nlist: int, m: int, nbits: int, opq: bool) -> str:
+    pq = f"PQ{m}" if nbits == 8 else f"PQ{m}x{nbits}"
+    return f"{f'OPQ{m},' if opq else ''}IVF{nlist},{pq}"
+
+
+def resident_bytes_per_vector(n: int, dim: int, nlist: int, m: int, nbits: int, opq: bool, shards: int) -> float:
+    """Codes + ids + each shard's own copy of the coarse centroids (and OPQ matrix), per vector."""
+    code = (m * nbits + 7) // 8
+    per_shard_fixed = nlist * dim * 4 + (dim * dim * 4 if opq else 0) + m * (1 << nbits) * (dim // m) * 4
+    return code + ID_BYTES + shards * per_shard_fixed / n
+
+
+def plan_index(
+    n: int,
+    dim: int,
+    memory_budget_bytes: int,
+    target_recall: float = 0.99,
+    *,
+    min_shards: int = 1,
+    shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
+) -> IndexPlan:
+    """Plan an IVF-PQ index for ``n`` vectors of dimension ``dim``.
+
+    ``memory_budget_bytes`` is the resident memory all shard searchers together may use for
+    the index (the exact vectors for re-ranking are memory-mapped and not counted).
+    """
+    _check_int("n", n, MIN_INDEX_VECTORS, f"an index needs at least {MIN_INDEX_VECTORS} vectors; "
+               "search smaller sets with the exact engine")
+    _check_int("dim", dim, 1, "the embedding dimension must be a positive integer")
+    _check_int("memory_budget_bytes", memory_budget_bytes, 1, "give a positive number of bytes, e.g. 8GiB")
+    target = _check_recall(target_recall)
+    _check_int("min_shards", min_shards, 1, "give at least 1 shard")
+    _check_int("shard_max_bytes", shard_max_bytes, 1, "give a positive number of bytes per shard")
+    if min_shards > n:
+        raise ConfigError(f"min_shards={min_shards} exceeds the {n} vectors: use at most {n} shards")
+
+    nlist = min(_pow2_round(4.0 * math.sqrt(n)), _pow2_floor(n / MIN_POINTS_PER_CENTROID), MAX_NLIST)
+    nbits = max(1, min(8, math.floor(math.log2(max(2, n // MIN_POINTS_PER_CENTROID)))))
+    train_size = int(min(n, max(50 * nlist, 10_000), 1_000_000))
+    m_limit = min(MAX_PQ_M, max(1, dim // 2))
+    candidates = [m for m in range(m_limit, 0, -1) if dim % m == 0]
+
+    def fits(m: int, shards: int) -> tuple[bool, float, bool]:
+        opq = n >= 10_000 and dim // m >= 4 and dim >= 16
+        bpv = resident_bytes_per_vector(n, dim, nlist, m, nbits, opq, shards)
+        return bpv * n <= memory_budget_bytes, bpv, opq
+
+    chosen: tuple[int, float, bool, int] | None = None
+    for m in candidates:
+        shards = min_shards
+        ok, bpv, opq = fits(m, shards)
+        # Enough shards that none exceeds shard_max_bytes (each adds its own centroids).
+        while ok and bpv * n / shards > shard_max_bytes and shards < n:
+            shards = max(shards + 1, math.ceil(bpv * n / shard_max_bytes))
+            ok, bpv, opq = fits(m, shards)
+        if ok:
+            chosen = (m, bpv, opq, shards)
+            break
+    if chosen is None:
+        m = candidates[-1]
+        need = resident_bytes_per_vector(n, dim, nlist, m, nbits, False, min_shards) * n
+        raise ConfigError(
+            f"memory_budget_bytes={memory_budget_bytes} is too small for {n} vectors of dimension {dim}: "
+            f"the smallest IVF-PQ index needs about {math.ceil(need)} bytes; raise the budget or use more nodes"
+        )
+    m, bpv, opq, shards = chosen
+    if target >= 0.99:
+        k_factor = 16
+    elif target >= 0.95:
+        k_factor = 8
+    else:
+        k_factor = 4
+    nprobe_start = max(1, nlist // 256)
+    factory = factory_string(dim, nlist, m, nbits, opq)
+    reason = (
+        f"N={n}, D={dim}: nlist={nlist} (≈4·√N), PQ m={m}×{nbits} bits ({(m * nbits + 7) // 8} B codes"
+        f"{', OPQ rotation' if opq else ''}); ≈{bpv:.1f} B/vector resident = "
+        f"{bpv * n / 2**20:.1f} MiB ≤ budget {memory_budget_bytes / 2**20:.1f} MiB; {shards} shard(s); "
+        f"train on {train_size}; start nprobe={nprobe_start}, re-rank {k_factor}·k for recall {target:g}"
+    )
+    return IndexPlan(
+        factory=factory, nlist=nlist, m=m, nbits=nbits, opq=opq, train_size=train_size, shards=shards,
+        k_factor=k_factor, nprobe_start=nprobe_start, reason=reason, bytes_per_vector=round(bpv, 3),
+    )
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engine a search uses, with the cost estimates that decided it."""
+
+    engine: EngineName
+    estimated_seconds_exact: float
+    estimated_seconds_approx: float | None
+    reason: str
+
+
+def _flops_rate(cpus: int, gpu: bool) -> float:
+    return GPU_FLOPS if gpu else CPU_FLOPS_PER_CORE * cpus
+
+
+def estimate_exact_seconds(n_queries: int, n_base: int, dim: int, *, cpus: int = 2, gpu: bool = False) -> float:
+    return 2.0 * n_queries * n_base * dim / _flops_rate(cpus, gpu)
+
+
+def estimate_approx_seconds(
+    n_queries: int, n_base: int, dim: int, plan: IndexPlan, *, k: int = 10, nprobe: int | None = None,
+    k_factor: int | None = None, cpus: int = 2, gpu: bool = False, index_built: bool = True, tune: bool = True,
+) -> float:
+    """Rough wall-clock of approximate search (+ building and tuning when they are needed)."""
+    rate = _flops_rate(cpus, gpu)
+    probes = nprobe or max(plan.nprobe_start * 8, 1)
+    kf = k_factor or plan.k_factor
+    per_query_flops = 2.0 * plan.nlist * dim + (2.0 * dim * dim if plan.opq else 0.0)
+    scanned = min(probes, plan.nlist) * n_base / plan.nlist
+    per_query_seconds = (
+        per_query_flops / rate
+        + scanned * plan.m * PQ_LOOKUP_SECONDS / cpus
+        + k * kf * dim * 2 * RERANK_SECONDS_PER_BYTE / cpus
+    )
+    total = n_queries * per_query_seconds
+    if tune:
+        total += estimate_exact_seconds(min(n_queries, TUNING_SAMPLE), n_base, dim, cpus=cpus, gpu=gpu)
+    if not index_built:
+        train = 2.0 * plan.train_size * plan.nlist * dim * KMEANS_ITERATIONS
+        encode = 2.0 * n_base * plan.nlist * dim + 2.0 * n_base * (1 << plan.nbits) * dim
+        total += (train + encode) / rate
+    return total
+
+
+def choose_engine(
+    n_queries: int,
+    n_base: int,
+    dim: int,
+    *,
+    k: int = 10,
+    index_built: bool = False,
+    plan: IndexPlan | None = None,
+    cpus: int = 2,
+    gpu: bool = False,
+    target_recall: float = 0.99,
+    memory_budget_bytes: int | None = None,
+) -> EngineChoice:
+    """Pick exact or approximate search from cost estimates of both, and say why."""
+    _check_int("n_queries", n_queries, 0, "give the number of query vectors (≥ 0)")
+    _check_int("n_base", n_base, 0, "give the number of base vectors (≥ 0)")
+    _check_int("dim", dim, 1, "the embedding dimension must be a positive integer")
+    _check_int("k", k, 1, "k must be ≥ 1")
+    _check_int("cpus", cpus, 1, "give at least 1 CPU")
+    _check_recall(target_recall)
+    exact_s = estimate_exact_seconds(n_queries, n_base, dim, cpus=cpus, gpu=gpu)
+    where = "1 GPU" if gpu else f"{cpus} CPU core(s)"
+    pairs = f"{n_queries}×{n_base}×{dim}"
+    if target_recall >= 1.0:
+        return EngineChoice("exact", exact_s, None, f"target recall 1 needs exhaustive search ({pairs}: "
+                            f"≈{exact_s:.2g}s on {where})")
+    if n_queries == 0 or n_base < MIN_INDEX_VECTORS or k >= n_base:
+        return EngineChoice("exact", exact_s, None, f"{pairs} is too small for an index; exact ≈{exact_s:.2g}s")
+    if plan is None:
+        budget = memory_budget_bytes or max(1, n_base * (MAX_PQ_M + 64))
+        plan = plan_index(n_base, dim, budget, target_recall)
+    approx_s = estimate_approx_seconds(n_queries, n_base, dim, plan, k=k, cpus=cpus, gpu=gpu,
+                                       index_built=index_built)
+    built = "index already built" if index_built else "including building the index"
+    if approx_s * APPROX_MARGIN <= exact_s:
+        return EngineChoice("approximate", exact_s, approx_s,
+                            f"approximate ≈{approx_s:.2g}s ({built}, tuning) vs exact ≈{exact_s:.2g}s for "
+                            f"{pairs} on {where}")
+    return EngineChoice("exact", exact_s, approx_s,
+                        f"exact ≈{exact_s:.2g}s is within {APPROX_MARGIN:g}× of approximate ≈{approx_s:.2g}s "
+                        f"({built}) for {pairs} on {where}: exact is cheap enough and has recall 1")
