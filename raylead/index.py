@@ -44,7 +44,13 @@ import pyarrow.parquet as pq
 from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
 from raylead.catalog import read_collection, sha256_bytes
 from raylead.errors import ConfigError, CorruptDataError
-from raylead.plan import DEFAULT_SHARD_MAX_BYTES, IndexPlan, factory_string, plan_index, resident_bytes_per_vector
+from raylead.plan import (
+    DEFAULT_SHARD_MAX_BYTES,
+    IndexPlan,
+    factory_string,
+    plan_index,
+    resident_bytes_per_vector,
+)
 from raylead.progress import progress_bar
 from raylead.runtime import ensure_ray
 from raylead.storage import Location, safe_relpath
@@ -75,7 +81,7 @@ class IndexBuildConfig:
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
     shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES
     target_recall: float = 0.99
-    vector_dtype: VectorDtype = "float16"
+    vector_dtype: VectorDtype = "float32"
     seed: int = 1234
     train_size: int | None = None
     nlist: int | None = None
@@ -104,8 +110,10 @@ class IndexBuildConfig:
         pos("cpus_per_task", self.cpus_per_task, "give at least 1 CPU per encoding task", False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} is invalid: give a non-negative integer")
-        if isinstance(self.target_recall, bool) or not isinstance(self.target_recall, int | float) or not (
-            0 < self.target_recall <= 1
+        if (
+            isinstance(self.target_recall, bool)
+            or not isinstance(self.target_recall, int | float)
+            or not (0 < self.target_recall <= 1)
         ):
             raise ConfigError(f"target_recall={self.target_recall!r} is invalid: give a fraction in (0, 1]")
         if self.vector_dtype not in ("float16", "float32"):
@@ -129,7 +137,8 @@ class VectorSource:
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.dtype.kind != "f":
             raise ConfigError(
-                f"vectors have shape {self.vectors.shape} and dtype {self.vectors.dtype}: give float [n, dim] rows"
+                f"vectors have shape {self.vectors.shape} and dtype {self.vectors.dtype}: "
+                "give float [n, dim] rows"
             )
         if len(self.ids) != self.vectors.shape[0]:
             raise ConfigError(f"{len(self.ids)} ids for {self.vectors.shape[0]} vectors: give one id per row")
@@ -143,7 +152,9 @@ def source_from_collection(uri: str | Location) -> VectorSource:
     return VectorSource(coll.embeddings, coll.ok_ids, fp, root.uri)
 
 
-def source_from_arrays(vectors: np.ndarray, ids: Sequence[str] | None = None, description: str = "array") -> VectorSource:
+def source_from_arrays(
+    vectors: np.ndarray, ids: Sequence[str] | None = None, description: str = "array"
+) -> VectorSource:
     """In-memory vectors; ids default to the row numbers. The fingerprint hashes the data."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
         raise ConfigError("vectors must be a 2-D numpy array [n, dim]")
@@ -186,17 +197,25 @@ class ShardEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "shard": self.shard, "row_start": self.row_start, "rows": self.rows,
-            "index": self.index.to_json(), "vectors": self.vectors.to_json(), "ids": self.ids.to_json(),
+            "shard": self.shard,
+            "row_start": self.row_start,
+            "rows": self.rows,
+            "index": self.index.to_json(),
+            "vectors": self.vectors.to_json(),
+            "ids": self.ids.to_json(),
             "resident_bytes": self.resident_bytes,
         }
 
     @classmethod
     def from_json(cls, d: Any) -> ShardEntry:
         return cls(
-            shard=int(d["shard"]), row_start=int(d["row_start"]), rows=int(d["rows"]),
-            index=FileEntry.from_json(d["index"]), vectors=FileEntry.from_json(d["vectors"]),
-            ids=FileEntry.from_json(d["ids"]), resident_bytes=int(d["resident_bytes"]),
+            shard=int(d["shard"]),
+            row_start=int(d["row_start"]),
+            rows=int(d["rows"]),
+            index=FileEntry.from_json(d["index"]),
+            vectors=FileEntry.from_json(d["vectors"]),
+            ids=FileEntry.from_json(d["ids"]),
+            resident_bytes=int(d["resident_bytes"]),
         )
 
 
@@ -220,11 +239,20 @@ class IndexManifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": INDEX_KIND, "format_version": FORMAT_VERSION, "dim": self.dim, "ntotal": self.ntotal,
-            "metric": self.metric, "plan": self.plan.to_json(), "vector_dtype": self.vector_dtype,
-            "fingerprint": self.fingerprint, "source": self.source, "trained": self.trained.to_json(),
-            "shards": [s.to_json() for s in self.shards], "resident_bytes": self.resident_bytes,
-            "build_seconds": self.build_seconds, "created": self.created,
+            "kind": INDEX_KIND,
+            "format_version": FORMAT_VERSION,
+            "dim": self.dim,
+            "ntotal": self.ntotal,
+            "metric": self.metric,
+            "plan": self.plan.to_json(),
+            "vector_dtype": self.vector_dtype,
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+            "trained": self.trained.to_json(),
+            "shards": [s.to_json() for s in self.shards],
+            "resident_bytes": self.resident_bytes,
+            "build_seconds": self.build_seconds,
+            "created": self.created,
         }
 
     @classmethod
@@ -233,15 +261,21 @@ class IndexManifest:
             raise CorruptDataError(f"{where} is not a raylead index manifest")
         if d.get("format_version") != FORMAT_VERSION:
             raise CorruptDataError(
-                f"{where} has format_version {d.get('format_version')!r}; this raylead reads {FORMAT_VERSION}: rebuild"
+                f"{where} has format_version {d.get('format_version')!r}; this raylead reads "
+                f"{FORMAT_VERSION}: rebuild the index"
             )
         try:
             m = cls(
-                dim=int(d["dim"]), ntotal=int(d["ntotal"]), plan=IndexPlan.from_json(d["plan"]),
-                vector_dtype=d["vector_dtype"], fingerprint=str(d["fingerprint"]), source=str(d.get("source", "")),
+                dim=int(d["dim"]),
+                ntotal=int(d["ntotal"]),
+                plan=IndexPlan.from_json(d["plan"]),
+                vector_dtype=d["vector_dtype"],
+                fingerprint=str(d["fingerprint"]),
+                source=str(d.get("source", "")),
                 trained=FileEntry.from_json(d["trained"]),
                 shards=tuple(ShardEntry.from_json(s) for s in d["shards"]),
-                build_seconds=float(d.get("build_seconds", 0.0)), created=float(d.get("created", 0.0)),
+                build_seconds=float(d.get("build_seconds", 0.0)),
+                created=float(d.get("created", 0.0)),
                 metric=str(d.get("metric", "inner_product")),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
@@ -313,7 +347,9 @@ def train_index(
     import faiss
 
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
+    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False  # slow, and only useful for Hamming-filtered search
     ivf.cp.niter = iterations
     ivf.cp.seed = seed
     ivf.cp.min_points_per_centroid = 1
@@ -321,14 +357,13 @@ def train_index(
     pq_obj = getattr(ivf, "pq", None)
     if pq_obj is not None:
         pq_obj.cp.seed = seed + 1
+        pq_obj.cp.niter = max(iterations, 10)
         pq_obj.cp.min_points_per_centroid = 1
     if gpu == "auto" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         log.info("training the coarse quantizer on %d GPU(s)", faiss.get_num_gpus())
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    if getattr(ivf, "clustering_index", None) is not None:
-        ivf.clustering_index = None
-    return index
+    return index  # (clustering_index is not part of FAISS's serialized format)
 
 
 def add_vectors(index: Any, vectors: np.ndarray, row_start: int) -> None:
@@ -394,7 +429,9 @@ def encode_shard(
     id_bytes = _ids_bytes(rows, ids)
     out.child(ids_path).write_bytes(id_bytes)
     entry = ShardEntry(
-        shard=shard, row_start=row_start, rows=int(vectors.shape[0]),
+        shard=shard,
+        row_start=row_start,
+        rows=int(vectors.shape[0]),
         index=FileEntry(idx_path, sha256_bytes(idx_bytes), len(idx_bytes)),
         vectors=FileEntry(vec_path, sha256_bytes(vec_bytes), len(vec_bytes)),
         ids=FileEntry(ids_path, sha256_bytes(id_bytes), len(id_bytes)),
@@ -415,7 +452,9 @@ def _valid_file(loc: Location, entry: FileEntry) -> bool:
         return False
 
 
-def _finished_shard(out: Location, shard: int, fingerprint: str, row_range: tuple[int, int]) -> ShardEntry | None:
+def _finished_shard(
+    out: Location, shard: int, fingerprint: str, row_range: tuple[int, int]
+) -> ShardEntry | None:
     marker = out.child(shard_names(shard)[3])
     if not marker.exists():
         return None
@@ -439,42 +478,71 @@ def _finished_shard(out: Location, shard: int, fingerprint: str, row_range: tupl
 def make_plan(n: int, dim: int, config: IndexBuildConfig) -> IndexPlan:
     """The planner's choice, with any explicit overrides of the config applied."""
     plan = plan_index(
-        n, dim, config.memory_budget_bytes, config.target_recall,
-        min_shards=config.shards or 1, shard_max_bytes=config.shard_max_bytes,
+        n,
+        dim,
+        config.memory_budget_bytes,
+        config.target_recall,
+        min_shards=config.shards or 1,
+        shard_max_bytes=config.shard_max_bytes,
     )
     if config.shards is not None and plan.shards != config.shards:
-        log.warning("--shards %d raised to %d so that no shard exceeds %d bytes",
-                    config.shards, plan.shards, config.shard_max_bytes)
-    over = {k: v for k, v in (("nlist", config.nlist), ("m", config.m), ("opq", config.opq),
-                              ("train_size", config.train_size)) if v is not None}
+        log.warning(
+            "--shards %d raised to %d so that no shard exceeds %d bytes",
+            config.shards,
+            plan.shards,
+            config.shard_max_bytes,
+        )
+    over = [
+        name
+        for name, v in (
+            ("nlist", config.nlist),
+            ("m", config.m),
+            ("opq", config.opq),
+            ("train_size", config.train_size),
+        )
+        if v is not None
+    ]
     if not over:
         return plan
-    nlist = over.get("nlist", plan.nlist)
-    m = over.get("m", plan.m)
-    opq = over.get("opq", plan.opq)
+    nlist = config.nlist if config.nlist is not None else plan.nlist
+    m = config.m if config.m is not None else plan.m
+    opq = config.opq if config.opq is not None else plan.opq
     if dim % m:
         raise ConfigError(f"m={m} does not divide the dimension {dim}: choose a divisor of {dim}")
     if nlist > n:
         raise ConfigError(f"nlist={nlist} exceeds the {n} vectors: choose nlist ≤ {n}")
-    train_size = min(n, over.get("train_size", max(plan.train_size, min(n, 39 * nlist))))
+    train_size = min(n, config.train_size or max(plan.train_size, min(n, 39 * nlist)))
     bpv = resident_bytes_per_vector(n, dim, nlist, m, plan.nbits, opq, plan.shards)
     return dataclasses.replace(
-        plan, factory=factory_string(dim, nlist, m, plan.nbits, opq), nlist=nlist, m=m, opq=opq,
-        train_size=train_size, nprobe_start=max(1, min(plan.nprobe_start, nlist // 256 or 1)),
-        bytes_per_vector=round(bpv, 3), reason=plan.reason + f"; overridden: {sorted(over)}",
+        plan,
+        factory=factory_string(dim, nlist, m, plan.nbits, opq),
+        nlist=nlist,
+        m=m,
+        opq=opq,
+        train_size=train_size,
+        nprobe_start=max(1, min(plan.nprobe_start, nlist // 256 or 1)),
+        bytes_per_vector=round(bpv, 3),
+        reason=plan.reason + f"; overridden: {sorted(over)}",
     )
 
 
 def build_fingerprint(source_fp: str, plan: IndexPlan, config: IndexBuildConfig, n: int, dim: int) -> str:
     key = {
-        "format_version": FORMAT_VERSION, "source": source_fp, "n": n, "dim": dim,
+        "format_version": FORMAT_VERSION,
+        "source": source_fp,
+        "n": n,
+        "dim": dim,
         "plan": {k: v for k, v in plan.to_json().items() if k not in ("reason",)},
-        "vector_dtype": config.vector_dtype, "seed": config.seed, "iterations": config.kmeans_iterations,
+        "vector_dtype": config.vector_dtype,
+        "seed": config.seed,
+        "iterations": config.kmeans_iterations,
     }
     return sha256_bytes(json.dumps(key, sort_keys=True).encode())
 
 
-def build_index(source: VectorSource, out: str | Location, config: IndexBuildConfig | None = None) -> IndexManifest:
+def build_index(
+    source: VectorSource, out: str | Location, config: IndexBuildConfig | None = None
+) -> IndexManifest:
     """Build (or resume building) an index of ``source`` under ``out``; returns its manifest."""
     config = config or IndexBuildConfig()
     root = out if isinstance(out, Location) else Location.parse(out)
@@ -490,7 +558,8 @@ def build_index(source: VectorSource, out: str | Location, config: IndexBuildCon
             log.info("%s is already a finished index of these inputs; nothing to do", root.uri)
             return existing
         raise ConfigError(
-            f"{root.uri} already holds an index of other inputs or settings: choose another --out or pass --overwrite"
+            f"{root.uri} already holds an index of other inputs or settings: "
+            "choose another --out or pass --overwrite"
         )
     build_loc = root.child(BUILD_FILE)
     if build_loc.exists() and not config.overwrite:
@@ -503,13 +572,23 @@ def build_index(source: VectorSource, out: str | Location, config: IndexBuildCon
         log.info("resuming the unfinished build in %s", root.uri)
     elif config.overwrite and root.exists():
         if not (build_loc.exists() or root.child(INDEX_MANIFEST).exists()):
-            raise ConfigError(f"--overwrite refused: {root.uri} does not look like a raylead index folder; "
-                              "give a new or index --out folder")
+            raise ConfigError(
+                f"--overwrite refused: {root.uri} does not look like a raylead index folder; "
+                "give a new or index --out folder"
+            )
         log.info("--overwrite: removing %s", root.uri)
         root.remove()
     root.check_reachable(write=True)
-    build_loc.write_json({"fingerprint": fp, "plan": plan.to_json(), "source": source.description,
-                          "n": n, "dim": dim, "vector_dtype": config.vector_dtype})
+    build_loc.write_json(
+        {
+            "fingerprint": fp,
+            "plan": plan.to_json(),
+            "source": source.description,
+            "n": n,
+            "dim": dim,
+            "vector_dtype": config.vector_dtype,
+        }
+    )
 
     trained, trained_entry = _trained(root, source, plan, config, fp, dim)
     ranges = shard_ranges(n, plan.shards)
@@ -530,14 +609,26 @@ def build_index(source: VectorSource, out: str | Location, config: IndexBuildCon
             entries[e.shard] = e
 
     manifest = IndexManifest(
-        dim=dim, ntotal=n, plan=plan, vector_dtype=config.vector_dtype, fingerprint=fp,
-        source=source.description, trained=trained_entry,
+        dim=dim,
+        ntotal=n,
+        plan=plan,
+        vector_dtype=config.vector_dtype,
+        fingerprint=fp,
+        source=source.description,
+        trained=trained_entry,
         shards=tuple(entries[s] for s in range(len(ranges))),
-        build_seconds=round(time.monotonic() - t0, 3), created=time.time(),
+        build_seconds=round(time.monotonic() - t0, 3),
+        created=time.time(),
     )
     root.child(INDEX_MANIFEST).write_json(manifest.to_json())
-    log.info("index written to %s: %d vectors in %d shard(s), %.1f B/vector resident, %.1fs",
-             root.uri, n, len(ranges), manifest.resident_bytes / max(1, n), manifest.build_seconds)
+    log.info(
+        "index written to %s: %d vectors in %d shard(s), %.1f B/vector resident, %.1fs",
+        root.uri,
+        n,
+        len(ranges),
+        manifest.resident_bytes / max(1, n),
+        manifest.build_seconds,
+    )
     return manifest
 
 
@@ -558,12 +649,16 @@ def _trained(
             log.warning("trained index marker or file is damaged; training again")
     n = source.vectors.shape[0]
     rng = np.random.default_rng(config.seed)
-    rows = np.sort(rng.choice(n, size=plan.train_size, replace=False)) if plan.train_size < n else np.arange(n)
+    rows = (
+        np.sort(rng.choice(n, size=plan.train_size, replace=False)) if plan.train_size < n else np.arange(n)
+    )
     sample = np.ascontiguousarray(source.vectors[rows], dtype=np.float32)
     t = time.monotonic()
     log.info("training %s on %d vectors", plan.factory, sample.shape[0])
     _set_threads(os.cpu_count() or 1)
-    index = train_index(sample, dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu)
+    index = train_index(
+        sample, dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu
+    )
     data = serialize(index)
     loc.write_bytes(data)
     entry = FileEntry(TRAINED_FILE, sha256_bytes(data), len(data))
@@ -573,8 +668,13 @@ def _trained(
 
 
 def _encode_local(
-    root: Location, source: VectorSource, trained: bytes, ranges: list[tuple[int, int]], todo: list[int],
-    config: IndexBuildConfig, fp: str,
+    root: Location,
+    source: VectorSource,
+    trained: bytes,
+    ranges: list[tuple[int, int]],
+    todo: list[int],
+    config: IndexBuildConfig,
+    fp: str,
 ) -> list[dict[str, Any]]:
     fault = os.environ.get(FAULT_ENV)
     kill_after = int(fault) if fault and fault.isdigit() else None
@@ -583,15 +683,32 @@ def _encode_local(
         for s in todo:
             a, b = ranges[s]
             die = kill_after is not None and len(out) >= kill_after
-            out.append(encode_shard(root, s, trained, source.vectors[a:b], source.ids[a:b], a,
-                                    config.vector_dtype, fp, os.cpu_count() or 1, die))
+            out.append(
+                encode_shard(
+                    root,
+                    s,
+                    trained,
+                    source.vectors[a:b],
+                    source.ids[a:b],
+                    a,
+                    config.vector_dtype,
+                    fp,
+                    os.cpu_count() or 1,
+                    die,
+                )
+            )
             update(len(out), len(todo))
     return out
 
 
 def _encode_ray(
-    root: Location, source: VectorSource, trained: bytes, ranges: list[tuple[int, int]], todo: list[int],
-    config: IndexBuildConfig, fp: str,
+    root: Location,
+    source: VectorSource,
+    trained: bytes,
+    ranges: list[tuple[int, int]],
+    todo: list[int],
+    config: IndexBuildConfig,
+    fp: str,
 ) -> list[dict[str, Any]]:
     import ray
 
@@ -602,8 +719,17 @@ def _encode_ray(
     for s in todo:
         a, b = ranges[s]
         vec_ref = ray.put(np.ascontiguousarray(source.vectors[a:b]))
-        ref = remote.remote(root, s, trained_ref, vec_ref, list(source.ids[a:b]), a, config.vector_dtype, fp,
-                            config.cpus_per_task)
+        ref = remote.remote(
+            root,
+            s,
+            trained_ref,
+            vec_ref,
+            list(source.ids[a:b]),
+            a,
+            config.vector_dtype,
+            fp,
+            config.cpus_per_task,
+        )
         pending[ref] = s
     out: list[dict[str, Any]] = []
     with progress_bar("encoding index shards", len(todo)) as update:
@@ -634,7 +760,11 @@ def build_memory_index(base: np.ndarray, config: IndexBuildConfig | None = None)
     n, dim = base.shape
     plan = dataclasses.replace(make_plan(n, dim, config), shards=1)
     rng = np.random.default_rng(config.seed)
-    rows = np.sort(rng.choice(n, size=plan.train_size, replace=False)) if plan.train_size < n else np.arange(n)
-    index = train_index(base[rows], dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu)
+    rows = (
+        np.sort(rng.choice(n, size=plan.train_size, replace=False)) if plan.train_size < n else np.arange(n)
+    )
+    index = train_index(
+        base[rows], dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu
+    )
     add_vectors(index, base, 0)
     return MemoryIndex(index=index, base=base, plan=plan, build_seconds=time.monotonic() - t)

@@ -13,6 +13,7 @@ attacks' case) are searched exactly, or through a temporary in-memory IVF-PQ ind
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ from raylead.index import (
     sha256_file,
 )
 from raylead.plan import choose_engine
+from raylead.progress import progress_bar
 from raylead.storage import Location
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,12 @@ class SearchConfig:
                 raise ConfigError(f"{name}={v!r} is invalid: {fix}")
 
         pos("k", self.k, "give the number of neighbours per query (≥ 1), e.g. --k 10")
-        pos("nprobe", self.nprobe, "give the number of inverted lists to visit (≥ 1), or omit it to tune", True)
+        pos(
+            "nprobe",
+            self.nprobe,
+            "give the number of inverted lists to visit (≥ 1), or omit it to tune",
+            True,
+        )
         pos("k_factor", self.k_factor, "give the re-rank multiplier (≥ 1), or omit it to tune", True)
         pos("tune_sample", self.tune_sample, "give the number of queries to tune on (≥ 1), e.g. 128")
         pos("query_block", self.query_block, "give the number of queries per block (≥ 1), e.g. 2048")
@@ -80,10 +87,16 @@ class SearchConfig:
         tr = self.target_recall
         if isinstance(tr, bool) or not isinstance(tr, int | float) or not (0 < tr <= 1):
             raise ConfigError(f"target_recall={tr!r} is invalid: give a fraction in (0, 1], e.g. 0.99")
-        if not self.k_factors or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.k_factors):
-            raise ConfigError(f"k_factors={self.k_factors!r} is invalid: give positive integers, e.g. (4, 8, 16)")
+        if not self.k_factors or any(
+            isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.k_factors
+        ):
+            raise ConfigError(
+                f"k_factors={self.k_factors!r} is invalid: give positive integers, e.g. (4, 8, 16)"
+            )
         if not (0 < self.max_scan_fraction <= 1):
-            raise ConfigError(f"max_scan_fraction={self.max_scan_fraction!r} is invalid: give a fraction in (0, 1]")
+            raise ConfigError(
+                f"max_scan_fraction={self.max_scan_fraction!r} is invalid: give a fraction in (0, 1]"
+            )
         if (self.nprobe is None) != (self.k_factor is None):
             raise ConfigError("give both --nprobe and --k-factor, or neither (to tune both)")
 
@@ -123,10 +136,15 @@ class SearchResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "engine": self.engine, "reason": self.reason, "nprobe": self.nprobe, "k_factor": self.k_factor,
-            "recall_estimate": self.recall_estimate, "queries": int(self.scores.shape[0]),
+            "engine": self.engine,
+            "reason": self.reason,
+            "nprobe": self.nprobe,
+            "k_factor": self.k_factor,
+            "recall_estimate": self.recall_estimate,
+            "queries": int(self.scores.shape[0]),
             "k": int(self.scores.shape[1]) if self.scores.ndim == 2 else 0,
-            "tuning": self.tuning.to_json() if self.tuning else None, "seconds": self.seconds,
+            "tuning": self.tuning.to_json() if self.tuning else None,
+            "seconds": self.seconds,
         }
 
 
@@ -148,11 +166,17 @@ def _open_vectors(root: Location, shard: ShardEntry, dim: int, dtype: str, verif
     else:
         path = loc.path
         if verify and sha256_file(path) != shard.vectors.sha256:
-            raise CorruptDataError(f"{loc.uri} failed its checksum (truncated or corrupted); rebuild the index")
+            raise CorruptDataError(
+                f"{loc.uri} failed its checksum (truncated or corrupted); rebuild the index"
+            )
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if loc.is_s3:  # the mapping keeps the downloaded data alive; nothing is left behind on disk
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
     if arr.shape != (shard.rows, dim) or arr.dtype != np.dtype(dtype):
         raise CorruptDataError(
-            f"{loc.uri} holds {arr.dtype}{list(arr.shape)}, the manifest says {dtype}[{shard.rows}, {dim}]: rebuild"
+            f"{loc.uri} holds {arr.dtype}{list(arr.shape)}, the manifest says "
+            f"{dtype}[{shard.rows}, {dim}]: rebuild the index"
         )
     return arr
 
@@ -160,7 +184,9 @@ def _open_vectors(root: Location, shard: ShardEntry, dim: int, dtype: str, verif
 class ShardSearcherCore:
     """Searches one shard: IVF-PQ candidates, exact re-rank from the shard's stored vectors."""
 
-    def __init__(self, index: Any, vectors: np.ndarray, row_start: int, resident_bytes: int, threads: int = 1):
+    def __init__(
+        self, index: Any, vectors: np.ndarray, row_start: int, resident_bytes: int, threads: int = 1
+    ):
         import faiss
 
         self.index = index
@@ -174,7 +200,13 @@ class ShardSearcherCore:
 
     @classmethod
     def from_storage(
-        cls, root: Location, entry: dict[str, Any], dim: int, dtype: str, threads: int = 1, verify: bool = True
+        cls,
+        root: Location,
+        entry: dict[str, Any],
+        dim: int,
+        dtype: str,
+        threads: int = 1,
+        verify: bool = True,
     ) -> ShardSearcherCore:
         from raylead.index import deserialize
 
@@ -187,8 +219,13 @@ class ShardSearcherCore:
         return cls(index, vectors, shard.row_start, len(data), threads)
 
     def info(self) -> dict[str, Any]:
-        return {"rows": self.rows, "row_start": self.row_start, "resident_bytes": self.resident_bytes,
-                "nlist": int(self.ivf.nlist), "pid": os.getpid()}
+        return {
+            "rows": self.rows,
+            "row_start": self.row_start,
+            "resident_bytes": self.resident_bytes,
+            "nlist": int(self.ivf.nlist),
+            "pid": os.getpid(),
+        }
 
     # exact scores of given global rows (−1 → −inf)
     def rescore(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -196,18 +233,42 @@ class ShardSearcherCore:
         out = np.full((nq, kp), -np.inf, np.float32)
         if nq == 0 or kp == 0:
             return out
-        dim = self.vectors.shape[1]
-        chunk = max(1, RERANK_BLOCK_ELEMENTS // (kp * dim))
-        for c in range(0, nq, chunk):
-            ii = ids[c : c + chunk]
-            valid = ii >= 0
-            local = np.where(valid, ii - self.row_start, 0)
-            v = np.asarray(self.vectors[local.ravel()], dtype=np.float32).reshape(ii.shape[0], kp, dim)
-            s = np.matmul(v, q[c : c + chunk, :, None])[:, :, 0]
-            out[c : c + chunk] = np.where(valid, s, -np.inf)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        # Rows in ascending order per query: the gather walks memory forwards (2× faster).
+        order = np.argsort(ids, axis=1)
+        local = np.take_along_axis(ids, order, 1)
+        local = np.ascontiguousarray(np.where(local >= 0, local - self.row_start, -1), dtype=np.int64)
+        scores = np.empty((nq, kp), np.float32)
+        if self.vectors.dtype == np.float32 and self.vectors.flags.c_contiguous:
+            import faiss
+
+            _set_threads(self.threads)
+            by_idx = faiss.fvec_inner_products_by_idx  # type: ignore[attr-defined]
+            by_idx(
+                faiss.swig_ptr(scores),
+                faiss.swig_ptr(q),
+                faiss.swig_ptr(self.vectors),
+                faiss.swig_ptr(local),
+                self.vectors.shape[1],
+                nq,
+                kp,
+            )
+        else:
+            dim = self.vectors.shape[1]
+            chunk = max(1, RERANK_BLOCK_ELEMENTS // (kp * dim))
+            for c in range(0, nq, chunk):
+                li = local[c : c + chunk]
+                v = np.asarray(self.vectors[np.maximum(li, 0).ravel()], dtype=np.float32)
+                scores[c : c + chunk] = np.matmul(v.reshape(li.shape[0], kp, dim), q[c : c + chunk, :, None])[
+                    :, :, 0
+                ]
+        scores = np.where(local >= 0, scores, -np.inf).astype(np.float32)
+        np.put_along_axis(out, order, scores, 1)
         return out
 
-    def candidates(self, q: np.ndarray, kprime: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def candidates(
+        self, q: np.ndarray, kprime: int, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top ``kprime`` by approximate score (in that order) with their exact scores."""
         _set_threads(self.threads)
         self.ivf.nprobe = int(min(nprobe, self.ivf.nlist))
@@ -218,13 +279,15 @@ class ShardSearcherCore:
         approx = np.where(ids >= 0, approx, -np.inf).astype(np.float32)
         return ids, approx, self.rescore(q, ids)
 
-    def search(self, q: np.ndarray, k: int, k_factor: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(
+        self, q: np.ndarray, k: int, k_factor: int, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This shard's top ``k`` by exact score among its ``k·k_factor`` best approximate candidates."""
         ids, approx, ex = self.candidates(q, k * k_factor, nprobe)
         return top_by_exact(ex, ids, approx, k)
 
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        s, i = exact_mod.exact_search(q, self.vectors, k, device="cpu")
+        s, i = exact_mod.exact_search(q, self.vectors, k, device="auto")
         return s, np.where(i >= 0, i + self.row_start, -1)
 
     def range(
@@ -267,11 +330,16 @@ def top_by_exact(
         approx = np.concatenate([approx, np.full((nq, pad), -np.inf, np.float32)], 1)
     key = np.where(ids < 0, exact_mod.INT64_MAX, ids)
     order = np.lexsort((key, -exact_scores), axis=1)[:, :k]
-    return (np.take_along_axis(exact_scores, order, 1), np.take_along_axis(ids, order, 1),
-            np.take_along_axis(approx, order, 1))
+    return (
+        np.take_along_axis(exact_scores, order, 1),
+        np.take_along_axis(ids, order, 1),
+        np.take_along_axis(approx, order, 1),
+    )
 
 
-def merge_shards(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, ...]:
+def merge_shards(
+    parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int
+) -> tuple[np.ndarray, ...]:
     """Merge per-shard (exact, ids, approx) top-k lists into the global top-k by exact score."""
     ex = np.concatenate([p[0] for p in parts], 1)
     ids = np.concatenate([p[1] for p in parts], 1)
@@ -291,7 +359,9 @@ class PersistedIndex:
         for s in self.manifest.shards:
             rows, ids = read_ids(self.root, s.ids)
             if rows.size and (rows[0] != s.row_start or rows.size != s.rows):
-                raise CorruptDataError(f"ids of shard {s.shard} in {self.root.uri} do not match the manifest; rebuild")
+                raise CorruptDataError(
+                    f"ids of shard {s.shard} in {self.root.uri} do not match the manifest; rebuild"
+                )
             out.extend(ids)
         return out
 
@@ -326,7 +396,9 @@ class IndexSearcher:
             self.plan = index.plan
             self.ntotal, self.dim = (int(x) for x in index.base.shape)
             self.nshards = 1
-            self._cores = [ShardSearcherCore(index.index, index.base, 0, _resident(index.index), os.cpu_count() or 1)]
+            self._cores = [
+                ShardSearcherCore(index.index, index.base, 0, _resident(index.index), os.cpu_count() or 1)
+            ]
             self.use_ray = False
             return
         m = index.manifest
@@ -337,7 +409,9 @@ class IndexSearcher:
         if not self.use_ray:
             threads = os.cpu_count() or 1
             self._cores = [
-                ShardSearcherCore.from_storage(index.root, s.to_json(), m.dim, m.vector_dtype, threads, verify_vectors)
+                ShardSearcherCore.from_storage(
+                    index.root, s.to_json(), m.dim, m.vector_dtype, threads, verify_vectors
+                )
                 for s in m.shards
             ]
         else:
@@ -347,19 +421,29 @@ class IndexSearcher:
 
             ensure_ray()
             total = float(ray.cluster_resources().get("CPU", 1.0))
-            cpus = cpus_per_shard or (math.floor(total / self.nshards) if total >= self.nshards
-                                      else total / self.nshards)
+            cpus = cpus_per_shard or (
+                math.floor(total / self.nshards) if total >= self.nshards else total / self.nshards
+            )
             actor_cls = ray.remote(ShardSearcherActor).options(
-                num_cpus=cpus, max_restarts=max_restarts, max_task_retries=max_restarts, scheduling_strategy="SPREAD"
+                num_cpus=cpus,
+                max_restarts=max_restarts,
+                max_task_retries=max_restarts,
+                scheduling_strategy="SPREAD",
             )
             self._actors = [
-                actor_cls.remote(index.root, s.to_json(), m.dim, m.vector_dtype, max(1, math.floor(cpus)),
-                                 verify_vectors)
+                actor_cls.remote(
+                    index.root, s.to_json(), m.dim, m.vector_dtype, max(1, math.floor(cpus)), verify_vectors
+                )
                 for s in m.shards
             ]
             infos = ray.get([a.info.remote() for a in self._actors])
-            log.info("%d shard searcher(s) ready (%.1f CPU each) in %.1fs; %.1f MiB resident", len(infos), cpus,
-                     time.monotonic() - t, sum(i["resident_bytes"] for i in infos) / 2**20)
+            log.info(
+                "%d shard searcher(s) ready (%.1f CPU each) in %.1fs; %.1f MiB resident",
+                len(infos),
+                cpus,
+                time.monotonic() - t,
+                sum(i["resident_bytes"] for i in infos) / 2**20,
+            )
         self.load_seconds = time.monotonic() - t
 
     # -- plumbing --
@@ -372,16 +456,17 @@ class IndexSearcher:
         return [getattr(c, method)(*args) for c in self._cores]
 
     def _submit(self, method: str, *args: Any) -> list[Any]:
+        """Start ``method`` on every shard: Ray object refs, or (in-process) deferred calls."""
         if self._actors:
             return [getattr(a, method).remote(*args) for a in self._actors]
-        return [getattr(c, method)(*args) for c in self._cores]
+        return [functools.partial(getattr(c, method), *args) for c in self._cores]
 
     def _gather(self, handles: list[Any]) -> list[Any]:
         if self._actors:
             import ray
 
             return list(ray.get(handles))
-        return handles
+        return [h() for h in handles]
 
     def _put(self, x: np.ndarray) -> Any:
         if self._actors:
@@ -420,11 +505,19 @@ class IndexSearcher:
         """Approximate top-k with exact re-rank: (exact scores, rows, approximate scores)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         blocks = self._blocks(q.shape[0], query_block)
+        # All blocks are queued at once (each actor works through them in order) and merged as
+        # they come back, so shards never wait for the driver.
         pending = [self._submit("search", self._put(q[a:b]), k, k_factor, nprobe) for a, b in blocks]
-        outs = [merge_shards(self._gather(h), k) for h in pending]
+        outs = []
+        with progress_bar("searching query blocks", len(blocks)) as update:
+            for h in pending:
+                outs.append(merge_shards(self._gather(h), k))
+                update(len(outs), len(blocks))
         return _concat3(outs, k)
 
-    def exact_search(self, queries: np.ndarray, k: int, query_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    def exact_search(
+        self, queries: np.ndarray, k: int, query_block: int = 8192
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the stored vectors of every shard."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         blocks = self._blocks(q.shape[0], query_block)
@@ -459,12 +552,15 @@ class IndexSearcher:
 class ShardSearcherActor:
     """Ray actor body: a :class:`ShardSearcherCore` loaded from storage inside the actor."""
 
-    def __init__(self, root: Location, entry: dict[str, Any], dim: int, dtype: str, threads: int, verify: bool):
-        logging.basicConfig(level=logging.INFO)
+    def __init__(
+        self, root: Location, entry: dict[str, Any], dim: int, dtype: str, threads: int, verify: bool
+    ):
         self.core = ShardSearcherCore.from_storage(root, entry, dim, dtype, threads, verify)
 
     def info(self) -> dict[str, Any]:
-        return self.core.info()
+        import ray
+
+        return self.core.info() | {"node_id": ray.get_runtime_context().get_node_id()}
 
     def search(self, q: np.ndarray, k: int, k_factor: int, nprobe: int) -> tuple[np.ndarray, ...]:
         return self.core.search(q, k, k_factor, nprobe)
@@ -475,7 +571,9 @@ class ShardSearcherActor:
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.core.exact(q, k)
 
-    def range(self, q: np.ndarray, threshold: float, nprobe: int | None, margin: float) -> tuple[np.ndarray, ...]:
+    def range(
+        self, q: np.ndarray, threshold: float, nprobe: int | None, margin: float
+    ) -> tuple[np.ndarray, ...]:
         return self.core.range(q, threshold, nprobe, margin)
 
     def pid(self) -> int:
@@ -491,8 +589,11 @@ def _resident(index: Any) -> int:
 def _concat3(outs: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not outs:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-    return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]),
-            np.concatenate([o[2] for o in outs]))
+    return (
+        np.concatenate([o[0] for o in outs]),
+        np.concatenate([o[1] for o in outs]),
+        np.concatenate([o[2] for o in outs]),
+    )
 
 
 # -- tuning -------------------------------------------------------------------------------------
@@ -509,9 +610,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return total / n if n else 1.0
 
 
-def tune(
-    searcher: IndexSearcher, queries: np.ndarray, config: SearchConfig
-) -> TuneReport:
+def tune(searcher: IndexSearcher, queries: np.ndarray, config: SearchConfig) -> TuneReport:
     """Smallest nprobe (doubling), then smallest k_factor, whose recall@k on a query sample
     against exact search reaches the target; the best seen if none does within the scan cap."""
     t = time.monotonic()
@@ -531,14 +630,20 @@ def tune(
     while True:
         parts = searcher.candidates(qs, k * kfs[-1], nprobe)
         for kf in kfs:
-            per_shard = [top_by_exact(ex[:, : k * kf], ids[:, : k * kf], ap[:, : k * kf], k) for ids, ap, ex in parts]
+            per_shard = [
+                top_by_exact(ex[:, : k * kf], ids[:, : k * kf], ap[:, : k * kf], k) for ids, ap, ex in parts
+            ]
             _, found, _ = merge_shards(per_shard, k)
             rec = recall_at_k(found, gt)
             trials.append({"nprobe": nprobe, "k_factor": kf, "recall": round(rec, 5)})
             if rec >= config.target_recall and chosen is None:
                 chosen = trials[-1]
-        log.info("tuning: nprobe=%d recall@%d %s", nprobe, k,
-                 ", ".join(f"k_factor {tr['k_factor']}: {tr['recall']:.4f}" for tr in trials[-len(kfs):]))
+        log.info(
+            "tuning: nprobe=%d recall@%d %s",
+            nprobe,
+            k,
+            ", ".join(f"k_factor {tr['k_factor']}: {tr['recall']:.4f}" for tr in trials[-len(kfs) :]),
+        )
         if chosen is not None or nprobe >= max_nprobe:
             break
         nprobe = min(nprobe * 2, max_nprobe)
@@ -548,11 +653,22 @@ def tune(
         chosen = next(tr for tr in trials if tr["recall"] == best)
         log.warning(
             "target recall %.3f not reached within nprobe ≤ %d (%.0f%% of lists): best %.4f at nprobe=%d, "
-            "k_factor=%d; use --engine exact for exact answers", config.target_recall, max_nprobe,
-            100 * config.max_scan_fraction, best, chosen["nprobe"], chosen["k_factor"])
+            "k_factor=%d; use --engine exact for exact answers",
+            config.target_recall,
+            max_nprobe,
+            100 * config.max_scan_fraction,
+            best,
+            chosen["nprobe"],
+            chosen["k_factor"],
+        )
     return TuneReport(
-        nprobe=int(chosen["nprobe"]), k_factor=int(chosen["k_factor"]), recall=float(chosen["recall"]),
-        target=float(config.target_recall), reached=reached, sample=int(n_sample), trials=trials,
+        nprobe=int(chosen["nprobe"]),
+        k_factor=int(chosen["k_factor"]),
+        recall=float(chosen["recall"]),
+        target=float(config.target_recall),
+        reached=reached,
+        sample=int(n_sample),
+        trials=trials,
         seconds=round(time.monotonic() - t, 3),
     )
 
@@ -588,20 +704,26 @@ def search(
     and says what it chose in ``reason``; when tuning cannot reach the target recall it falls
     back to exact search. ``nprobe`` + ``k_factor`` skip tuning.
     """
-    cfg = config or SearchConfig(k=k, engine=engine, target_recall=target_recall, nprobe=nprobe,
-                                 k_factor=k_factor, device=device)
+    cfg = config or SearchConfig(
+        k=k, engine=engine, target_recall=target_recall, nprobe=nprobe, k_factor=k_factor, device=device
+    )
     q = exact_mod._check_matrix("queries", queries, finite=True)
     q = np.ascontiguousarray(q, dtype=np.float32)
     t0 = time.monotonic()
     if isinstance(index_or_base, np.ndarray):
         return _search_base(q, index_or_base, cfg, t0)
     owned = not isinstance(index_or_base, IndexSearcher)
-    searcher = index_or_base if isinstance(index_or_base, IndexSearcher) else IndexSearcher(
-        index_or_base, use_ray=use_ray)
+    searcher = (
+        index_or_base
+        if isinstance(index_or_base, IndexSearcher)
+        else IndexSearcher(index_or_base, use_ray=use_ray)
+    )
     try:
         if q.shape[0] and q.shape[1] != searcher.dim:
-            raise ConfigError(f"queries have dimension {q.shape[1]} but the index has {searcher.dim}: "
-                              "embed both with the same matcher")
+            raise ConfigError(
+                f"queries have dimension {q.shape[1]} but the index has {searcher.dim}: "
+                "embed both with the same matcher"
+            )
         return _search_index(q, searcher, cfg, t0, index_built=True)
     finally:
         if owned:
@@ -611,22 +733,41 @@ def search(
 def _search_base(q: np.ndarray, base: np.ndarray, cfg: SearchConfig, t0: float) -> SearchResult:
     b = exact_mod._check_matrix("base", base, finite=False)
     if q.shape[0] and q.shape[1] != b.shape[1]:
-        raise ConfigError(f"queries have dimension {q.shape[1]} but base has {b.shape[1]}: "
-                          "embed both with the same matcher")
+        raise ConfigError(
+            f"queries have dimension {q.shape[1]} but base has {b.shape[1]}: embed both with the same matcher"
+        )
     engine, reason = cfg.engine, f"engine={cfg.engine} requested"
     dev = exact_mod.resolve_device(cfg.device)
     if engine == "auto":
-        choice = choose_engine(q.shape[0], b.shape[0], b.shape[1], k=cfg.k, index_built=False,
-                               cpus=os.cpu_count() or 1, gpu=dev != "cpu" and dev != "torch",
-                               target_recall=cfg.target_recall)
+        choice = choose_engine(
+            q.shape[0],
+            b.shape[0],
+            b.shape[1],
+            k=cfg.k,
+            index_built=False,
+            cpus=os.cpu_count() or 1,
+            gpu=dev != "cpu" and dev != "torch",
+            target_recall=cfg.target_recall,
+        )
         engine, reason = choice.engine, choice.reason
     if engine == "exact":
         s, i = exact_mod.exact_search(q, b, cfg.k, device=cfg.device)
-        return SearchResult(s, i, np.full(s.shape, np.nan, np.float32), "exact", reason, None, None, 1.0,
-                            seconds={"search": round(time.monotonic() - t0, 3)})
+        return SearchResult(
+            s,
+            i,
+            np.full(s.shape, np.nan, np.float32),
+            "exact",
+            reason,
+            None,
+            None,
+            1.0,
+            seconds={"search": round(time.monotonic() - t0, 3)},
+        )
     from raylead.index import IndexBuildConfig
 
-    mem = build_memory_index(np.asarray(b), IndexBuildConfig(executor="local", target_recall=cfg.target_recall))
+    mem = build_memory_index(
+        np.asarray(b), IndexBuildConfig(executor="local", target_recall=cfg.target_recall)
+    )
     searcher = IndexSearcher(mem)
     res = _search_index(q, searcher, cfg, time.monotonic(), index_built=True, reason_prefix=reason)
     res.seconds["build"] = round(mem.build_seconds, 3)
@@ -634,34 +775,67 @@ def _search_base(q: np.ndarray, base: np.ndarray, cfg: SearchConfig, t0: float) 
 
 
 def _search_index(
-    q: np.ndarray, searcher: IndexSearcher, cfg: SearchConfig, t0: float, *, index_built: bool,
+    q: np.ndarray,
+    searcher: IndexSearcher,
+    cfg: SearchConfig,
+    t0: float,
+    *,
+    index_built: bool,
     reason_prefix: str | None = None,
 ) -> SearchResult:
     engine = cfg.engine
     reason = reason_prefix or f"engine={cfg.engine} requested"
     if engine == "auto":
-        choice = choose_engine(q.shape[0], searcher.ntotal, searcher.dim, k=cfg.k, index_built=index_built,
-                               plan=searcher.plan, cpus=_available_cpus(), target_recall=cfg.target_recall)
+        choice = choose_engine(
+            q.shape[0],
+            searcher.ntotal,
+            searcher.dim,
+            k=cfg.k,
+            index_built=index_built,
+            plan=searcher.plan,
+            cpus=_available_cpus(),
+            target_recall=cfg.target_recall,
+        )
         engine, reason = choice.engine, choice.reason
     if engine == "exact" or q.shape[0] == 0:
         s, i = searcher.exact_search(q, cfg.k)
-        return SearchResult(s, i, np.full(s.shape, np.nan, np.float32), "exact", reason, None, None, 1.0,
-                            seconds={"search": round(time.monotonic() - t0, 3)})
+        return SearchResult(
+            s,
+            i,
+            np.full(s.shape, np.nan, np.float32),
+            "exact",
+            reason,
+            None,
+            None,
+            1.0,
+            seconds={"search": round(time.monotonic() - t0, 3)},
+        )
     report: TuneReport | None = None
     if cfg.nprobe is not None and cfg.k_factor is not None:
         nprobe, kf, rec = cfg.nprobe, cfg.k_factor, None
     else:
         report = tune(searcher, q, cfg)
         nprobe, kf, rec = report.nprobe, report.k_factor, report.recall
-        reason += (f"; tuned on {report.sample} queries: nprobe={nprobe}, k_factor={kf}, "
-                   f"recall@{cfg.k}≈{rec:.4f} (target {cfg.target_recall:g}"
-                   f"{'' if report.reached else ', NOT reached'})")
+        reason += (
+            f"; tuned on {report.sample} queries: nprobe={nprobe}, k_factor={kf}, "
+            f"recall@{cfg.k}≈{rec:.4f} (target {cfg.target_recall:g}"
+            f"{'' if report.reached else ', NOT reached'})"
+        )
         if not report.reached and cfg.engine == "auto":
             log.warning("falling back to exact search: the target recall is not reachable cheaply")
             s, i = searcher.exact_search(q, cfg.k)
-            return SearchResult(s, i, np.full(s.shape, np.nan, np.float32), "exact",
-                                reason + "; fell back to exact", None, None, 1.0, report,
-                                {"tune": report.seconds, "search": round(time.monotonic() - t0, 3)})
+            return SearchResult(
+                s,
+                i,
+                np.full(s.shape, np.nan, np.float32),
+                "exact",
+                reason + "; fell back to exact",
+                None,
+                None,
+                1.0,
+                report,
+                {"tune": report.seconds, "search": round(time.monotonic() - t0, 3)},
+            )
     s, i, a = searcher.search(q, cfg.k, kf, nprobe, cfg.query_block)
     seconds = {"search": round(time.monotonic() - t0, 3)}
     if report:
@@ -697,10 +871,12 @@ def results_table(result: SearchResult, query_ids: Sequence[str], target_ids: Se
     rows = result.idx[valid]
     qids = np.asarray(query_ids, dtype=object)[qi]
     tids = np.asarray(target_ids, dtype=object)[rows] if rows.size else np.zeros(0, dtype=object)
-    return pa.table({
-        "query_id": pa.array(qids.tolist(), pa.string()),
-        "rank": pa.array(rank.astype(np.int32), pa.int32()),
-        "target_id": pa.array(tids.tolist(), pa.string()),
-        "score": pa.array(result.scores[valid].astype(np.float32), pa.float32()),
-        "approx_score": pa.array(result.approx_scores[valid].astype(np.float32), pa.float32()),
-    })
+    return pa.table(
+        {
+            "query_id": pa.array(qids.tolist(), pa.string()),
+            "rank": pa.array(rank.astype(np.int32), pa.int32()),
+            "target_id": pa.array(tids.tolist(), pa.string()),
+            "score": pa.array(result.scores[valid].astype(np.float32), pa.float32()),
+            "approx_score": pa.array(result.approx_scores[valid].astype(np.float32), pa.float32()),
+        }
+    )

@@ -152,3 +152,29 @@ def write_collection():
         return str(path)
 
     return _write
+
+
+# ---- search (issue 3): small clustered vectors and indexes built once per session ---------------
+@pytest.fixture(scope="session")
+def clustered_small():
+    """8000 × 32-d clustered vectors (80 identities) + 400 queries, half from new identities."""
+    from types import SimpleNamespace
+
+    from raylead.bench.search import clustered_vectors
+
+    base, queries, labels, in_base = clustered_vectors(8000, 400, 32, 80, seed=3)
+    return SimpleNamespace(base=base, queries=queries, labels=labels, in_base=in_base)
+
+
+@pytest.fixture(scope="session")
+def small_indexes(tmp_path_factory: pytest.TempPathFactory, clustered_small) -> dict[int, str]:
+    """The same vectors indexed with 1 and with 4 shards (encoded in-process): {shards: folder}."""
+    from raylead.index import IndexBuildConfig, build_index, source_from_arrays
+
+    source = source_from_arrays(clustered_small.base, [f"img{i:05d}" for i in range(8000)])
+    out = {}
+    for shards in (1, 4):
+        path = str(tmp_path_factory.mktemp(f"index{shards}"))
+        build_index(source, path, IndexBuildConfig(shards=shards, executor="local"))
+        out[shards] = path
+    return out

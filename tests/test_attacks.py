@@ -12,14 +12,13 @@ import pytest
 
 from raylead.attacks import (
     EmbeddedSet,
-    SearchBase,
-    nearest,
     MatcherSpec,
     Threshold,
     auc_mann_whitney,
     best_match,
     histogram,
     histogram_edges,
+    nearest,
     parse_matchers,
     set_aside,
 )
@@ -162,7 +161,9 @@ def test_top_pairs_certificate_extends_lists() -> None:
     far_q, _, _ = clustered(5, 1, seed=4)
     far_b, _, _ = clustered(5, 1, seed=5)
     s = np.concatenate([unit(t.mean(axis=0, keepdims=True)), far_q])
-    got = top_pairs(s, np.concatenate([t, far_b]), 30, k_start=4, search_fn=lambda q, b, k: nearest(q, b, k, "exact"))
+    got = top_pairs(
+        s, np.concatenate([t, far_b]), 30, k_start=4, search_fn=lambda q, b, k: nearest(q, b, k, "exact")
+    )
     sc, ti, si = top_pairs_bruteforce(s, np.concatenate([t, far_b]), 30)
     assert got.rounds >= 2 and np.array_equal(got.train_idx, ti) and np.array_equal(got.synthetic_idx, si)
 
@@ -597,3 +598,21 @@ def test_top_pairs_terminates_when_an_engine_returns_short_lists() -> None:
 
     got = top_pairs(s, t, 200, search_fn=short, k_start=2)
     assert got.scores.size == 20 * 3 and calls[-1] == 40 and np.all(np.diff(got.scores) <= 0)
+
+
+def test_idiap_with_the_approximate_engine() -> None:
+    """IVF-PQ candidates + exact re-rank (raylead.search): scores exact, pairs found ≈ all."""
+    rng = np.random.default_rng(0)
+    centres = unit(rng.normal(size=(60, 16)))
+    lab = rng.integers(0, 60, 600)
+    x = unit(centres[lab] + 0.125 * rng.normal(size=(600, 16)))
+    q = unit(x[:80] + 0.02 * rng.normal(size=(80, 16)))
+    r = idiap_attack(EmbeddedSet.from_arrays(x), EmbeddedSet.from_arrays(q), 100, engine="approximate")
+    assert r.pairs.engine == "approximate" and r.best_engine == "approximate"
+    sc, ti, si = top_pairs_bruteforce(q, x, 100)
+    found = set(zip(r.pairs.train_idx.tolist(), r.pairs.synthetic_idx.tolist(), strict=True))
+    assert len(found & set(zip(ti.tolist(), si.tolist(), strict=True))) >= 90  # measured 98
+    np.testing.assert_allclose(
+        r.pairs.scores, np.einsum("ij,ij->i", q[r.pairs.synthetic_idx], x[r.pairs.train_idx]), atol=1e-5
+    )
+    assert np.mean(r.best_train_idx == (q @ x.T).argmax(1)) >= 0.9

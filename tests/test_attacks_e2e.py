@@ -279,7 +279,7 @@ def test_tinsley_two_matchers_with_and_without_leak(tmp_path, lfw, specs, split,
             "threshold",
         ):
             assert leak[key] is not None
-        # measured: dlib 0.941 / 0.377, onnx 0.937 / 0.408
+        # measured: dlib 0.941 / 0.382, onnx 0.937 / 0.408
         assert leak["auc_train_vs_holdout"] >= 0.9 and none["auc_train_vs_holdout"] <= 0.6
         assert leak["ks_pvalue"] < 1e-10
         assert leak["fraction_above_threshold_train"] > leak["fraction_above_threshold_holdout"] + 0.5
@@ -367,7 +367,8 @@ def test_webster_flags_the_leaked_members(tmp_path, label, lfw, specs, split, ca
         m["random_precision"],
     )
     assert a1["f1"] >= 0.9  # measured dlib 0.941, onnx 1.0
-    assert c1["f1"] > 2 * 0.2 / 1.2  # closed set beats the random baseline's F1 (measured ≈ 0.64-0.70)
+    # closed set beats the random baseline's F1 (measured dlib 0.667, onnx 0.640)
+    assert c1["f1"] > 2 * 0.2 / 1.2
 
 
 def test_calibrate_lfw_dlib_equals_brute_force(tmp_path, lfw) -> None:
@@ -411,7 +412,7 @@ def test_calibrate_lfw_dlib_equals_brute_force(tmp_path, lfw) -> None:
         d["eer"],
         d["eer_threshold"],
     )
-    assert 0.005 < d["eer"] < 0.05  # measured 0.0191
+    assert 0.005 < d["eer"] < 0.05  # measured 0.0178 at 0.9019; θ(1e-3) = 0.92805
 
 
 def test_folder_inputs_run_the_embed_pipeline(

@@ -302,7 +302,7 @@ def idiap_attack(
     scores = best.scores[:, 0] if best.scores.size else np.zeros(len(synthetic), np.float32)
     idx = best.idx[:, 0] if best.idx.size else np.full(len(synthetic), -1, np.int64)
     extra_values = [threshold.value] if threshold is not None else []
-    edges = histogram_edges(scores, np.asarray(extra_values, np.float64), bins=bins)
+    edges = histogram_edges(scores, pairs.scores, np.asarray(extra_values, np.float64), bins=bins)
     return IdiapResult(pairs, scores, idx, best.engine, best.reason, threshold, edges)
 
 
@@ -447,7 +447,7 @@ def write_idiap(
         "top_k": cfg.top_k,
         "pairs_returned": int(p.scores.size),
         "no_identity_twice": cfg.no_identity_twice,
-        "pairs_score": summary(p.scores),
+        "pairs_score": {**summary(p.scores), "histogram": histogram(p.scores, result.edges).to_json()},
         "pairs_above_threshold": int((p.scores >= theta).sum()) if theta is not None else None,
         "set_aside": aside.to_json() if aside is not None else None,
         "synthetic_scored": len(synthetic),

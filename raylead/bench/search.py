@@ -81,7 +81,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def clustered_vectors(
     n: int, n_queries: int, dim: int, identities: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(base [n, dim], queries [nq, dim], base_identity [n], query_in_base [nq] bool)``, float32, L2-normalised.
+    """``(base [n, dim], queries [nq, dim], base_identity [n], query_in_base [nq])``, L2-normalised.
 
     The first half of the queries are from base identities, the second half from new ones.
     """
@@ -98,10 +98,12 @@ def clustered_vectors(
         base[a:b] = _unit(centres[labels[a:b]] + sigma * noise)
     rq = np.random.default_rng(s_queries)
     n_in = n_queries // 2
-    q_centres = np.concatenate([
-        centres[rq.integers(0, identities, n_in)],
-        _unit(rq.standard_normal((n_queries - n_in, dim), dtype=np.float32)),
-    ])
+    q_centres = np.concatenate(
+        [
+            centres[rq.integers(0, identities, n_in)],
+            _unit(rq.standard_normal((n_queries - n_in, dim), dtype=np.float32)),
+        ]
+    )
     queries = _unit(q_centres + sigma * rq.standard_normal((n_queries, dim), dtype=np.float32))
     in_base = np.arange(n_queries) < n_in
     return base, np.ascontiguousarray(queries, np.float32), labels, in_base
@@ -153,15 +155,17 @@ def bench_search(cfg: SearchBenchConfig) -> dict[str, Any]:
     t = time.monotonic()
     exact_pairs = exact.topk_pairs_from_search(flat_fn, nq, cfg.pairs, k0=k, n_base=n)
     exact_pairs_seconds = time.monotonic() - t
-    del flat
+    flat.reset()  # free its 4·N·D bytes before building
     gc.collect()
 
     work = cfg.work_dir or tempfile.mkdtemp(prefix="raylead-bench-search-")
     index_dir = os.path.join(work, "index")
     try:
         build_cfg = IndexBuildConfig(
-            shards=cfg.shards or (os.cpu_count() or 1), target_recall=cfg.target_recall,
-            vector_dtype=cfg.vector_dtype, overwrite=True,  # type: ignore[arg-type]
+            shards=cfg.shards,
+            target_recall=cfg.target_recall,
+            vector_dtype=cfg.vector_dtype,  # type: ignore[arg-type]
+            overwrite=True,
         )
         t = time.monotonic()
         manifest = build_index(source_from_arrays(base, description="bench"), index_dir, build_cfg)
@@ -172,14 +176,20 @@ def bench_search(cfg: SearchBenchConfig) -> dict[str, Any]:
         searcher = IndexSearcher(open_index(index_dir))
         load_seconds = time.monotonic() - t
         try:
-            scfg = SearchConfig(k=k, engine="approximate", target_recall=cfg.target_recall,
-                                nprobe=cfg.nprobe, k_factor=cfg.k_factor)
+            scfg = SearchConfig(
+                k=k,
+                engine="approximate",
+                target_recall=cfg.target_recall,
+                nprobe=cfg.nprobe,
+                k_factor=cfg.k_factor,
+            )
             t = time.monotonic()
             res = _search_index(queries, searcher, scfg, t, index_built=True)
             raylead_seconds = time.monotonic() - t
             t = time.monotonic()
-            rl_pairs = search_topk_pairs(queries, searcher, cfg.pairs, k0=k, nprobe=res.nprobe,
-                                         k_factor=res.k_factor)
+            rl_pairs = search_topk_pairs(
+                queries, searcher, cfg.pairs, k0=k, nprobe=res.nprobe, k_factor=res.k_factor
+            )
             pairs_seconds = time.monotonic() - t
             resident = searcher.resident_bytes()
         finally:
@@ -191,15 +201,23 @@ def bench_search(cfg: SearchBenchConfig) -> dict[str, Any]:
     rec = _recall_rows(res.idx, ex_i)
     rec1 = (res.idx[:, 0] == ex_i[:, 0]).astype(np.float64)
     out: dict[str, Any] = {
-        "vectors": n, "queries": nq, "dim": d,
-        "exact_seconds": round(exact_seconds, 3), "raylead_seconds": round(raylead_seconds, 3),
+        "vectors": n,
+        "queries": nq,
+        "dim": d,
+        "exact_seconds": round(exact_seconds, 3),
+        "raylead_seconds": round(raylead_seconds, 3),
         "speedup": round(exact_seconds / raylead_seconds, 2),
-        "recall_at_1": round(float(rec1.mean()), 5), "recall_at_10": round(float(rec.mean()), 5),
+        "recall_at_1": round(float(rec1.mean()), 5),
+        "recall_at_10": round(float(rec.mean()), 5),
         "topk_pairs_recall": round(_pairs_recall(exact_pairs, rl_pairs), 5),
         "index_bytes_per_vector": round(resident / n, 2),
-        "nprobe": res.nprobe, "k_factor": res.k_factor, "shards": len(manifest.shards),
+        "nprobe": res.nprobe,
+        "k_factor": res.k_factor,
+        "shards": len(manifest.shards),
         # details
-        "k": k, "identities": cfg.n_identities, "pairs": cfg.pairs,
+        "k": k,
+        "identities": cfg.n_identities,
+        "pairs": cfg.pairs,
         "recall_at_10_base_identities": round(float(rec[in_base].mean()), 5) if in_base.any() else None,
         "recall_at_10_new_identities": round(float(rec[~in_base].mean()), 5) if (~in_base).any() else None,
         "recall_at_1_base_identities": round(float(rec1[in_base].mean()), 5) if in_base.any() else None,
@@ -209,11 +227,15 @@ def bench_search(cfg: SearchBenchConfig) -> dict[str, Any]:
         "target_reached_in_tuning": res.tuning.reached if res.tuning else None,
         "tune_seconds": res.tuning.seconds if res.tuning else 0.0,
         "tuning_trials": res.tuning.trials if res.tuning else [],
-        "factory": manifest.plan.factory, "vector_dtype": cfg.vector_dtype,
-        "build_seconds": round(build_seconds, 3), "load_seconds": round(load_seconds, 3),
-        "generate_seconds": round(gen_s, 3), "exact_pairs_seconds": round(exact_pairs_seconds, 3),
+        "factory": manifest.plan.factory,
+        "vector_dtype": cfg.vector_dtype,
+        "build_seconds": round(build_seconds, 3),
+        "load_seconds": round(load_seconds, 3),
+        "generate_seconds": round(gen_s, 3),
+        "exact_pairs_seconds": round(exact_pairs_seconds, 3),
         "raylead_pairs_seconds": round(pairs_seconds, 3),
-        "cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
         "faiss": faiss.__version__,
     }
     return out

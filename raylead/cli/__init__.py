@@ -35,6 +35,7 @@ def _root(
 def _register() -> None:
     # Each stage module adds its commands to ``app``; the order here is the help order.
     from raylead.cli import attack, bench, calibrate, demo, embed  # noqa: F401
+    from raylead.cli import index, search  # noqa: F401
 
 
 _register()

@@ -42,3 +42,39 @@ def bench_embed_cmd(
         aligned=aligned, batch_size=batch_size, actors=actors,
     )
     _write_json(bench_embed(cfg), json_out)
+
+
+@bench_app.command("search")
+def bench_search_cmd(
+    vectors: Annotated[int, typer.Option("--vectors", help="Base vectors (N).")] = 1_000_000,
+    queries: Annotated[
+        int, typer.Option("--queries", help="Query vectors (half from base identities).")
+    ] = 10_000,
+    dim: Annotated[int, typer.Option("--dim", help="Dimension (D).")] = 512,
+    identities: Annotated[
+        int | None, typer.Option("--identities", help="Identity centres (default: N/100).")
+    ] = None,
+    shards: Annotated[
+        int | None, typer.Option("--shards", help="Index shards (default: the plan's).")
+    ] = None,
+    target_recall: Annotated[
+        float, typer.Option("--target-recall", help="Recall@10 the tuner aims for.")
+    ] = 0.99,
+    vector_dtype: Annotated[
+        str, typer.Option("--vector-dtype", help="Stored re-rank vectors: float32 or float16.")
+    ] = "float32",
+    nprobe: Annotated[
+        int | None, typer.Option("--nprobe", help="Fix nprobe (with --k-factor): no tuning.")
+    ] = None,
+    k_factor: Annotated[int | None, typer.Option("--k-factor", help="Fix the re-rank multiplier.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Data generator seed.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON result here too.")] = None,
+) -> None:
+    """FAISS IndexFlatIP exact search vs raylead's sharded IVF-PQ search on clustered vectors."""
+    from raylead.bench.search import SearchBenchConfig, bench_search
+
+    cfg = SearchBenchConfig(
+        vectors=vectors, queries=queries, dim=dim, identities=identities, shards=shards,
+        target_recall=target_recall, vector_dtype=vector_dtype, nprobe=nprobe, k_factor=k_factor, seed=seed,
+    )
+    _write_json(bench_search(cfg), json_out)

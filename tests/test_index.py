@@ -1,0 +1,279 @@
+"""Index build: layout, checksums, manifest last, Ray encoding, resume after a kill, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raylead.errors import ConfigError, CorruptDataError, PathEscapeError
+from raylead.index import (
+    FAULT_ENV,
+    INDEX_MANIFEST,
+    IndexBuildConfig,
+    build_index,
+    deserialize,
+    make_plan,
+    read_index_manifest,
+    sha256_file,
+    source_from_arrays,
+    source_from_collection,
+)
+from raylead.search import IndexSearcher, open_index
+from raylead.storage import Location
+
+
+def _files(root: str) -> dict[str, str]:
+    """Every file under root (relative path → sha256), temporary files excluded."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, root)] = sha256_file(full)
+    return out
+
+
+def test_layout_and_manifest(small_indexes, clustered_small):
+    root = small_indexes[4]
+    m = read_index_manifest(Location.parse(root))
+    assert m.ntotal == 8000 and m.dim == 32 and len(m.shards) == 4
+    assert m.plan.factory.startswith("IVF") and "x4fsr" in m.plan.factory
+    files = _files(root)
+    # manifest last: every other file is older or equal
+    mtime = os.path.getmtime(os.path.join(root, INDEX_MANIFEST))
+    assert all(os.path.getmtime(os.path.join(root, f)) <= mtime for f in files)
+    assert not [f for f in files if ".tmp-" in f]
+    trained = deserialize(Path(root, m.trained.path).read_bytes())
+    assert trained.is_trained and trained.ntotal == 0
+    assert files[m.trained.path] == m.trained.sha256
+    rows = 0
+    for s in m.shards:
+        for entry in (s.index, s.vectors, s.ids):
+            assert files[entry.path] == entry.sha256
+            assert os.path.getsize(os.path.join(root, entry.path)) == entry.bytes
+        idx = deserialize(Path(root, s.index.path).read_bytes())
+        assert idx.ntotal == s.rows
+        vec = np.load(os.path.join(root, s.vectors.path), mmap_mode="r", allow_pickle=False)
+        assert isinstance(vec, np.memmap) and vec.dtype == np.float32 and vec.shape == (s.rows, 32)
+        np.testing.assert_array_equal(vec, clustered_small.base[s.row_start : s.row_start + s.rows])
+        ids = pq.read_table(os.path.join(root, s.ids.path))
+        assert ids.column("row").to_pylist()[0] == s.row_start == rows
+        assert ids.column("image_id").to_pylist()[0] == f"img{rows:05d}"
+        rows += s.rows
+        assert s.resident_bytes == s.index.bytes
+    assert rows == 8000
+    # resident bytes per vector are what the plan predicted, roughly
+    assert m.resident_bytes / m.ntotal == pytest.approx(m.plan.bytes_per_vector, rel=0.35)
+
+
+def test_rerun_of_a_finished_index_does_nothing(small_indexes, clustered_small):
+    root = small_indexes[1]
+    before = {f: os.path.getmtime(os.path.join(root, f)) for f in _files(root)}
+    source = source_from_arrays(clustered_small.base, [f"img{i:05d}" for i in range(8000)])
+    build_index(source, root, IndexBuildConfig(shards=1, executor="local"))
+    assert {f: os.path.getmtime(os.path.join(root, f)) for f in _files(root)} == before
+
+
+def test_other_inputs_refused_then_overwritten(small_indexes, clustered_small, tmp_path):
+    other = source_from_arrays(clustered_small.base[:4000])
+    root = tmp_path / "idx"
+    build_index(other, str(root), IndexBuildConfig(executor="local"))
+    with pytest.raises(ConfigError, match="--overwrite"):
+        build_index(
+            source_from_arrays(clustered_small.base[:3000]), str(root), IndexBuildConfig(executor="local")
+        )
+    m = build_index(
+        source_from_arrays(clustered_small.base[:3000]),
+        str(root),
+        IndexBuildConfig(executor="local", overwrite=True),
+    )
+    assert m.ntotal == 3000
+    plain = tmp_path / "not-an-index"
+    plain.mkdir()
+    (plain / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="does not look like a raylead index"):
+        build_index(other, str(plain), IndexBuildConfig(executor="local", overwrite=True))
+    assert (plain / "precious.txt").exists()
+
+
+def test_ray_encoding_matches_local(ray_local, small_indexes, clustered_small, tmp_path):
+    """Shards encoded by parallel Ray tasks are byte-identical to in-process encoding."""
+    source = source_from_arrays(clustered_small.base, [f"img{i:05d}" for i in range(8000)])
+    m = build_index(source, str(tmp_path / "ray"), IndexBuildConfig(shards=4, executor="ray"))
+    local = read_index_manifest(Location.parse(small_indexes[4]))
+    assert m.fingerprint == local.fingerprint
+    assert [s.index.sha256 for s in m.shards] == [s.index.sha256 for s in local.shards]
+    assert [s.vectors.sha256 for s in m.shards] == [s.vectors.sha256 for s in local.shards]
+
+
+def _build_script(data: str, out: str) -> str:
+    return (
+        "import logging, numpy as np\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from raylead.index import IndexBuildConfig, build_index, source_from_arrays\n"
+        f"x = np.load({data!r})\n"
+        f"build_index(source_from_arrays(x), {out!r}, IndexBuildConfig(shards=4, executor='local', seed=7))\n"
+    )
+
+
+def test_killed_build_resumes(clustered_small, tmp_path):
+    """SIGKILL in the middle of the 2nd shard; the rerun keeps shard 0 and equals a fresh build."""
+    data = str(tmp_path / "x.npy")
+    np.save(data, clustered_small.base)
+    out = str(tmp_path / "killed")
+    env = dict(os.environ, **{FAULT_ENV: "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _build_script(data, out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    shards_dir = Path(out, "shards")
+    assert sorted(p.name for p in shards_dir.glob("*.done.json")) == ["shard-00000.done.json"]
+    assert Path(shards_dir, "shard-00001.faissindex").exists()  # half-written shard, no marker
+    assert not Path(out, INDEX_MANIFEST).exists()
+    with pytest.raises(ConfigError, match="not a finished index"):
+        open_index(out)
+    first = Path(shards_dir, "shard-00000.faissindex").stat().st_mtime_ns
+
+    env.pop(FAULT_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-c", _build_script(data, out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reusing the trained index" in proc.stderr and "1 of 4 shards already finished" in proc.stderr
+    assert Path(shards_dir, "shard-00000.faissindex").stat().st_mtime_ns == first
+
+    fresh = str(tmp_path / "fresh")
+    proc = subprocess.run(
+        [sys.executable, "-c", _build_script(data, fresh)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = _files(out), _files(fresh)
+    assert a.keys() == b.keys()
+    # byte-for-byte: every file but the manifest (which records times) is identical
+    assert {f: h for f, h in a.items() if f != INDEX_MANIFEST} == {
+        f: h for f, h in b.items() if f != INDEX_MANIFEST
+    }
+    q = clustered_small.queries[:50]
+    with IndexSearcher(out, use_ray=False) as s1, IndexSearcher(fresh, use_ray=False) as s2:
+        r1, r2 = s1.search(q, 10, 8, 16), s2.search(q, 10, 8, 16)
+    for x, y in zip(r1, r2, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_corrupt_shard_is_detected_and_rebuilt(clustered_small, tmp_path):
+    root = tmp_path / "idx"
+    source = source_from_arrays(clustered_small.base[:4000])
+    m = build_index(source, str(root), IndexBuildConfig(shards=2, executor="local"))
+    vec = root / m.shards[1].vectors.path
+    data = bytearray(vec.read_bytes())
+    data[-7] ^= 0xFF
+    vec.write_bytes(bytes(data))
+    with pytest.raises(CorruptDataError, match="checksum"):
+        IndexSearcher(str(root), use_ray=False)
+    # a rerun after deleting the manifest rebuilds exactly the damaged shard
+    (root / INDEX_MANIFEST).unlink()
+    good = (root / m.shards[0].index.path).stat().st_mtime_ns
+    m2 = build_index(source, str(root), IndexBuildConfig(shards=2, executor="local"))
+    assert (root / m.shards[0].index.path).stat().st_mtime_ns == good
+    assert m2.shards[1].vectors.sha256 == m.shards[1].vectors.sha256
+    IndexSearcher(str(root), use_ray=False).close()
+
+
+def test_manifest_tampering_is_refused(small_indexes, tmp_path):
+    src = Path(small_indexes[1], INDEX_MANIFEST).read_text()
+    root = tmp_path / "copy"
+    root.mkdir()
+    d = json.loads(src)
+    d["shards"][0]["vectors"]["path"] = "../../etc/passwd"
+    (root / INDEX_MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(PathEscapeError, match="climbs out"):
+        open_index(str(root))
+    d = json.loads(src)
+    d["kind"] = "something.else"
+    (root / INDEX_MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(CorruptDataError, match="not a raylead index"):
+        open_index(str(root))
+
+
+def test_build_from_collection(write_collection, clustered_small, tmp_path):
+    emb = clustered_small.base[:2000]
+    ids = [f"s3://bucket/faces/{i}.jpg" for i in range(2000)]
+    statuses = ["ok"] * 2000
+    statuses[5] = "no_face"
+    coll = write_collection(tmp_path / "coll", ids, [None] * 2000, emb, statuses=statuses)
+    source = source_from_collection(coll)
+    assert source.vectors.shape == (1999, 32) and source.ids[5] == ids[6]
+    m = build_index(source, str(tmp_path / "idx"), IndexBuildConfig(executor="local"))
+    idx = open_index(str(tmp_path / "idx"))
+    assert idx.target_ids() == [i for j, i in enumerate(ids) if j != 5]
+    assert m.source.endswith("coll")
+
+
+def test_plan_overrides_and_config_validation(clustered_small):
+    plan = make_plan(8000, 32, IndexBuildConfig(nlist=64, m=8))
+    assert (plan.nlist, plan.m, plan.factory) == (64, 8, "IVF64,PQ8x4fsr")
+    with pytest.raises(ConfigError, match="m=7 does not divide"):
+        make_plan(8000, 32, IndexBuildConfig(m=7))
+    with pytest.raises(ConfigError, match="nlist=9000 exceeds"):
+        make_plan(8000, 32, IndexBuildConfig(nlist=9000))
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"shards": 0}, "shards=0"),
+        ({"memory_budget_bytes": -1}, "memory_budget_bytes=-1"),
+        ({"target_recall": 0}, "target_recall=0"),
+        ({"vector_dtype": "int8"}, "vector_dtype='int8'"),
+        ({"executor": "dask"}, "executor='dask'"),
+        ({"seed": -3}, "seed=-3"),
+        ({"gpu": "always"}, "gpu='always'"),
+    ],
+)
+def test_build_config_rejects(kwargs, needle):
+    with pytest.raises(ConfigError) as err:
+        IndexBuildConfig(**kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_float16_vectors(clustered_small, tmp_path):
+    m = build_index(
+        source_from_arrays(clustered_small.base[:3000]),
+        str(tmp_path / "f16"),
+        IndexBuildConfig(executor="local", vector_dtype="float16"),
+    )
+    v = np.load(tmp_path / "f16" / m.shards[0].vectors.path, mmap_mode="r")
+    assert v.dtype == np.float16
+    with IndexSearcher(str(tmp_path / "f16"), use_ray=False) as s:
+        scores, idx, _ = s.search(clustered_small.queries[:20], 5, 8, m.plan.nlist)
+        exact = clustered_small.queries[:20] @ clustered_small.base[:3000].T
+        np.testing.assert_allclose(scores, np.take_along_axis(exact, idx, 1), atol=2e-3)
+
+
+def test_build_resume_and_search_on_s3(s3_server, clustered_small):
+    """The same index on S3: written with one PUT per file, resumed, searched (vectors downloaded)."""
+    source = source_from_arrays(clustered_small.base[:3000])
+    uri = "s3://raylead/search-test/idx"
+    m = build_index(source, uri, IndexBuildConfig(shards=2, executor="local"))
+    root = Location.parse(uri)
+    assert {f"shards/shard-0000{i}.done.json" for i in (0, 1)} <= set(root.list_files())
+    root.child(INDEX_MANIFEST).remove()
+    root.child("shards/shard-00001.done.json").remove()
+    m2 = build_index(source, uri, IndexBuildConfig(shards=2, executor="local"))
+    assert [s.index.sha256 for s in m2.shards] == [s.index.sha256 for s in m.shards]
+    q = clustered_small.queries[:30]
+    with IndexSearcher(uri, use_ray=False) as s:
+        got = s.exact_search(q, 5)
+    want = np.argsort(-(q @ clustered_small.base[:3000].T), axis=1)[:, :5]
+    np.testing.assert_array_equal(got[1], want)

@@ -1,0 +1,173 @@
+"""Planning: index plans and engine choices from tables of cases (pure functions, no FAISS)."""
+
+from __future__ import annotations
+
+import pytest
+
+from raylead.errors import ConfigError
+from raylead.plan import (
+    EngineChoice,
+    IndexPlan,
+    choose_engine,
+    estimate_approx_seconds,
+    estimate_exact_seconds,
+    plan_index,
+    resident_bytes_per_vector,
+)
+
+GiB = 1 << 30
+
+# n, dim, budget, target → factory, nlist, m, nbits, opq, shards, k_factor, nprobe_start, train_size
+PLAN_CASES = [
+    # the benchmark: 1M × 512, roomy budget → 64-byte fast-scan codes, no OPQ (4 dims per sub-quantizer)
+    (1_000_000, 512, 8 * GiB, 0.99, "IVF2048,PQ128x4fsr", 2048, 128, 4, False, 1, 16, 8, 102_400),
+    # a 50 B/vector budget forces 32-byte codes; 8 dims per sub-quantizer → OPQ
+    (1_000_000, 512, 50_000_000, 0.99, "OPQ64,IVF2048,PQ64x4fsr", 2048, 64, 4, True, 1, 16, 8, 102_400),
+    # 128-d matchers (dlib, MobileFaceNet): at most D/2 sub-quantizers
+    (100_000, 128, 8 * GiB, 0.95, "IVF512,PQ64x4fsr", 512, 64, 4, False, 1, 8, 2, 25_600),
+    # lower recall targets start with fewer re-rank candidates
+    (100_000, 128, 8 * GiB, 0.90, "IVF512,PQ64x4fsr", 512, 64, 4, False, 1, 4, 2, 25_600),
+    # the smallest index: one list, every vector trains
+    (64, 32, 8 * GiB, 0.99, "IVF1,PQ16x4fsr", 1, 16, 4, False, 1, 16, 1, 64),
+    # nlist is capped so that k-means has ≥ 39 points per list
+    (5_000, 64, 8 * GiB, 0.99, "IVF128,PQ32x4fsr", 128, 32, 4, False, 1, 16, 1, 5_000),
+    # LAION-like: 5e9 × 512 within 400 GB, 4 GiB shards
+    (
+        5_000_000_000,
+        512,
+        400 * 10**9,
+        0.99,
+        "IVF65536,PQ128x4fsr",
+        65536,
+        128,
+        4,
+        False,
+        89,
+        16,
+        256,
+        1_000_000,
+    ),
+    # odd dimensions: the largest divisor when no even one exists
+    (50_000, 75, 8 * GiB, 0.99, "IVF512,PQ25x4fsr", 512, 25, 4, False, 1, 16, 2, 25_600),
+]
+
+
+@pytest.mark.parametrize(
+    "n,dim,budget,target,factory,nlist,m,nbits,opq,shards,k_factor,nprobe_start,train_size", PLAN_CASES
+)
+def test_plan_table(
+    n, dim, budget, target, factory, nlist, m, nbits, opq, shards, k_factor, nprobe_start, train_size
+):
+    plan = plan_index(n, dim, budget, target)
+    got = (
+        plan.factory,
+        plan.nlist,
+        plan.m,
+        plan.nbits,
+        plan.opq,
+        plan.shards,
+        plan.k_factor,
+        plan.nprobe_start,
+        plan.train_size,
+    )
+    assert got == (factory, nlist, m, nbits, opq, shards, k_factor, nprobe_start, train_size), plan.reason
+    assert plan.bytes_per_vector * n <= budget
+    assert str(nlist) in plan.reason and plan.reason
+
+
+def test_plan_respects_min_shards_and_shard_size():
+    plan = plan_index(1_000_000, 512, 8 * GiB, 0.99, min_shards=4)
+    assert plan.shards == 4
+    # each shard carries its own centroids: more shards cost more bytes per vector
+    assert plan.bytes_per_vector > plan_index(1_000_000, 512, 8 * GiB, 0.99).bytes_per_vector
+    small = plan_index(1_000_000, 512, 8 * GiB, 0.99, shard_max_bytes=20_000_000)
+    assert small.shards >= 4
+    assert small.bytes_per_vector * 1_000_000 / small.shards <= 20_000_000
+
+
+def test_resident_bytes_formula():
+    # codes + ids + (centroids + codebooks + half a 32-code block per list) / n
+    bpv = resident_bytes_per_vector(1_000_000, 512, 2048, 128, 4, False, 1)
+    fixed = 2048 * 512 * 4 + 16 * 512 * 4 + 2048 * 16 * (64 + 8)
+    assert bpv == pytest.approx(64 + 8 + fixed / 1_000_000)
+    assert resident_bytes_per_vector(1_000_000, 512, 2048, 64, 4, True, 2) > resident_bytes_per_vector(
+        1_000_000, 512, 2048, 64, 4, False, 2
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(n=10, dim=64, memory_budget_bytes=GiB), "at least 64 vectors"),
+        (dict(n=1000, dim=0, memory_budget_bytes=GiB), "dim=0"),
+        (dict(n=1000, dim=64, memory_budget_bytes=0), "memory_budget_bytes=0"),
+        (dict(n=1000, dim=64, memory_budget_bytes=GiB, target_recall=1.5), "target_recall=1.5"),
+        (dict(n=1000, dim=64, memory_budget_bytes=GiB, target_recall=0), "target_recall=0"),
+        (dict(n=1000, dim=64, memory_budget_bytes=GiB, min_shards=2000), "min_shards=2000"),
+        (dict(n=1_000_000, dim=512, memory_budget_bytes=1_000_000), "too small"),
+        (dict(n=1000.5, dim=64, memory_budget_bytes=GiB), "n=1000.5"),
+    ],
+)
+def test_plan_rejects(kwargs, needle):
+    with pytest.raises(ConfigError) as err:
+        plan_index(**kwargs)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_plan_roundtrip_and_validation():
+    plan = plan_index(100_000, 128, GiB)
+    assert IndexPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(ConfigError, match="nprobe_start"):
+        IndexPlan("IVF4,PQ4", 4, 4, 4, False, 100, 1, 8, 8, "x")
+    with pytest.raises(ConfigError, match="nlist=0"):
+        IndexPlan("IVF4,PQ4", 0, 4, 4, False, 100, 1, 8, 1, "x")
+
+
+# n_queries, n_base, dim, kwargs → engine
+ENGINE_CASES = [
+    (100, 1_000, 128, {}, "exact"),  # tiny: exact is instant
+    (10_000, 1_000_000, 512, {"index_built": True}, "approximate"),  # the benchmark, index built
+    (10_000, 1_000_000, 512, {"index_built": False}, "exact"),  # a one-off search: building costs more
+    (1_000_000, 1_000_000, 512, {"index_built": False}, "approximate"),  # 10^12 pairs: build
+    (10_000, 1_000_000, 512, {"index_built": True, "gpu": True}, "exact"),  # a GPU scans 1M in no time
+    (10_000, 1_000_000, 512, {"index_built": True, "target_recall": 1.0}, "exact"),
+    (0, 1_000_000, 512, {"index_built": True}, "exact"),
+    (10, 50, 512, {"index_built": True}, "exact"),  # below the index minimum
+    (1_000, 10_000, 128, {"k": 10_000}, "exact"),  # k ≥ N: everything is an answer
+    (5_000_000, 5_000_000_000, 512, {"index_built": True, "cpus": 1024}, "approximate"),
+]
+
+
+@pytest.mark.parametrize("nq,nb,dim,kwargs,engine", ENGINE_CASES)
+def test_engine_table(nq, nb, dim, kwargs, engine):
+    choice = choose_engine(nq, nb, dim, **kwargs)
+    assert isinstance(choice, EngineChoice)
+    assert choice.engine == engine, choice.reason
+    assert choice.estimated_seconds_exact >= 0 and choice.reason
+    if choice.estimated_seconds_approx is not None and engine == "approximate":
+        assert choice.estimated_seconds_approx * 4 <= choice.estimated_seconds_exact
+
+
+def test_estimates_scale():
+    assert estimate_exact_seconds(2, 100, 8) == pytest.approx(2 * estimate_exact_seconds(1, 100, 8))
+    assert estimate_exact_seconds(10, 10**6, 512, gpu=True) < estimate_exact_seconds(10, 10**6, 512)
+    plan = plan_index(1_000_000, 512, 8 * GiB)
+    built = estimate_approx_seconds(10_000, 1_000_000, 512, plan)
+    assert estimate_approx_seconds(10_000, 1_000_000, 512, plan, index_built=False) > built
+    assert estimate_approx_seconds(10_000, 1_000_000, 512, plan, nprobe=512) > built
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,needle",
+    [
+        ((-1, 10, 8), {}, "n_queries=-1"),
+        ((1, 10, 0), {}, "dim=0"),
+        ((1, 10, 8), {"k": 0}, "k=0"),
+        ((1, 10, 8), {"cpus": 0}, "cpus=0"),
+        ((1, 10, 8), {"target_recall": 2}, "target_recall=2"),
+    ],
+)
+def test_engine_rejects(args, kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        choose_engine(*args, **kwargs)

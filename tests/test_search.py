@@ -1,0 +1,352 @@
+"""Search: exact engine = brute force, tuned recall, shard merging, actors, range, pairs, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from raylead import exact
+from raylead.errors import ConfigError
+from raylead.search import (
+    IndexSearcher,
+    SearchConfig,
+    open_index,
+    recall_at_k,
+    results_table,
+    search,
+    search_topk_pairs,
+)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _brute_topk(q: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = q.astype(np.float64) @ b.astype(np.float64).T
+    order = np.lexsort((np.broadcast_to(np.arange(b.shape[0]), s.shape), -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+def _same_pairs(got: tuple[np.ndarray, ...], want: tuple[np.ndarray, ...]) -> None:
+    """Same pairs in the same order; scores equal up to float32 rounding (BLAS vs numpy paths)."""
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
+@pytest.fixture(scope="module")
+def rand():
+    rng = np.random.default_rng(11)
+    base = _unit(rng.standard_normal((3000, 24)))
+    base[100] = base[7]  # exact duplicates: ties broken by the lower index
+    base[2999] = base[7]
+    q = _unit(rng.standard_normal((257, 24)))
+    q[3] = base[7]
+    return q, base
+
+
+# -- exact engine ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+@pytest.mark.parametrize("k,block", [(1, 64), (10, 1000), (10, 3000), (17, 97)])
+def test_exact_search_equals_brute_force(rand, device, k, block):
+    q, base = rand
+    s, i = exact.exact_search(q, base, k, block_size=block, device=device)
+    bs, bi = _brute_topk(q, base, k)
+    assert s.dtype == np.float32 and i.dtype == np.int64 and s.shape == (257, k)
+    np.testing.assert_allclose(s, bs, atol=1e-5)
+    # identical ids wherever scores are not tied within float32 noise
+    gaps = np.abs(np.diff(bs, axis=1)) > 1e-5
+    clear = (
+        np.concatenate([gaps[:, :1], gaps[:, 1:] & gaps[:, :-1], gaps[:, -1:]], 1)
+        if k > 1
+        else np.ones_like(i, bool)
+    )
+    np.testing.assert_array_equal(i[clear], bi[clear])
+    if k >= 3:
+        assert list(i[3, :3]) == [7, 100, 2999]  # duplicates: ascending index
+
+
+def test_exact_search_pads_small_base(rand):
+    q, base = rand
+    s, i = exact.exact_search(q[:4], base[:3], 5)
+    assert (i[:, 3:] == -1).all() and np.isneginf(s[:, 3:]).all()
+    assert sorted(i[0, :3].tolist()) == [0, 1, 2]
+    s, i = exact.exact_search(q[:0], base, 5)
+    assert s.shape == (0, 5)
+
+
+@pytest.mark.parametrize(
+    "call,needle",
+    [
+        (lambda q, b: exact.exact_search(q, b[:, :5], 3), "dimension"),
+        (lambda q, b: exact.exact_search(q, b, 0), "k=0"),
+        (lambda q, b: exact.exact_search(q[0], b, 3), "2-D"),
+        (lambda q, b: exact.exact_search(q.astype(np.int32), b, 3), "dtype"),
+        (lambda q, b: exact.exact_search(np.full_like(q, np.nan), b, 3), "NaN"),
+        (lambda q, b: exact.exact_search(q, b, 3, block_size=0), "block_size=0"),
+        (lambda q, b: exact.exact_search(q, b, 3, device="tpu"), "device='tpu'"),
+        (lambda q, b: exact.range_search(q, b, float("nan")), "threshold=nan"),
+        (lambda q, b: exact.topk_pairs(q, b, 0), "K=0"),
+    ],
+)
+def test_exact_rejects(rand, call, needle):
+    q, base = rand
+    with pytest.raises(ConfigError) as err:
+        call(q, base)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+@pytest.mark.parametrize("threshold", [0.35, 0.5, 1.0])
+def test_range_search_equals_brute_force(rand, device, threshold):
+    q, base = rand
+    lims, s, i = exact.range_search(q, base, threshold, block_size=700, device=device)
+    full = q @ base.T
+    assert lims.shape == (258,) and lims[0] == 0 and lims[-1] == s.size == i.size
+    for r in range(q.shape[0]):
+        want = np.flatnonzero(full[r] >= np.float32(threshold))
+        got = i[lims[r] : lims[r + 1]]
+        assert sorted(got.tolist()) == want.tolist()
+        seg = s[lims[r] : lims[r + 1]]
+        assert (np.diff(seg) <= 0).all()
+    if threshold == 1.0:  # the query equal to base[7] and its duplicates score ≈ 1
+        assert set(i[lims[3] : lims[4]].tolist()) <= {7, 100, 2999}
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+@pytest.mark.parametrize("K", [1, 50, 1500])
+def test_topk_pairs_equals_brute_force(rand, device, K):
+    q, base = rand
+    s, qi, bi = exact.topk_pairs(q, base, K, block_size=500, device=device)
+    full = (q @ base.T).ravel()
+    order = np.lexsort((np.arange(full.size) % 3000, np.arange(full.size) // 3000, -full))[:K]
+    assert s.shape == (K,)
+    np.testing.assert_allclose(s, full[order], atol=1e-6)
+    np.testing.assert_array_equal(qi, order // 3000)
+    np.testing.assert_array_equal(bi, order % 3000)
+    if K >= 3:  # three tied pairs (query 3 vs the duplicates) come first, by base index
+        assert list(zip(qi[:3].tolist(), bi[:3].tolist(), strict=True)) == [(3, 7), (3, 100), (3, 2999)]
+
+
+def test_topk_pairs_from_search_deepens(rand):
+    q, base = rand
+    calls = []
+
+    def fn(rows, k):
+        calls.append((len(rows), k))
+        return exact.exact_search(q[rows], base, k)
+
+    got = exact.topk_pairs_from_search(fn, q.shape[0], 400, k0=2, n_base=base.shape[0])
+    want = exact.topk_pairs(q, base, 400)
+    _same_pairs(got, want)
+    assert len(calls) > 1 and calls[1][0] < q.shape[0]  # only saturated queries were searched again
+
+
+# -- search() on in-memory bases (the attacks' path) ----------------------------------------------
+def test_search_base_exact_and_auto(rand):
+    q, base = rand
+    res = search(q, base, 10, engine="exact")
+    s, i = exact.exact_search(q, base, 10)
+    np.testing.assert_array_equal(res.idx, i)
+    assert res.engine == "exact" and np.isnan(res.approx_scores).all()
+    auto = search(q, base, 10)
+    assert auto.engine == "exact" and "small" in auto.reason or "exact" in auto.reason
+    np.testing.assert_array_equal(auto.idx, i)
+
+
+def test_search_base_approximate(clustered_small):
+    c = clustered_small
+    res = search(c.queries, c.base, 10, engine="approximate", target_recall=0.995)
+    _, truth = exact.exact_search(c.queries, c.base, 10)
+    assert res.engine == "approximate" and res.nprobe and res.k_factor and res.tuning is not None
+    assert recall_at_k(res.idx, truth) >= 0.99
+    assert "build" in res.seconds and "tuned on" in res.reason
+
+
+# -- persisted indexes ------------------------------------------------------------------------------
+def test_tuned_recall_on_clustered_set(ray_local, small_indexes, clustered_small):
+    """Recall@10 ≥ 0.99 against brute force, through Ray shard actors and tuning."""
+    c = clustered_small
+    _, truth = exact.exact_search(c.queries, c.base, 10)
+    cfg = SearchConfig(k=10, engine="approximate", target_recall=0.995, max_scan_fraction=0.5)
+    with IndexSearcher(small_indexes[4]) as searcher:
+        assert len({i["pid"] for i in searcher.shard_info()}) == 4
+        res = search(c.queries, searcher, config=cfg)
+    assert res.tuning is not None and res.tuning.reached
+    assert res.nprobe < open_index(small_indexes[4]).manifest.plan.nlist  # not an exhaustive scan
+    assert recall_at_k(res.idx, truth) >= 0.99
+    # returned scores are the exact inner products of the returned rows
+    full = c.queries @ c.base.T
+    np.testing.assert_allclose(res.scores, np.take_along_axis(full, res.idx, 1), atol=1e-5)
+    assert (np.diff(res.scores, axis=1) <= 0).all()
+    assert np.isfinite(res.approx_scores).all()
+
+
+def test_one_shard_and_four_shards_agree(small_indexes, clustered_small):
+    c = clustered_small
+    plan = open_index(small_indexes[1]).manifest.plan
+    assert plan.factory == open_index(small_indexes[4]).manifest.plan.factory
+    with (
+        IndexSearcher(small_indexes[1], use_ray=False) as one,
+        IndexSearcher(small_indexes[4], use_ray=False) as four,
+    ):
+        a = one.search(c.queries, 10, 32, plan.nlist)
+        b = four.search(c.queries, 10, 32, plan.nlist)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+        ea, eb = one.exact_search(c.queries, 10), four.exact_search(c.queries, 10)
+        np.testing.assert_array_equal(ea[1], eb[1])
+        np.testing.assert_array_equal(a[1], ea[1])
+
+
+def test_index_exact_engine_and_range(small_indexes, clustered_small):
+    c = clustered_small
+    with IndexSearcher(small_indexes[4], use_ray=False) as s:
+        res = search(c.queries, s, 10, engine="exact")
+        _, truth = exact.exact_search(c.queries, c.base, 10)
+        np.testing.assert_array_equal(res.idx, truth)
+        want = exact.range_search(c.queries, c.base, 0.6)
+        got = s.range_search(c.queries, 0.6)  # nprobe=None: every stored vector
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+        for r in range(400):  # same pairs; order may differ only between scores equal to float32 rounding
+            seg = slice(want[0][r], want[0][r + 1])
+            assert sorted(got[2][seg].tolist()) == sorted(want[2][seg].tolist())
+        approx = s.range_search(c.queries, 0.6, nprobe=s.plan.nlist, margin=0.3)
+        pairs = set(
+            zip(np.repeat(np.arange(400), np.diff(approx[0])).tolist(), approx[2].tolist(), strict=True)
+        )
+        truth_pairs = set(
+            zip(np.repeat(np.arange(400), np.diff(want[0])).tolist(), want[2].tolist(), strict=True)
+        )
+        assert pairs <= truth_pairs and len(pairs) >= 0.99 * len(truth_pairs)
+
+
+def test_topk_pairs_through_index(small_indexes, clustered_small):
+    c = clustered_small
+    want = exact.topk_pairs(c.queries, c.base, 300)
+    with IndexSearcher(small_indexes[4], use_ray=False) as s:
+        got = search_topk_pairs(c.queries, s, 300, k0=10, nprobe=s.plan.nlist // 4, k_factor=16)
+        exact_got = search_topk_pairs(c.queries, s, 300, k0=10, nprobe=None, k_factor=None)
+    _same_pairs(exact_got, want)
+    truth = set(zip(want[1].tolist(), want[2].tolist(), strict=True))
+    assert set(zip(got[1].tolist(), got[2].tolist(), strict=True)) == truth
+
+
+def test_actor_restarts_after_a_crash(ray_local, small_indexes, clustered_small):
+    q = clustered_small.queries[:64]
+    with IndexSearcher(small_indexes[1]) as s:
+        before = s.search(q, 10, 8, 16)
+        pid = s.shard_info()[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        after = s.search(q, 10, 8, 16)  # the call is retried on the restarted actor
+        assert s.shard_info()[0]["pid"] != pid
+    for x, y in zip(before, after, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_auto_engine_says_why(small_indexes, clustered_small):
+    with IndexSearcher(small_indexes[1], use_ray=False) as s:
+        res = search(clustered_small.queries[:10], s, 5)
+    assert res.engine == "exact" and "exact" in res.reason and "8000" in res.reason
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"k": 0}, "k=0"),
+        ({"engine": "fast"}, "engine='fast'"),
+        ({"target_recall": 1.2}, "target_recall=1.2"),
+        ({"nprobe": 4}, "both --nprobe and --k-factor"),
+        ({"nprobe": 0, "k_factor": 2}, "nprobe=0"),
+        ({"k_factors": (0, 2)}, "k_factors"),
+        ({"max_scan_fraction": 0}, "max_scan_fraction=0"),
+    ],
+)
+def test_search_config_rejects(kwargs, needle):
+    with pytest.raises(ConfigError) as err:
+        SearchConfig(**kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_query_dimension_mismatch(small_indexes):
+    with pytest.raises(ConfigError, match="dimension 16 but the index has 32"):
+        search(np.ones((2, 16), np.float32), small_indexes[1], 5, use_ray=False)
+
+
+def test_results_table_contract(rand):
+    q, base = rand
+    res = search(q[:3], base[:4], 6, engine="exact")
+    t = results_table(res, ["a", "b", "c"], [f"t{i}" for i in range(4)])
+    assert t.column_names == ["query_id", "rank", "target_id", "score", "approx_score"]
+    assert str(t.schema.field("rank").type) == "int32" and str(t.schema.field("score").type) == "float"
+    assert t.num_rows == 12  # padding (−1) rows are left out
+    assert t.column("query_id").to_pylist()[:4] == ["a"] * 4 and t.column("rank").to_pylist()[:4] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def test_cli_build_and_search(write_collection, clustered_small, tmp_path):
+    from raylead.cli import app
+
+    c = clustered_small
+    base = write_collection(tmp_path / "train", [f"t{i}" for i in range(3000)], [None] * 3000, c.base[:3000])
+    queries = write_collection(tmp_path / "synth", [f"s{i}" for i in range(40)], [None] * 40, c.queries[:40])
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["index", "build", base, "--out", str(tmp_path / "idx"), "--shards", "2", "--local"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "plan: IVF" in r.output and "why:" in r.output
+    r = runner.invoke(app, ["index", "info", str(tmp_path / "idx")])
+    assert r.exit_code == 0 and json.loads(r.output)["shards"] == 2
+    out = tmp_path / "res"
+    r = runner.invoke(
+        app,
+        [
+            "search",
+            queries,
+            "--index",
+            str(tmp_path / "idx"),
+            "--k",
+            "5",
+            "--out",
+            str(out),
+            "--engine",
+            "approximate",
+            "--pairs",
+            "20",
+            "--threshold",
+            "0.6",
+            "--local",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "engine: approximate" in r.output and "tuned on 40 queries" in r.output
+    t = pq.read_table(out / "results.parquet")
+    assert t.column_names == ["query_id", "rank", "target_id", "score", "approx_score"] and t.num_rows == 200
+    s, i = exact.exact_search(c.queries[:40], c.base[:3000], 5)
+    got = np.array([int(x[1:]) for x in t.column("target_id").to_pylist()]).reshape(40, 5)
+    assert recall_at_k(got, i) >= 0.95
+    pairs = pq.read_table(out / "pairs.parquet")
+    assert pairs.num_rows == 20 and pairs.column("score").to_pylist() == sorted(
+        pairs.column("score").to_pylist(), reverse=True
+    )
+    assert (out / "range.parquet").exists()
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["engine"] == "approximate" and summary["files"]["pairs"] == "pairs.parquet"
+    r = runner.invoke(
+        app, ["search", queries, "--index", str(tmp_path / "idx"), "--out", str(out), "--k", "0"]
+    )
+    assert r.exit_code != 0
