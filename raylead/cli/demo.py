@@ -15,7 +15,7 @@ def demo(
         str, typer.Option("--out", "-o", help="Folder for the demo's data and results.")
     ] = "raylead-demo",
 ) -> None:
-    """Build a small face set from installed photos and run the pipeline on it with the dlib matcher."""
+    """A full leakage audit (dlib matcher, local Ray) on face photos the installed packages ship."""
     from raylead.demo import run_demo
 
     for line in run_demo(out):
