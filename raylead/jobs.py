@@ -18,15 +18,24 @@ from raylead.errors import RayleadError
 C = TypeVar("C")
 
 
-def run_job(name: str, config_cls: type[C], stage: Callable[[C], str], argv: list[str] | None = None) -> int:
-    """Parse ``--config``, build ``config_cls`` from the YAML, run ``stage``; returns the exit code."""
+def run_job(
+    name: str,
+    config_cls: type[C],
+    stage: Callable[[C], str],
+    argv: list[str] | None = None,
+    transform: Callable[[Any], Any] | None = None,
+) -> int:
+    """Parse ``--config``, build ``config_cls`` from the YAML (after ``transform``), run ``stage``;
+    returns the exit code."""
     parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=f"raylead {name} as a Ray job")
     parser.add_argument("--config", required=True, help="YAML file with the stage's options")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        data: Any = load_yaml(args.config)
-        cfg = from_mapping(config_cls, data or {}, where=args.config)
+        data: Any = load_yaml(args.config) or {}
+        if transform is not None and isinstance(data, dict):
+            data = transform(data)
+        cfg = from_mapping(config_cls, data, where=args.config)
         print(stage(cfg), flush=True)
     except RayleadError as exc:
         print(f"raylead {name}: error: {exc}", file=sys.stderr, flush=True)

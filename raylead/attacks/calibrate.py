@@ -345,7 +345,7 @@ class CalibrateConfig:
     max_pairs: int = DEFAULT_MAX_PAIRS
     embeddings_dir: str | None = None  # default: <folder of --out>/embeddings
     actors: int = 1
-    s3: S3Options | None = field(default=None, compare=False, repr=False)
+    s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
         if not (0.0 < self.fmr < 1.0):

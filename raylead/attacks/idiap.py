@@ -329,7 +329,7 @@ class IdiapConfig:
     bins: int = DEFAULT_BINS
     embeddings_dir: str | None = None  # default: OUT/embeddings
     actors: int = 1
-    s3: S3Options | None = field(default=None, compare=False, repr=False)
+    s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
         if self.top_k < 1:

@@ -252,7 +252,7 @@ class TinsleyConfig:
     bins: int = DEFAULT_BINS
     embeddings_dir: str | None = None
     actors: int = 1
-    s3: S3Options | None = field(default=None, compare=False, repr=False)
+    s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
         specs = parse_matchers(self.matchers)

@@ -323,7 +323,7 @@ class WebsterConfig:
     l2: float = 1e-3
     embeddings_dir: str | None = None
     actors: int = 1
-    s3: S3Options | None = field(default=None, compare=False, repr=False)
+    s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
         if self.classifier not in CLASSIFIERS:
