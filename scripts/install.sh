@@ -16,9 +16,4 @@ else
   $pip install -q "${RAYLEAD_TORCH:-torch==2.13.0}"
   $pip install -q -e ".${extras:+[$extras]}"
 fi
-if [ "$extras" = "test" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  # Debian's Chromium for the report's browser test (skipped with a reason when absent).
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "install.sh: chromium could not be installed; the browser test will be skipped" >&2
-fi
 echo "raylead installed in $(pwd)/.venv"

@@ -6,10 +6,10 @@ import json
 import time
 
 import pytest
+from corpus import hostile_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corpus import hostile_files
 from raylead.catalog import CollectionManifest, read_collection
 from raylead.embed import EmbedConfig, embed_collection
 from raylead.errors import RayleadError

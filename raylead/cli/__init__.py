@@ -34,8 +34,7 @@ def _root(
 
 def _register() -> None:
     # Each stage module adds its commands to ``app``; the order here is the help order.
-    from raylead.cli import attack, bench, calibrate, demo, embed  # noqa: F401
-    from raylead.cli import index, search  # noqa: F401
+    from raylead.cli import attack, bench, calibrate, demo, embed, index, search  # noqa: F401  # noqa: F401
 
 
 _register()
