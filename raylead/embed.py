@@ -373,6 +373,17 @@ def _batches_or_storage_error(ds: Any) -> Iterator[dict[str, np.ndarray]]:
                 raise type(cur)(str(cur)) from None
             nxt = getattr(cur, "cause", None)
             cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
+        # Ray may hand back only the formatted remote traceback: recover the error from its text
+        import re
+
+        from raylead import errors
+
+        found = re.findall(r"raylead\.errors\.(\w+): ([^\n]+)", str(exc))
+        if found:
+            name, message = found[-1]
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, RayleadError):
+                raise cls(message.strip()) from None
         raise
 
 

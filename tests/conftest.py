@@ -117,7 +117,7 @@ def lfw_onnx(
     lfw_dir: Path,
     mbf_model: Path,
     scrfd_model: Path,
-    ray_local: None,
+    s3_server: object,
 ):
     """All 1580 LFW images embedded with MobileFaceNet (onnx) + SCRFD, once per session."""
     return _embed_once(

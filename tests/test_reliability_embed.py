@@ -127,7 +127,7 @@ def test_s3_down_for_good_is_a_clear_error_and_rerun_resumes(tmp_path, lfw_dir, 
         if stopped.is_set():
             s3_server.start()
     assert stopped.is_set()
-    assert proc.returncode == 3, stderr[-2000:]
+    assert proc.returncode == 3, stderr[:1500] + "\n...\n" + stderr[-1500:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("raylead: error:") and "rerun" in last
     rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=400)
