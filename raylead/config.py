@@ -82,7 +82,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-        return from_mapping(hint, value, where)  # type: ignore[type-var]
+        return from_mapping(hint, value, where)  # type: ignore[type-var,arg-type]
     return value
 
 

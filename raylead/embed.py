@@ -327,7 +327,7 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
     ]
     actors, gpus = resolve_parallelism(cfg, prep.matcher)
     n_blocks = max(1, min(len(rows) // cfg.read_batch_size, 512))
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    ds: Any = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = ds.map_batches(
         _read_and_preprocess,
         fn_kwargs={"source": prep.source, "preprocessor": prep.preprocessor},

@@ -8,6 +8,7 @@ extras="${1:-}"
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=".venv/bin/python -m pip"
+$pip install -q --upgrade pip  # old resolvers backtrack for minutes over this dependency set
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   $pip install -q -e ".${extras:+[$extras]}"
   $pip uninstall -q -y faiss-cpu onnxruntime
