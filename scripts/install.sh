@@ -10,11 +10,12 @@ python="${PYTHON:-python3}"
 pip=".venv/bin/python -m pip"
 $pip install -q --upgrade pip  # old resolvers backtrack for minutes over this dependency set
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  $pip install -q -e ".${extras:+[$extras]}"
+  $pip install -q -c constraints.txt -e ".${extras:+[$extras]}"
   $pip uninstall -q -y faiss-cpu onnxruntime
   $pip install -q "faiss-gpu-cu12>=1.8" "onnxruntime-gpu>=1.17"
 else
   $pip install -q "${RAYLEAD_TORCH:-torch==2.13.0}"
-  $pip install -q -e ".${extras:+[$extras]}"
+  # constraints.txt pins the tested versions: a fast, reproducible resolve
+  $pip install -q -c constraints.txt -e ".${extras:+[$extras]}"
 fi
 echo "raylead installed in $(pwd)/.venv"
