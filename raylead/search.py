@@ -685,6 +685,21 @@ def _available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+
+def _exact_result(scores: np.ndarray, idx: np.ndarray, reason: str, t0: float) -> SearchResult:
+    """A SearchResult of the exact engine: scores are exact, there are no approximate scores."""
+    return SearchResult(
+        scores,
+        idx,
+        np.full(scores.shape, np.nan, np.float32),
+        "exact",
+        reason,
+        None,
+        None,
+        1.0,
+        seconds={"search": round(time.monotonic() - t0, 3)},
+    )
+
 def search(
     queries: np.ndarray,
     index_or_base: np.ndarray | PersistedIndex | MemoryIndex | IndexSearcher | str | Location,
@@ -752,17 +767,7 @@ def _search_base(q: np.ndarray, base: np.ndarray, cfg: SearchConfig, t0: float) 
         engine, reason = choice.engine, choice.reason
     if engine == "exact":
         s, i = exact_mod.exact_search(q, b, cfg.k, device=cfg.device)
-        return SearchResult(
-            s,
-            i,
-            np.full(s.shape, np.nan, np.float32),
-            "exact",
-            reason,
-            None,
-            None,
-            1.0,
-            seconds={"search": round(time.monotonic() - t0, 3)},
-        )
+        return _exact_result(s, i, reason, t0)
     from raylead.index import IndexBuildConfig
 
     mem = build_memory_index(
@@ -799,17 +804,7 @@ def _search_index(
         engine, reason = choice.engine, choice.reason
     if engine == "exact" or q.shape[0] == 0:
         s, i = searcher.exact_search(q, cfg.k)
-        return SearchResult(
-            s,
-            i,
-            np.full(s.shape, np.nan, np.float32),
-            "exact",
-            reason,
-            None,
-            None,
-            1.0,
-            seconds={"search": round(time.monotonic() - t0, 3)},
-        )
+        return _exact_result(s, i, reason, t0)
     report: TuneReport | None = None
     if cfg.nprobe is not None and cfg.k_factor is not None:
         nprobe, kf, rec = cfg.nprobe, cfg.k_factor, None
