@@ -86,11 +86,17 @@ DEMO_DLIB_THRESHOLD = 0.928
 
 def run_demo(out: str) -> list[str]:
     """A full leakage audit on the installed photos: a "synthetic" set of altered copies of some
-    of the people beside the others, through idiap and tinsley; returns the lines to print."""
+    of the people beside the others, through idiap and tinsley, and the evidence report
+    (``OUT/report.html`` + its PNG plots); returns the lines to print."""
     from raylead.attacks.scenarios import altered_audit
+    from raylead.report import ReportConfig, build_report
 
     root = Location.parse(out)
     data = build_photo_folder(root)
     lines = [f"photos: {len(data.identities)} people ({', '.join(data.identities)}) in {data.photos.uri}"]
     lines += altered_audit(installed_photos(), root.child("audit").uri, threshold=DEMO_DLIB_THRESHOLD)
+    report = build_report(
+        ReportConfig(results=root.child("audit").uri, out=root.child("report.html").uri, title="raylead demo audit")
+    )
+    lines.append(f"report: {report.path} (open it in a browser; {len(report.plots)} plots as PNG beside it)")
     return lines

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
-from raylead.catalog import read_collection, sha256_bytes
+from raylead.catalog import parquet_from_bytes, read_collection, sha256_bytes
 from raylead.errors import ConfigError, CorruptDataError
 from raylead.plan import (
     DEFAULT_SHARD_MAX_BYTES,
@@ -278,7 +278,7 @@ class IndexManifest:
                 created=float(d.get("created", 0.0)),
                 metric=str(d.get("metric", "inner_product")),
             )
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, ConfigError) as exc:
             raise CorruptDataError(f"{where} is malformed ({exc!r}); rebuild the index") from None
         if m.vector_dtype not in ("float16", "float32") or sum(s.rows for s in m.shards) != m.ntotal:
             raise CorruptDataError(f"{where} is inconsistent (dtype or row counts); rebuild the index")
@@ -317,8 +317,15 @@ def sha256_file(path: str, chunk: int = 16 << 20) -> str:
 
 
 def read_ids(root: Location, entry: FileEntry) -> tuple[np.ndarray, list[str]]:
-    table = pq.read_table(io.BytesIO(read_checked(root.child(entry.path), entry)))
-    return table.column("row").to_numpy().astype(np.int64), table.column("image_id").to_pylist()
+    loc = root.child(entry.path)
+    data = read_checked(loc, entry)
+    try:
+        table = parquet_from_bytes(data)
+        return table.column("row").to_numpy().astype(np.int64), table.column("image_id").to_pylist()
+    except (pa.ArrowException, KeyError, OSError) as exc:
+        raise CorruptDataError(
+            f"{loc.uri} is not a readable ids table ({str(exc)[:120]}); rebuild the index"
+        ) from None
 
 
 # -- faiss helpers ------------------------------------------------------------------------------
@@ -329,9 +336,13 @@ def serialize(index: Any) -> bytes:
 
 
 def deserialize(data: bytes) -> Any:
+    """A FAISS index from FAISS's own binary format (never a pickle)."""
     import faiss
 
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError:
+        raise CorruptDataError("not a readable FAISS index file; rebuild the index") from None
 
 
 def _set_threads(n: int) -> None:

@@ -327,3 +327,20 @@ def choose_engine(
         f"exact ≈{exact_s:.2g}s is within {APPROX_MARGIN:g}× of approximate ≈{approx_s:.2g}s "
         f"({built}) for {pairs} on {where}: exact is cheap enough and has recall 1",
     )
+
+
+def searcher_cpus(node_cpus: list[float], shards: int) -> float:
+    """CPUs to reserve for each of ``shards`` shard-searcher actors so that all of them fit on the
+    cluster's nodes at once (an actor lives on one node; one that fits nowhere never starts): the
+    largest such share, in whole CPUs when it is at least one."""
+    if shards < 1:
+        raise ConfigError(f"shards must be ≥ 1, got {shards}")
+    nodes = [c for c in node_cpus if c > 0] or [1.0]
+
+    def fits(c: float) -> bool:
+        return sum(math.floor(n / c + 1e-9) for n in nodes) >= shards
+
+    for c in sorted({n / j for n in nodes for j in range(1, shards + 1)}, reverse=True):
+        if fits(c):
+            return float(math.floor(c)) if c >= 1 else math.floor(c * 10_000) / 10_000
+    return math.floor(min(nodes) / shards * 10_000) / 10_000  # unreachable: n / shards always fits

@@ -10,18 +10,21 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` if set, else start (or reuse) a local Ray."""
+    """Connect to the cluster in ``RAY_ADDRESS`` if set, else start a Ray of this process's own.
+
+    Without ``RAY_ADDRESS`` the address is ``"local"``: a plain ``ray.init()`` would join whichever
+    Ray was last started on the machine (another user's ``ray start``), not what the docs promise."""
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, object] = {
         "ignore_reinit_error": True,
         "log_to_driver": True,
         "logging_level": logging.WARNING,
     }
-    if address is None:
+    if address == "local":
         kwargs["include_dashboard"] = False
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
@@ -39,6 +42,13 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def node_cpus() -> list[float]:
+    """CPUs of each live node of the Ray cluster."""
+    import ray
+
+    return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive", False)]
 
 
 def cluster_cpus() -> float:

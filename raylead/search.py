@@ -14,12 +14,13 @@ attacks' case) are searched exactly, or through a temporary in-memory IVF-PQ ind
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from raylead import exact as exact_mod
+from raylead.catalog import sha256_bytes
 from raylead.errors import ConfigError, CorruptDataError
 from raylead.index import (
     IndexManifest,
@@ -40,7 +42,7 @@ from raylead.index import (
 )
 from raylead.plan import choose_engine
 from raylead.progress import progress_bar
-from raylead.storage import Location
+from raylead.storage import Location, S3Options
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +171,16 @@ def _open_vectors(root: Location, shard: ShardEntry, dim: int, dtype: str, verif
             raise CorruptDataError(
                 f"{loc.uri} failed its checksum (truncated or corrupted); rebuild the index"
             )
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    if loc.is_s3:  # the mapping keeps the downloaded data alive; nothing is left behind on disk
-        os.unlink(path)
-        os.rmdir(os.path.dirname(path))
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # e.g. a pickled object array: never unpickled
+        raise CorruptDataError(
+            f"{loc.uri} is not a plain .npy array of vectors ({str(exc)[:120]}); rebuild the index"
+        ) from None
+    finally:
+        if loc.is_s3:  # the mapping keeps the downloaded data alive; nothing is left behind on disk
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
     if arr.shape != (shard.rows, dim) or arr.dtype != np.dtype(dtype):
         raise CorruptDataError(
             f"{loc.uri} holds {arr.dtype}{list(arr.shape)}, the manifest says "
@@ -212,7 +220,10 @@ class ShardSearcherCore:
 
         shard = ShardEntry.from_json(entry)
         data = read_checked(root.child(shard.index.path), shard.index)
-        index = deserialize(data)
+        try:
+            index = deserialize(data)
+        except CorruptDataError as exc:
+            raise CorruptDataError(f"{root.child(shard.index.path).uri}: {exc}") from None
         if index.ntotal != shard.rows or index.d != dim:
             raise CorruptDataError(f"shard {shard.shard} of {root.uri} disagrees with its manifest; rebuild")
         vectors = _open_vectors(root, shard, dim, dtype, verify)
@@ -375,7 +386,8 @@ class IndexSearcher:
     """Fans queries out to one searcher per shard and merges their answers.
 
     With Ray (the default for persisted indexes) each shard is an actor restarted on failure
-    (``max_restarts``) whose calls are retried; ``use_ray=False`` searches in this process.
+    (``max_restarts``, e.g. when its node is lost: it reloads its shard from storage) and whose
+    calls are retried until it is back; ``use_ray=False`` searches in this process.
     """
 
     def __init__(
@@ -417,17 +429,19 @@ class IndexSearcher:
         else:
             import ray
 
-            from raylead.runtime import ensure_ray
+            from raylead.plan import searcher_cpus
+            from raylead.runtime import ensure_ray, node_cpus
 
             ensure_ray()
-            total = float(ray.cluster_resources().get("CPU", 1.0))
-            cpus = cpus_per_shard or (
-                math.floor(total / self.nshards) if total >= self.nshards else total / self.nshards
-            )
+            cpus = cpus_per_shard or searcher_cpus(node_cpus(), self.nshards)
             actor_cls = ray.remote(ShardSearcherActor).options(
                 num_cpus=cpus,
                 max_restarts=max_restarts,
-                max_task_retries=max_restarts,
+                # Searches are read-only, so a call is retried until it succeeds or the actor is
+                # dead for good (restarts used up). A bounded count is not enough: while a lost
+                # node's actor is being restarted elsewhere, every queued call fails fast with
+                # "actor temporarily unavailable" and would use its retries up in milliseconds.
+                max_task_retries=-1,
                 scheduling_strategy="SPREAD",
             )
             self._actors = [
@@ -499,19 +513,47 @@ class IndexSearcher:
     def _blocks(self, n: int, block: int) -> list[tuple[int, int]]:
         return [(a, min(n, a + block)) for a in range(0, n, block)] or [(0, 0)]
 
+    def iter_search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        k_factor: int | None,
+        nprobe: int | None,
+        blocks: Sequence[tuple[int, int]],
+    ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """(position in ``blocks``, merged top-k of that query block), in ``blocks`` order.
+
+        ``nprobe``/``k_factor`` of ``None`` is the exact engine (approximate scores are NaN).
+        Every block is queued at once (each actor works through them in order) and merged as
+        it comes back, so shards never wait for the driver. A shard actor that dies (its node
+        removed, a crash) is restarted by Ray elsewhere, reloads its shard from storage and
+        the calls it had in flight are retried (``max_restarts``; ``max_task_retries=-1``).
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        exact = nprobe is None or k_factor is None
+        if exact:
+            pending = [self._submit("exact", self._put(q[a:b]), k) for a, b in blocks]
+        else:
+            pending = [self._submit("search", self._put(q[a:b]), k, k_factor, nprobe) for a, b in blocks]
+        for n, h in enumerate(pending):
+            parts = self._gather(h)
+            pending[n] = []  # drop the refs of finished blocks
+            if exact:
+                s, i, _ = merge_shards([(p[0], p[1], p[0]) for p in parts], k)
+                yield n, (s, i, np.full(s.shape, np.nan, np.float32))
+            else:
+                s, i, a = merge_shards(parts, k)
+                yield n, (s, i, a)
+
     def search(
         self, queries: np.ndarray, k: int, k_factor: int, nprobe: int, query_block: int = 2048
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Approximate top-k with exact re-rank: (exact scores, rows, approximate scores)."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        blocks = self._blocks(q.shape[0], query_block)
-        # All blocks are queued at once (each actor works through them in order) and merged as
-        # they come back, so shards never wait for the driver.
-        pending = [self._submit("search", self._put(q[a:b]), k, k_factor, nprobe) for a, b in blocks]
+        blocks = self._blocks(queries.shape[0], query_block)
         outs = []
         with progress_bar("searching query blocks", len(blocks)) as update:
-            for h in pending:
-                outs.append(merge_shards(self._gather(h), k))
+            for _, out in self.iter_search(queries, k, k_factor, nprobe, blocks):
+                outs.append(out)
                 update(len(outs), len(blocks))
         return _concat3(outs, k)
 
@@ -519,17 +561,10 @@ class IndexSearcher:
         self, queries: np.ndarray, k: int, query_block: int = 8192
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the stored vectors of every shard."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        blocks = self._blocks(q.shape[0], query_block)
-        pending = [self._submit("exact", self._put(q[a:b]), k) for a, b in blocks]
-        outs = []
-        for h in pending:
-            parts = self._gather(h)
-            s, i, _ = merge_shards([(p[0], p[1], p[0]) for p in parts], k)
-            outs.append((s, i))
-        if not outs:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        blocks = self._blocks(queries.shape[0], query_block)
+        outs = [out for _, out in self.iter_search(queries, k, None, None, blocks)]
+        s, i, _ = _concat3(outs, k)
+        return s, i
 
     def candidates(self, queries: np.ndarray, kprime: int, nprobe: int) -> list[tuple[np.ndarray, ...]]:
         return self._map("candidates", self._put(np.ascontiguousarray(queries, np.float32)), kprime, nprobe)
@@ -586,7 +621,7 @@ def _resident(index: Any) -> int:
     return resident_bytes_of(index)
 
 
-def _concat3(outs: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _concat3(outs: Sequence[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not outs:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     return (
@@ -779,15 +814,56 @@ def _search_base(q: np.ndarray, base: np.ndarray, cfg: SearchConfig, t0: float) 
     return res
 
 
-def _search_index(
+@dataclass
+class SearchChoice:
+    """What :func:`choose_search` decided for a query set: the engine, and for the approximate
+    engine the (tuned or given) ``nprobe``/``k_factor``. Plain JSON, so a resumed run reuses it."""
+
+    engine: str
+    reason: str
+    nprobe: int | None = None
+    k_factor: int | None = None
+    recall_estimate: float | None = None
+    tuning: TuneReport | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tuning"] = self.tuning.to_json() if self.tuning else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> SearchChoice:
+        try:
+            tuning = TuneReport(**d["tuning"]) if d.get("tuning") else None
+            choice = cls(
+                engine=str(d["engine"]),
+                reason=str(d["reason"]),
+                nprobe=None if d.get("nprobe") is None else int(d["nprobe"]),
+                k_factor=None if d.get("k_factor") is None else int(d["k_factor"]),
+                recall_estimate=None if d.get("recall_estimate") is None else float(d["recall_estimate"]),
+                tuning=tuning,
+                seconds={str(k): float(v) for k, v in dict(d.get("seconds") or {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise CorruptDataError(f"{where} is malformed ({exc!r}); delete the --out folder and rerun") from None
+        if choice.engine not in ("exact", "approximate") or (
+            choice.engine == "approximate" and (choice.nprobe is None or choice.k_factor is None)
+        ):
+            raise CorruptDataError(f"{where} names no usable engine; delete the --out folder and rerun")
+        return choice
+
+
+def choose_search(
     q: np.ndarray,
     searcher: IndexSearcher,
     cfg: SearchConfig,
-    t0: float,
     *,
-    index_built: bool,
+    index_built: bool = True,
     reason_prefix: str | None = None,
-) -> SearchResult:
+) -> SearchChoice:
+    """The engine for ``q`` (``auto``: the cost estimate), tuning nprobe/k_factor when needed;
+    ``auto`` falls back to exact when tuning cannot reach the target recall cheaply."""
     engine = cfg.engine
     reason = reason_prefix or f"engine={cfg.engine} requested"
     if engine == "auto":
@@ -803,39 +879,43 @@ def _search_index(
         )
         engine, reason = choice.engine, choice.reason
     if engine == "exact" or q.shape[0] == 0:
-        s, i = searcher.exact_search(q, cfg.k)
-        return _exact_result(s, i, reason, t0)
-    report: TuneReport | None = None
+        return SearchChoice("exact", reason, recall_estimate=1.0)
     if cfg.nprobe is not None and cfg.k_factor is not None:
-        nprobe, kf, rec = cfg.nprobe, cfg.k_factor, None
+        return SearchChoice("approximate", reason, cfg.nprobe, cfg.k_factor)
+    report = tune(searcher, q, cfg)
+    nprobe, kf, rec = report.nprobe, report.k_factor, report.recall
+    reason += (
+        f"; tuned on {report.sample} queries: nprobe={nprobe}, k_factor={kf}, "
+        f"recall@{cfg.k}≈{rec:.4f} (target {cfg.target_recall:g}"
+        f"{'' if report.reached else ', NOT reached'})"
+    )
+    seconds = {"tune": report.seconds}
+    if not report.reached and cfg.engine == "auto":
+        log.warning("falling back to exact search: the target recall is not reachable cheaply")
+        return SearchChoice("exact", reason + "; fell back to exact", None, None, 1.0, report, seconds)
+    return SearchChoice("approximate", reason, nprobe, kf, rec, report, seconds)
+
+
+def _search_index(
+    q: np.ndarray,
+    searcher: IndexSearcher,
+    cfg: SearchConfig,
+    t0: float,
+    *,
+    index_built: bool,
+    reason_prefix: str | None = None,
+) -> SearchResult:
+    ch = choose_search(q, searcher, cfg, index_built=index_built, reason_prefix=reason_prefix)
+    if ch.engine == "exact":
+        s, i = searcher.exact_search(q, cfg.k)
+        a = np.full(s.shape, np.nan, np.float32)
     else:
-        report = tune(searcher, q, cfg)
-        nprobe, kf, rec = report.nprobe, report.k_factor, report.recall
-        reason += (
-            f"; tuned on {report.sample} queries: nprobe={nprobe}, k_factor={kf}, "
-            f"recall@{cfg.k}≈{rec:.4f} (target {cfg.target_recall:g}"
-            f"{'' if report.reached else ', NOT reached'})"
-        )
-        if not report.reached and cfg.engine == "auto":
-            log.warning("falling back to exact search: the target recall is not reachable cheaply")
-            s, i = searcher.exact_search(q, cfg.k)
-            return SearchResult(
-                s,
-                i,
-                np.full(s.shape, np.nan, np.float32),
-                "exact",
-                reason + "; fell back to exact",
-                None,
-                None,
-                1.0,
-                report,
-                {"tune": report.seconds, "search": round(time.monotonic() - t0, 3)},
-            )
-    s, i, a = searcher.search(q, cfg.k, kf, nprobe, cfg.query_block)
-    seconds = {"search": round(time.monotonic() - t0, 3)}
-    if report:
-        seconds["tune"] = report.seconds
-    return SearchResult(s, i, a, "approximate", reason, nprobe, kf, rec, report, seconds)
+        assert ch.nprobe is not None and ch.k_factor is not None
+        s, i, a = searcher.search(q, cfg.k, ch.k_factor, ch.nprobe, cfg.query_block)
+    seconds = {"search": round(time.monotonic() - t0, 3)} | ch.seconds
+    return SearchResult(
+        s, i, a, ch.engine, ch.reason, ch.nprobe, ch.k_factor, ch.recall_estimate, ch.tuning, seconds
+    )
 
 
 # -- pairs and ranges ---------------------------------------------------------------------------
@@ -858,12 +938,22 @@ def search_topk_pairs(
 # -- results ------------------------------------------------------------------------------------
 def results_table(result: SearchResult, query_ids: Sequence[str], target_ids: Sequence[str]) -> pa.Table:
     """The search results contract: query_id, rank, target_id, score (exact), approx_score."""
-    nq, k = result.idx.shape
+    return _results_table(result.scores, result.idx, result.approx_scores, query_ids, target_ids)
+
+
+def _results_table(
+    scores: np.ndarray,
+    idx: np.ndarray,
+    approx_scores: np.ndarray,
+    query_ids: Sequence[str],
+    target_ids: Sequence[str],
+) -> pa.Table:
+    nq, k = idx.shape
     if len(query_ids) != nq:
         raise ConfigError(f"{len(query_ids)} query ids for {nq} result rows")
-    valid = result.idx >= 0
+    valid = idx >= 0
     qi, rank = np.nonzero(valid)
-    rows = result.idx[valid]
+    rows = idx[valid]
     qids = np.asarray(query_ids, dtype=object)[qi]
     tids = np.asarray(target_ids, dtype=object)[rows] if rows.size else np.zeros(0, dtype=object)
     return pa.table(
@@ -871,7 +961,273 @@ def results_table(result: SearchResult, query_ids: Sequence[str], target_ids: Se
             "query_id": pa.array(qids.tolist(), pa.string()),
             "rank": pa.array(rank.astype(np.int32), pa.int32()),
             "target_id": pa.array(tids.tolist(), pa.string()),
-            "score": pa.array(result.scores[valid].astype(np.float32), pa.float32()),
-            "approx_score": pa.array(result.approx_scores[valid].astype(np.float32), pa.float32()),
+            "score": pa.array(scores[valid].astype(np.float32), pa.float32()),
+            "approx_score": pa.array(approx_scores[valid].astype(np.float32), pa.float32()),
         }
     )
+
+
+# -- `raylead search`: resumable result parts ------------------------------------------------------
+#
+#   OUT/run.json                   fingerprint of inputs + settings, and the engine choice (tuned
+#                                  nprobe/k_factor): written before any part, reused on a rerun
+#   OUT/parts/part-00000.parquet   results of query block 0 (the results schema)
+#   OUT/parts/part-00000.done.json its completion marker (fingerprint, query range, sha256)
+#   OUT/results.parquet            every part in query order (written after all parts)
+#   OUT/pairs.parquet, range.parquet  with --pairs / --threshold
+#   OUT/search.json                the summary, written LAST, with every file's sha256
+#
+# A rerun with the same inputs and settings skips every part whose marker and checksum match
+# and ends with identical results; a rerun with others into the same --out is a ConfigError.
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "search.json"
+RESULTS_FILE = "results.parquet"
+PAIRS_FILE = "pairs.parquet"
+RANGE_FILE = "range.parquet"
+RUN_KIND = "raylead.search.run"
+PART_KIND = "raylead.search.part"
+SEARCH_FORMAT_VERSION = 1
+
+
+def part_names(n: int) -> tuple[str, str]:
+    return f"parts/part-{n:05d}.parquet", f"parts/part-{n:05d}.done.json"
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """One `raylead search`: queries (an embedding collection) against a persisted index."""
+
+    queries: str
+    index: str
+    out: str
+    config: SearchConfig = field(default_factory=SearchConfig)
+    pairs: int = 0
+    threshold: float | None = None
+    use_ray: bool = True
+    s3: S3Options | None = field(default=None, compare=False, repr=False)
+
+    def validate(self) -> None:
+        if isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 0:
+            raise ConfigError(
+                f"--pairs={self.pairs!r} is invalid: give a number of pairs ≥ 0 (0 turns them off)"
+            )
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"--threshold={self.threshold!r} is invalid: give a cosine score, e.g. 0.6")
+
+    def location(self, uri: str) -> Location:
+        return Location.parse(uri, self.s3 if uri.startswith("s3://") else None)
+
+
+def _job_fingerprint(job: SearchJob, queries_manifest: bytes, index_manifest: bytes) -> str:
+    cfg = asdict(job.config)
+    cfg.pop("device", None)  # where it runs, not what it computes
+    key = {
+        "format": SEARCH_FORMAT_VERSION,
+        "queries": sha256_bytes(queries_manifest),
+        "index": sha256_bytes(index_manifest),
+        "config": cfg,
+        "pairs": job.pairs,
+        "threshold": job.threshold,
+    }
+    return sha256_bytes(json.dumps(key, sort_keys=True).encode())
+
+
+def _other_results(out: Location, what: str) -> ConfigError:
+    return ConfigError(
+        f"{out.uri} already holds {what} of other queries, index or settings: choose another --out, "
+        "or delete that folder to start over"
+    )
+
+
+def _finished_part(out: Location, n: int, fp: str, rng: tuple[int, int]) -> dict[str, Any] | None:
+    """The marker of part ``n`` when it is complete for this run and its file passes its checksum."""
+    path, marker_path = part_names(n)
+    marker = out.child(marker_path)
+    if not marker.exists():
+        return None
+    try:
+        d = marker.read_json()
+        if not isinstance(d, dict) or d.get("kind") != PART_KIND or d.get("fingerprint") != fp:
+            return None
+        if d.get("path") != path or list(d.get("queries", ())) != list(rng):
+            return None
+        data = out.child(path).read_bytes()
+    except (CorruptDataError, FileNotFoundError):
+        return None
+    if len(data) != d.get("bytes") or sha256_bytes(data) != d.get("sha256"):
+        log.warning("%s failed its checksum; searching that query block again", out.child(path).uri)
+        return None
+    return d
+
+
+def _file_sha(out: Location, name: str) -> str | None:
+    loc = out.child(name)
+    try:
+        return sha256_bytes(loc.read_bytes()) if loc.exists() else None
+    except FileNotFoundError:
+        return None
+
+
+def _finished_summary(out: Location, fp: str) -> dict[str, Any] | None:
+    loc = out.child(SUMMARY_FILE)
+    if not loc.exists():
+        return None
+    d = loc.read_json()
+    if not isinstance(d, dict) or d.get("fingerprint") != fp:
+        raise _other_results(out, "search results")
+    sums = d.get("sha256")
+    if not isinstance(sums, dict) or any(_file_sha(out, f) != sums.get(f) for f in d.get("files", {}).values()):
+        log.warning("%s lists files that are missing or changed; finishing the search again", loc.uri)
+        return None
+    return d
+
+
+def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a search of ``job.queries`` against ``job.index`` into ``job.out``.
+
+    Results are written one query block at a time (a part + its marker), then gathered into
+    ``results.parquet``; ``search.json`` is written last. Returns the summary (``search.json``)
+    with ``parts_reused`` (parts a previous, interrupted run had finished) and ``already_complete``;
+    ``on_part(parts done, parts)`` is called after each part is written.
+    """
+    from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
+    from raylead.catalog import read_collection, read_parquet_checked, table_to_parquet_bytes
+    from raylead.index import INDEX_MANIFEST
+
+    job.validate()
+    cfg = job.config
+    t0 = time.monotonic()
+    out = job.location(job.out)
+    out.check_reachable(write=True)
+    qroot = job.location(job.queries)
+    coll = read_collection(qroot)
+    idx = open_index(job.location(job.index))
+    q = np.ascontiguousarray(coll.embeddings, dtype=np.float32)
+    if q.shape[0] and q.shape[1] != idx.manifest.dim:
+        raise ConfigError(
+            f"queries have dimension {q.shape[1]} but the index has {idx.manifest.dim}: "
+            "embed both with the same matcher"
+        )
+    fp = _job_fingerprint(
+        job, qroot.child(COLLECTION_MANIFEST).read_bytes(), idx.root.child(INDEX_MANIFEST).read_bytes()
+    )
+    done_summary = _finished_summary(out, fp)
+    if done_summary is not None:
+        log.info("%s already holds these search results; nothing to do", out.uri)
+        return done_summary | {"already_complete": True, "parts_reused": len(done_summary.get("parts", []))}
+
+    run_loc = out.child(RUN_FILE)
+    choice: SearchChoice | None = None
+    if run_loc.exists():
+        d = run_loc.read_json()
+        if not isinstance(d, dict) or d.get("kind") != RUN_KIND or d.get("fingerprint") != fp:
+            raise _other_results(out, "an unfinished search")
+        choice = SearchChoice.from_json(d.get("choice"), run_loc.uri)
+    blocks = [(a, min(q.shape[0], a + cfg.query_block)) for a in range(0, q.shape[0], cfg.query_block)]
+    markers: dict[int, dict[str, Any]] = {}
+    if choice is not None:
+        for n, rng in enumerate(blocks):
+            m = _finished_part(out, n, fp, rng)
+            if m is not None:
+                markers[n] = m
+    reused = len(markers)
+    if reused:
+        log.info("resuming: %d of %d result parts already complete", reused, len(blocks))
+    query_ids = coll.ok_ids
+    target_ids = idx.target_ids()
+    files = {"results": RESULTS_FILE}
+    with IndexSearcher(idx, use_ray=job.use_ray) as searcher:
+        if choice is None:
+            choice = choose_search(q, searcher, cfg)
+            run_loc.write_json(
+                {"kind": RUN_KIND, "fingerprint": fp, "choice": choice.to_json(), "parts": len(blocks)}
+            )
+        todo = [n for n in range(len(blocks)) if n not in markers]
+        t_search = time.monotonic()
+        with progress_bar("searching query blocks", len(blocks)) as update:
+            for j, (s, i, a) in searcher.iter_search(
+                q, cfg.k, choice.k_factor, choice.nprobe, [blocks[n] for n in todo]
+            ):
+                n = todo[j]
+                lo, hi = blocks[n]
+                table = _results_table(s, i, a, query_ids[lo:hi], target_ids)
+                data = table_to_parquet_bytes(table)
+                path, marker_path = part_names(n)
+                out.child(path).write_bytes(data)
+                markers[n] = {
+                    "kind": PART_KIND,
+                    "fingerprint": fp,
+                    "part": n,
+                    "path": path,
+                    "queries": [lo, hi],
+                    "rows": table.num_rows,
+                    "bytes": len(data),
+                    "sha256": sha256_bytes(data),
+                }
+                out.child(marker_path).write_json(markers[n])
+                update(len(markers), len(blocks))
+                if on_part is not None:
+                    on_part(len(markers), len(blocks))
+        search_seconds = time.monotonic() - t_search
+        order = sorted(markers)
+        tables = [read_parquet_checked(out.child(markers[n]["path"]), markers[n]["sha256"]) for n in order]
+        results = pa.concat_tables(tables) if tables else _results_table(
+            np.zeros((0, cfg.k), np.float32),
+            np.zeros((0, cfg.k), np.int64),
+            np.zeros((0, cfg.k), np.float32),
+            [],
+            target_ids,
+        )
+        out.child(SUMMARY_FILE).remove()  # a stale summary must never describe the files rewritten now
+        out.child(RESULTS_FILE).write_bytes(table_to_parquet_bytes(results))
+        if job.pairs:
+            s, qi, bi = search_topk_pairs(
+                q, searcher, job.pairs, k0=cfg.k, nprobe=choice.nprobe, k_factor=choice.k_factor
+            )
+            table = pa.table(
+                {
+                    "rank": pa.array(np.arange(s.size, dtype=np.int32)),
+                    "query_id": pa.array([query_ids[i] for i in qi.tolist()], pa.string()),
+                    "target_id": pa.array([target_ids[i] for i in bi.tolist()], pa.string()),
+                    "score": pa.array(s, pa.float32()),
+                }
+            )
+            out.child(PAIRS_FILE).write_bytes(table_to_parquet_bytes(table))
+            files["pairs"] = PAIRS_FILE
+        if job.threshold is not None:
+            lims, s, bi = searcher.range_search(q, float(job.threshold), nprobe=choice.nprobe)
+            qi = np.repeat(np.arange(q.shape[0]), np.diff(lims))
+            table = pa.table(
+                {
+                    "query_id": pa.array([query_ids[i] for i in qi.tolist()], pa.string()),
+                    "target_id": pa.array([target_ids[i] for i in bi.tolist()], pa.string()),
+                    "score": pa.array(s, pa.float32()),
+                }
+            )
+            out.child(RANGE_FILE).write_bytes(table_to_parquet_bytes(table))
+            files["range"] = RANGE_FILE
+    summary: dict[str, Any] = {
+        "kind": "raylead.search",
+        "format_version": SEARCH_FORMAT_VERSION,
+        "fingerprint": fp,
+        "engine": choice.engine,
+        "reason": choice.reason,
+        "nprobe": choice.nprobe,
+        "k_factor": choice.k_factor,
+        "recall_estimate": choice.recall_estimate,
+        "queries": int(q.shape[0]),
+        "k": cfg.k,
+        "tuning": choice.tuning.to_json() if choice.tuning else None,
+        "seconds": choice.seconds | {"search": round(search_seconds, 3)},
+        "index": idx.root.uri,
+        "queries_source": coll.manifest.source,
+        "files": files,
+        "sha256": {f: _file_sha(out, f) for f in files.values()},
+        "parts": [
+            {k: markers[n][k] for k in ("path", "queries", "rows", "sha256")} for n in order
+        ],
+        "seconds_total": round(time.monotonic() - t0, 3),
+    }
+    out.child(SUMMARY_FILE).write_json(summary)
+    return summary | {"already_complete": False, "parts_reused": reused}

@@ -18,4 +18,16 @@ else
   # constraints.txt pins the tested versions: a fast, reproducible resolve
   $pip install -q -c constraints.txt -e ".${extras:+[$extras]}"
 fi
+if [ "$extras" = "test" ] && [ ! -x /usr/bin/chromium ]; then
+  # the report tests open reports in Debian's headless chromium (tests/browser.py)
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo -n"; fi
+  if command -v apt-get >/dev/null 2>&1 \
+    && $sudo apt-get update -qq >/dev/null \
+    && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; then
+    echo "installed chromium for the report tests"
+  else
+    echo "warning: could not install chromium (apt-get unavailable or no root); the browser tests of" \
+      "tests/test_report.py will be skipped: install Debian's chromium at /usr/bin/chromium" >&2
+  fi
+fi
 echo "raylead installed in $(pwd)/.venv"

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ACCESS_KEY = "raylead-test-access"
 SECRET_KEY = "raylead-test-secret-5f0c"
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks, ports = [], []
     for _ in range(n):
         s = socket.socket()
@@ -37,9 +38,18 @@ def weed_binary() -> str:
 class SeaweedS3:
     """Start/stop/restart a SeaweedFS mini cluster whose S3 API listens on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, buckets: tuple[str, ...] = ("raylead",)) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        buckets: tuple[str, ...] = ("raylead",),
+        access_key: str = ACCESS_KEY,
+        secret_key: str = SECRET_KEY,
+    ) -> None:
+        """``access_key``/``secret_key``: the only credentials the server accepts (admin)."""
         self.data_dir = data_dir
         self.buckets = buckets
+        self.access_key = access_key
+        self.secret_key = secret_key
         names = [
             "s3",
             "master",
@@ -53,7 +63,7 @@ class SeaweedS3:
             "admin.grpc",
             "debug",
         ]
-        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "weed.log"
 
@@ -63,8 +73,8 @@ class SeaweedS3:
 
     def env(self) -> dict[str, str]:
         return {
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_REGION": "us-east-1",
         }
@@ -107,17 +117,21 @@ class SeaweedS3:
         self.stop()
         raise RuntimeError(f"weed mini not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
 
-    def _ready(self) -> bool:
+    def client(self) -> Any:
+        """A botocore S3 client with the server's credentials."""
         import botocore.session  # installed with s3fs
 
+        return botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
+
+    def _ready(self) -> bool:
         try:
-            client = botocore.session.get_session().create_client(
-                "s3",
-                endpoint_url=self.endpoint,
-                aws_access_key_id=ACCESS_KEY,
-                aws_secret_access_key=SECRET_KEY,
-                region_name="us-east-1",
-            )
+            client = self.client()
             names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
             if not set(self.buckets) <= names:
                 return False

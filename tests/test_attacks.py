@@ -374,7 +374,7 @@ def test_run_idiap_writes_tables_and_metrics(tmp_path: Path, small_sets) -> None
             engine="exact",
         )
     )
-    pairs = pq.read_table(out / "pairs.parquet").to_pydict()
+    pairs = pq.read_table(out / "pairs.parquet", use_threads=False).to_pydict()
     assert pairs["rank"] == list(range(1, 9))
     assert list(pairs)[:4] == ["rank", "train_id", "synthetic_id", "score"]
     assert m["set_aside"]["count"] == 2 and m["set_aside"]["by_reason"] == {
@@ -382,7 +382,7 @@ def test_run_idiap_writes_tables_and_metrics(tmp_path: Path, small_sets) -> None
         "no_face": 1,
     }
     assert m["synthetic_scored"] == 11 and m["pairs_returned"] == 8
-    best = pq.read_table(out / "best_matches.parquet").to_pydict()
+    best = pq.read_table(out / "best_matches.parquet", use_threads=False).to_pydict()
     assert len(best["synthetic_id"]) == 11 and "s_00012.jpg" not in best["synthetic_id"]
     assert m["best_match"]["fraction_above_threshold"] == pytest.approx(
         np.mean(np.array(best["score"]) >= np.float32(0.8))
@@ -400,7 +400,7 @@ def test_run_idiap_writes_tables_and_metrics(tmp_path: Path, small_sets) -> None
             no_identity_twice=True,
         )
     )
-    ids = pq.read_table(out / "pairs.parquet").column("train_identity").to_pylist()
+    ids = pq.read_table(out / "pairs.parquet", use_threads=False).column("train_identity").to_pylist()
     assert len(ids) == len(set(ids)) == m2["pairs_returned"]
 
 
@@ -444,7 +444,7 @@ def test_run_tinsley_two_matchers(tmp_path: Path, small_sets) -> None:
         assert key in r
     assert r["threshold"] == 0.8 and r["auc_train_vs_holdout"] > 0.7
     assert r["synthetic_scored"] == 12 and r["set_aside"]["count"] == 1
-    cons = pq.read_table(out / "consensus.parquet").to_pydict()
+    cons = pq.read_table(out / "consensus.parquet", use_threads=False).to_pydict()
     assert set(cons) >= {"synthetic_id", "train_id", "n_matchers", "score_dlib", "flagged_dlib"}
     assert m["consensus"]["pairs_flagged"] == len(cons["train_id"])
     with pytest.raises(ConfigError, match="not in --matchers"):
@@ -474,7 +474,7 @@ def test_run_webster_and_cli(tmp_path: Path, small_sets) -> None:
     a = m["alphas"]["1"]
     assert a["tau"] == pytest.approx(12 / 10) and isinstance(a["flagged"], list)
     assert {"precision", "recall", "f1"} <= set(a) and m["random_precision"] == 0.5
-    counts = pq.read_table(out / "counts.parquet").to_pydict()
+    counts = pq.read_table(out / "counts.parquet", use_threads=False).to_pydict()
     assert sum(counts["count"]) == 12 and counts["identity"] == sorted(counts["identity"])
     res = CliRunner().invoke(
         app,

@@ -172,7 +172,7 @@ def test_idiap_top_k_pairs_are_the_leaked_identities(
         str(out),
     )
     assert "idiap: top" in text and "threshold" in text
-    pairs = pq.read_table(out / "pairs.parquet").to_pydict()
+    pairs = pq.read_table(out / "pairs.parquet", use_threads=False).to_pydict()
     assert pairs["rank"] == list(range(1, k + 1))
     hits = sum(
         gt[s]["leaked"] == "True" and gt[s]["identity"] == t.split("/")[0]
@@ -194,7 +194,7 @@ def test_idiap_top_k_pairs_are_the_leaked_identities(
     assert m["synthetic_scored"] + m["set_aside"]["count"] == 100
     assert sum(m["best_match"]["histogram"]["counts"]) == m["synthetic_scored"]
     # every leaked image beats θ far more often than the people in neither set
-    best = pq.read_table(out / "best_matches.parquet").to_pydict()
+    best = pq.read_table(out / "best_matches.parquet", use_threads=False).to_pydict()
     above = {s: a for s, a in zip(best["synthetic_id"], best["above_threshold"], strict=True)}
     leaked_rate = np.mean([above[s] for s in above if gt[s]["leaked"] == "True"])
     other_rate = np.mean([above[s] for s in above if gt[s]["leaked"] == "False"])
@@ -215,7 +215,7 @@ def test_idiap_top_k_pairs_are_the_leaked_identities(
         "--out",
         str(tmp_path / "once"),
     )
-    once = pq.read_table(tmp_path / "once" / "pairs.parquet").to_pydict()
+    once = pq.read_table(tmp_path / "once" / "pairs.parquet", use_threads=False).to_pydict()
     assert len(set(once["train_identity"])) == len(once["train_identity"]) == 20
 
 
@@ -286,7 +286,7 @@ def test_tinsley_two_matchers_with_and_without_leak(tmp_path, lfw, specs, split,
     # consensus: pairs flagged by both matchers are true leaks more often than pairs flagged by one
     metrics, out, gt = results["leak"]
     assert metrics["consensus"]["voters"] == list(LABELS)
-    cons = pq.read_table(out / "consensus.parquet").to_pydict()
+    cons = pq.read_table(out / "consensus.parquet", use_threads=False).to_pydict()
     same = np.array(
         [
             gt[s]["identity"] == t.split("/")[0]
@@ -462,7 +462,7 @@ def test_folder_inputs_run_the_embed_pipeline(
     ]
     cli(*args)
     gt = truth(tmp_path / "sc")
-    pairs = pq.read_table(tmp_path / "r1" / "pairs.parquet").to_pydict()
+    pairs = pq.read_table(tmp_path / "r1" / "pairs.parquet", use_threads=False).to_pydict()
     hits = sum(
         gt[s]["leaked"] == "True" and gt[s]["identity"] == t.split("/")[0]
         for s, t in zip(pairs["synthetic_id"], pairs["train_id"], strict=True)
@@ -476,8 +476,8 @@ def test_folder_inputs_run_the_embed_pipeline(
     with caplog.at_level(logging.INFO, logger="raylead.embed"):
         cli(*args[:-1], str(tmp_path / "r2"))
     assert [p.stat().st_mtime_ns for p in manifests] == before and "reusing embeddings" in caplog.text
-    assert pq.read_table(tmp_path / "r2" / "pairs.parquet").equals(
-        pq.read_table(tmp_path / "r1" / "pairs.parquet")
+    assert pq.read_table(tmp_path / "r2" / "pairs.parquet", use_threads=False).equals(
+        pq.read_table(tmp_path / "r1" / "pairs.parquet", use_threads=False)
     )
 
 

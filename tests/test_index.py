@@ -63,7 +63,7 @@ def test_layout_and_manifest(small_indexes, clustered_small):
         vec = np.load(os.path.join(root, s.vectors.path), mmap_mode="r", allow_pickle=False)
         assert isinstance(vec, np.memmap) and vec.dtype == np.float32 and vec.shape == (s.rows, 32)
         np.testing.assert_array_equal(vec, clustered_small.base[s.row_start : s.row_start + s.rows])
-        ids = pq.read_table(os.path.join(root, s.ids.path))
+        ids = pq.read_table(os.path.join(root, s.ids.path), use_threads=False)
         assert ids.column("row").to_pylist()[0] == s.row_start == rows
         assert ids.column("image_id").to_pylist()[0] == f"img{rows:05d}"
         rows += s.rows

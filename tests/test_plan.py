@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from raylead.errors import ConfigError
 from raylead.plan import (
@@ -13,6 +17,7 @@ from raylead.plan import (
     estimate_exact_seconds,
     plan_index,
     resident_bytes_per_vector,
+    searcher_cpus,
 )
 
 GiB = 1 << 30
@@ -171,3 +176,40 @@ def test_estimates_scale():
 def test_engine_rejects(args, kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         choose_engine(*args, **kwargs)
+
+
+# node CPUs, shards → CPUs per shard searcher
+SEARCHER_CPU_CASES = [
+    ([2.0], 1, 2.0),  # one node: the whole node
+    ([16.0], 4, 4.0),  # equal whole shares
+    ([16.0], 3, 5.0),  # whole CPUs: 3 × 5 on 16
+    ([2.0, 2.0, 2.0], 1, 2.0),  # 3 nodes, 1 shard: not 6 CPUs, which no node has (the actor would never start)
+    ([2.0, 2.0, 2.0], 4, 1.0),  # 6 CPUs / 4 shards → 1 each (2 CPUs each would place only 3)
+    ([8.0, 2.0], 2, 4.0),  # 5 each would not fit: both go on the large node
+    ([8.0, 2.0], 5, 2.0),  # 4 on the large node + 1 on the small one
+    ([2.0], 8, 0.25),  # more shards than CPUs: fractional shares
+    ([1.0], 3, 0.3333),
+    ([], 2, 0.5),  # no node reported: assume one CPU
+    ([0.0, 4.0], 2, 2.0),  # head node with no CPUs is ignored
+]
+
+
+@pytest.mark.parametrize(("nodes", "shards", "expected"), SEARCHER_CPU_CASES)
+def test_searcher_cpus(nodes: list[float], shards: int, expected: float) -> None:
+    assert searcher_cpus(nodes, shards) == expected
+
+
+def test_searcher_cpus_rejects_no_shards() -> None:
+    with pytest.raises(ConfigError, match="shards must be ≥ 1"):
+        searcher_cpus([2.0], 0)
+
+
+@given(
+    nodes=st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, 64.0]), max_size=6),
+    shards=st.integers(min_value=1, max_value=64),
+)
+def test_searcher_cpus_always_place_every_shard(nodes: list[float], shards: int) -> None:
+    c = searcher_cpus(nodes, shards)
+    live = [n for n in nodes if n > 0] or [1.0]
+    assert c > 0
+    assert sum(math.floor(n / c + 1e-9) for n in live) >= shards

@@ -334,12 +334,12 @@ def test_cli_build_and_search(write_collection, clustered_small, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "engine: approximate" in r.output and "tuned on 40 queries" in r.output
-    t = pq.read_table(out / "results.parquet")
+    t = pq.read_table(out / "results.parquet", use_threads=False)
     assert t.column_names == ["query_id", "rank", "target_id", "score", "approx_score"] and t.num_rows == 200
     s, i = exact.exact_search(c.queries[:40], c.base[:3000], 5)
     got = np.array([int(x[1:]) for x in t.column("target_id").to_pylist()]).reshape(40, 5)
     assert recall_at_k(got, i) >= 0.95
-    pairs = pq.read_table(out / "pairs.parquet")
+    pairs = pq.read_table(out / "pairs.parquet", use_threads=False)
     assert pairs.num_rows == 20 and pairs.column("score").to_pylist() == sorted(
         pairs.column("score").to_pylist(), reverse=True
     )

@@ -673,6 +673,15 @@ class ResultWriter:
     def __init__(self, out: Location) -> None:
         self.out = out
         self.files: dict[str, str] = {}
+        self._stale_removed = False
+
+    def _remove_stale_metrics(self) -> None:
+        # A rerun into a finished folder: drop the old metrics.json before the first new table,
+        # so a run killed while writing never leaves new tables beside old metrics (a folder
+        # without metrics.json is unfinished).
+        if not self._stale_removed:
+            self.out.child(METRICS_FILE).remove()
+            self._stale_removed = True
 
     def table(
         self, name: str, columns: Mapping[str, Sequence[Any] | np.ndarray], description: str = ""
@@ -680,6 +689,7 @@ class ResultWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        self._remove_stale_metrics()
         arrays = {k: (v if isinstance(v, np.ndarray) else list(v)) for k, v in columns.items()}
         table = pa.table(arrays)
         buf = io.BytesIO()

@@ -319,7 +319,7 @@ def read_calibration(uri: str, s3: S3Options | None = None) -> dict[str, Any]:
         float(data["fmr_target"])
         int(data["impostor_pairs"])
         str(data["matcher"]["name"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CorruptDataError(
             f"calibration file {loc.uri} is malformed ({exc!r}); rerun `raylead calibrate`"
         ) from None

@@ -719,7 +719,7 @@ def _spec_text(text: str) -> str:
 
 
 def _read_pairs(loc: Location) -> list[tuple[str, str]]:
-    import pyarrow.parquet as pq
+    from raylead.catalog import parquet_from_bytes
 
-    t = pq.read_table(io.BytesIO(loc.read_bytes()))
+    t = parquet_from_bytes(loc.read_bytes())
     return list(zip(t.column("synthetic_id").to_pylist(), t.column("train_id").to_pylist(), strict=True))

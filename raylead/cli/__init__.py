@@ -30,11 +30,14 @@ def _root(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # botocore logs request headers at DEBUG, the access key id among them (Credential=...)
+    for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _register() -> None:
     # Each stage module adds its commands to ``app``; the order here is the help order.
-    from raylead.cli import attack, bench, calibrate, demo, embed, index, search  # noqa: F401  # noqa: F401
+    from raylead.cli import attack, audit, bench, calibrate, demo, embed, index, report, search  # noqa: F401
 
 
 _register()

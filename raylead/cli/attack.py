@@ -41,12 +41,21 @@ FloorOpt = Annotated[
 ]
 EngineOpt = Annotated[str, typer.Option(help="Search engine: auto, exact or approximate.")]
 BinsOpt = Annotated[int, typer.Option(help="Histogram bins.")]
+ReportOpt = Annotated[
+    str | None,
+    typer.Option(help="Also write the evidence report (self-contained HTML + PNG plots) to this file."),
+]
 
 
-def _echo(lines: list[str], out: str) -> None:
+def _echo(lines: list[str], out: str, report: str | None = None, s3: tuple[str | None, ...] = ()) -> None:
     for line in lines:
         typer.echo(line)
     typer.echo(f"results: {out} (metrics.json)")
+    if report is not None:
+        from raylead.cli.report import write_report
+
+        endpoint, key, secret = s3 or (None, None, None)
+        write_report(out, report, s3_endpoint=endpoint, s3_key=key, s3_secret=secret)
 
 
 @attack_app.command("idiap")
@@ -77,6 +86,7 @@ def idiap(
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
+    report: ReportOpt = None,
 ) -> None:
     """Top-K most similar (training, synthetic) pairs, best-match histogram, fraction above θ."""
     from raylead.attacks.idiap import IdiapConfig, headline, run_idiap
@@ -98,7 +108,7 @@ def idiap(
         actors=actors,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
-    _echo(headline(run_idiap(cfg)), out)
+    _echo(headline(run_idiap(cfg)), out, report, (s3_endpoint, s3_key, s3_secret))
 
 
 @attack_app.command("tinsley")
@@ -124,6 +134,7 @@ def tinsley(
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
+    report: ReportOpt = None,
 ) -> None:
     """Per matcher: generated images' best matches in T vs H (AUC, KS, above θ); consensus per pair."""
     from raylead.attacks.tinsley import TinsleyConfig, headline, parse_threshold_pairs, run_tinsley
@@ -143,7 +154,7 @@ def tinsley(
         actors=actors,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
-    _echo(headline(run_tinsley(cfg)), out)
+    _echo(headline(run_tinsley(cfg)), out, report, (s3_endpoint, s3_key, s3_secret))
 
 
 @attack_app.command("webster")
@@ -180,6 +191,7 @@ def webster(
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
+    report: ReportOpt = None,
 ) -> None:
     """Identify each sample as a query identity; flag identities counted more than τ = α·N/|Q|."""
     from raylead.attacks.webster import WebsterConfig, headline, parse_alphas, run_webster
@@ -198,7 +210,7 @@ def webster(
         actors=actors,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
-    _echo(headline(run_webster(cfg)), out)
+    _echo(headline(run_webster(cfg)), out, report, (s3_endpoint, s3_key, s3_secret))
 
 
 @scenario_app.command("build")

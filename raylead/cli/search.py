@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Annotated
 
-import numpy as np
-import pyarrow as pa
 import typer
 
 from raylead.cli import app
-from raylead.cli.common import S3Endpoint, S3Key, S3Secret, location, s3_options
+from raylead.cli.common import S3Endpoint, S3Key, S3Secret, s3_options
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +31,9 @@ def search_cmd(
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Also write every pair with score ≥ this.")
     ] = None,
+    query_block: Annotated[
+        int, typer.Option("--query-block", help="Queries per block; each block is one resumable result part.")
+    ] = 2048,
     local: Annotated[
         bool, typer.Option("--local", help="Search in this process instead of Ray actors.")
     ] = False,
@@ -41,17 +41,11 @@ def search_cmd(
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
 ) -> None:
-    """Fan queries out to one searcher per index shard, re-rank exactly, merge the top-k."""
-    from raylead.catalog import read_collection, table_to_parquet_bytes
-    from raylead.errors import ConfigError
-    from raylead.search import (
-        IndexSearcher,
-        SearchConfig,
-        open_index,
-        results_table,
-        search,
-        search_topk_pairs,
-    )
+    """Fan queries out to one searcher per index shard, re-rank exactly, merge the top-k.
+
+    Results are written one query block at a time; an interrupted search resumes from the
+    finished blocks when rerun with the same arguments."""
+    from raylead.search import SearchConfig, SearchJob, run_search
 
     cfg = SearchConfig(
         k=k,
@@ -59,60 +53,23 @@ def search_cmd(
         target_recall=target_recall,
         nprobe=nprobe,
         k_factor=k_factor,
+        query_block=query_block,
     )
-    if pairs < 0:
-        raise ConfigError(f"--pairs={pairs} is invalid: give a number of pairs ≥ 0 (0 turns them off)")
-    s3 = s3_options(s3_endpoint, s3_key, s3_secret)
-    out_loc = location(out, s3)
-    out_loc.check_reachable(write=True)
-    coll = read_collection(location(queries, s3))
-    idx = open_index(location(index, s3))
-    q = coll.embeddings
-    if q.shape[0] and q.shape[1] != idx.manifest.dim:
-        raise ConfigError(
-            f"queries have dimension {q.shape[1]} but the index has {idx.manifest.dim}: "
-            "embed both with the same matcher"
-        )
-    query_ids = coll.ok_ids
-    target_ids = idx.target_ids()
-    t0 = time.monotonic()
-    files = {}
-    with IndexSearcher(idx, use_ray=not local) as searcher:
-        res = search(q, searcher, config=cfg)
-        typer.echo(f"engine: {res.engine}\n  why: {res.reason}")
-        out_loc.child("results.parquet").write_bytes(
-            table_to_parquet_bytes(results_table(res, query_ids, target_ids))
-        )
-        files["results"] = "results.parquet"
-        if pairs:
-            s, qi, bi = search_topk_pairs(q, searcher, pairs, k0=k, nprobe=res.nprobe, k_factor=res.k_factor)
-            table = pa.table(
-                {
-                    "rank": pa.array(np.arange(s.size, dtype=np.int32)),
-                    "query_id": pa.array([query_ids[i] for i in qi.tolist()], pa.string()),
-                    "target_id": pa.array([target_ids[i] for i in bi.tolist()], pa.string()),
-                    "score": pa.array(s, pa.float32()),
-                }
-            )
-            out_loc.child("pairs.parquet").write_bytes(table_to_parquet_bytes(table))
-            files["pairs"] = "pairs.parquet"
-        if threshold is not None:
-            lims, s, bi = searcher.range_search(q, float(threshold), nprobe=res.nprobe)
-            qi = np.repeat(np.arange(q.shape[0]), np.diff(lims))
-            table = pa.table(
-                {
-                    "query_id": pa.array([query_ids[i] for i in qi.tolist()], pa.string()),
-                    "target_id": pa.array([target_ids[i] for i in bi.tolist()], pa.string()),
-                    "score": pa.array(s, pa.float32()),
-                }
-            )
-            out_loc.child("range.parquet").write_bytes(table_to_parquet_bytes(table))
-            files["range"] = "range.parquet"
-    summary = res.summary() | {
-        "index": idx.root.uri,
-        "queries_source": coll.manifest.source,
-        "files": files,
-        "seconds_total": round(time.monotonic() - t0, 3),
-    }
-    out_loc.child("search.json").write_json(summary)
-    typer.echo(f"results: {out_loc.uri} ({', '.join(files.values())})")
+    job = SearchJob(
+        queries=queries,
+        index=index,
+        out=out,
+        config=cfg,
+        pairs=pairs,
+        threshold=threshold,
+        use_ray=not local,
+        s3=s3_options(s3_endpoint, s3_key, s3_secret),
+    )
+    job.validate()
+    summary = run_search(job)
+    if summary["already_complete"]:
+        typer.echo(f"{out} already holds these results: nothing to do")
+    elif summary["parts_reused"]:
+        typer.echo(f"resumed: {summary['parts_reused']} of {len(summary['parts'])} result parts already complete")
+    typer.echo(f"engine: {summary['engine']}\n  why: {summary['reason']}")
+    typer.echo(f"results: {out} ({', '.join(summary['files'].values())})")

@@ -1,0 +1,21 @@
+"""Ray job: audit generator checkpoints. ``python jobs/audit.py --config audit.yaml``
+
+Keys: the options of ``raylead audit run|pending`` (``--train-index`` → ``train_index``) plus
+``mode: run`` (one ``checkpoint``) or ``mode: pending`` (every entry under ``checkpoints`` not yet
+in the audit history), validated by :class:`raylead.audit.AuditConfig`. Prints one trend line per
+audited checkpoint; exits 10 with one verdict line when leakage rose beyond ``tolerance``.
+Credentials come from the AWS_* environment, never the file.
+"""
+
+import sys
+
+from raylead.audit import AuditConfig, run
+from raylead.jobs import run_job
+
+
+def main(cfg: AuditConfig) -> str:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("audit", AuditConfig, main))

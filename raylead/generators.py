@@ -1,0 +1,263 @@
+"""Generator plug-ins: what an audit samples faces from.
+
+A generator is named by a **spec**:
+
+* a built-in name from :data:`BUILTINS` (today: ``folder``);
+* ``package.module:callable`` — an importable module;
+* ``path/to/file.py:callable`` — a Python file (relative paths are resolved against the
+  driver's working directory, and again against each worker's, so a file shipped with
+  ``ray job submit --working-dir`` is found on every node).
+
+The callable is a factory: ``callable(checkpoint_uri, **options)`` returns an object with
+
+* ``name: str`` and ``version: str`` — recorded in the audit history;
+* ``sample(seeds: np.ndarray) -> np.ndarray`` — uint8 ``[B, H, W, 3]`` RGB images, one per seed,
+  the same image for the same seed on every call and every machine (a list of ``[H, W, 3]`` arrays
+  is accepted too, for sources whose images differ in size such as ``folder``).
+
+Optional attributes of the **factory** (read on the driver, before any work):
+
+* ``uses_gpu = False`` — never ask Ray for GPUs for the sampler actors (default: one GPU per
+  sampler actor when the cluster has GPUs);
+* ``available(checkpoint_uri, **options) -> int`` — how many distinct samples the checkpoint
+  holds (a finite source); the audit caps ``samples`` at it and stops with a
+  :class:`~raylead.errors.ConfigError` when it is 0.
+
+Unknown names and specs that cannot be imported are a :class:`~raylead.errors.ConfigError`
+raised before any work starts; :func:`resolve` never returns ``None``.
+
+An example that wraps a PyTorch checkpoint (a ``state_dict`` loaded with
+``torch.load(weights_only=True)``, seeds → latents with ``torch.Generator().manual_seed``) is
+``examples/torch_generator.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from raylead.errors import ConfigError
+from raylead.storage import IMAGE_EXTENSIONS, Location
+
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What a generator factory returns."""
+
+    name: str
+    version: str
+
+    def sample(self, seeds: np.ndarray) -> Any: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# built-in: folder
+# ----------------------------------------------------------------------------------------------
+class FolderGenerator:
+    """Images already generated under a URI (e.g. a published synthetic face dataset).
+
+    The images are every image file under the checkpoint URI in sorted order (recursively);
+    ``sample(seeds)`` returns the images **at those indices** (seed ``i`` is the ``i``-th image),
+    so an audit of ``samples: N`` with the default seed 0 uses the first ``N`` images in sorted
+    order, and ``samples`` larger than the folder uses all of them (see ``available``).
+    """
+
+    uses_gpu = False
+
+    def __init__(self, checkpoint_uri: str, max_pixels: int = 40_000_000) -> None:
+        self.root = Location.parse(checkpoint_uri)
+        if not self.root.is_dir():
+            raise ConfigError(
+                f"generator folder: {self.root.uri} is not a folder of images; give the folder "
+                "that holds the generated images as the checkpoint"
+            )
+        self.files = self.root.list_files(IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ConfigError(f"generator folder: no images under {self.root.uri}")
+        self.max_pixels = int(max_pixels)
+        self.name = "folder"
+        digest = hashlib.sha256("\n".join(self.files).encode("utf-8", "surrogateescape")).hexdigest()
+        self.version = f"{len(self.files)}-images-{digest[:12]}"
+
+    @classmethod
+    def available(cls, checkpoint_uri: str, **options: Any) -> int:
+        root = Location.parse(checkpoint_uri)
+        if not root.exists() or not root.is_dir():
+            raise ConfigError(f"generator folder: {root.uri} is not a folder of images")
+        return len(root.list_files(IMAGE_EXTENSIONS))
+
+    def sample(self, seeds: np.ndarray) -> list[np.ndarray]:
+        from raylead.faces import decode_image
+
+        out = []
+        for seed in np.asarray(seeds, dtype=np.int64).tolist():
+            if not 0 <= seed < len(self.files):
+                raise ConfigError(
+                    f"generator folder: seed {seed} is outside the {len(self.files)} images of {self.root.uri}"
+                )
+            data = self.root.child(self.files[seed]).read_bytes()
+            out.append(decode_image(data, max_pixels=self.max_pixels))
+        return out
+
+
+def folder(checkpoint_uri: str, **options: Any) -> FolderGenerator:
+    return FolderGenerator(checkpoint_uri, **options)
+
+
+folder.uses_gpu = False  # type: ignore[attr-defined]
+folder.available = FolderGenerator.available  # type: ignore[attr-defined]
+
+BUILTINS: dict[str, Callable[..., Any]] = {"folder": folder}
+
+
+# ----------------------------------------------------------------------------------------------
+# resolving a spec
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """A parsed generator spec: what the driver checked and what every sampler actor resolves."""
+
+    text: str  # as given
+    module: str | None = None  # dotted module, for module:callable
+    path: str | None = None  # absolute path of the file, for file.py:callable
+    attr: str | None = None
+    builtin: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.builtin or self.text
+
+
+def parse(text: str) -> GeneratorSpec:
+    """Check the syntax of a spec (no import yet)."""
+    text = (text or "").strip()
+    if not text:
+        raise ConfigError(f"--generator is empty: give a built-in ({', '.join(BUILTINS)}) or module:callable")
+    if ":" not in text:
+        if text in BUILTINS:
+            return GeneratorSpec(text, builtin=text)
+        raise ConfigError(
+            f"unknown generator {text!r}: give a built-in ({', '.join(sorted(BUILTINS))}), "
+            "package.module:callable or path/to/file.py:callable"
+        )
+    target, _, attr = text.rpartition(":")
+    if not _ATTR.match(attr):
+        raise ConfigError(f"generator {text!r}: {attr!r} is not a callable name; write module:callable")
+    if target.endswith(".py"):
+        return GeneratorSpec(text, path=os.path.abspath(os.path.expanduser(target)), attr=attr)
+    if not _MODULE.match(target):
+        raise ConfigError(
+            f"generator {text!r}: {target!r} is neither a module name nor a .py file; "
+            "write package.module:callable or path/to/file.py:callable"
+        )
+    return GeneratorSpec(text, module=target, attr=attr)
+
+
+def _load_file(path: str, text: str) -> Any:
+    digest = hashlib.sha256(path.encode()).hexdigest()[:12]
+    name = f"raylead_generator_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not os.path.isfile(path):
+        raise ConfigError(f"generator {text!r}: file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"generator {text!r}: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise ConfigError(f"generator {text!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def resolve(spec: GeneratorSpec | str) -> Callable[..., Any]:
+    """The factory callable of a spec; a :class:`ConfigError` when it cannot be had."""
+    s = parse(spec) if isinstance(spec, str) else spec
+    if s.builtin is not None:
+        return BUILTINS[s.builtin]
+    assert s.attr is not None
+    if s.path is not None:
+        path = s.path
+        rel = s.text.rpartition(":")[0]
+        if not os.path.isfile(path) and not os.path.isabs(rel) and os.path.isfile(rel):
+            path = os.path.abspath(rel)  # a worker whose working dir holds the file
+        module = _load_file(path, s.text)
+    else:
+        assert s.module is not None
+        try:
+            module = importlib.import_module(s.module)
+        except ImportError as exc:
+            raise ConfigError(
+                f"generator {s.text!r}: cannot import module {s.module!r} ({exc}); install it or put it "
+                "on PYTHONPATH (or give path/to/file.py:callable)"
+            ) from None
+        except Exception as exc:
+            raise ConfigError(
+                f"generator {s.text!r}: importing {s.module!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
+    obj: Any = module
+    for part in s.attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"generator {s.text!r}: {s.attr!r} not found in {module.__name__}")
+    if not callable(obj):
+        raise ConfigError(f"generator {s.text!r}: {s.attr!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def uses_gpu(factory: Callable[..., Any]) -> bool:
+    return bool(getattr(factory, "uses_gpu", True))
+
+
+def available(factory: Callable[..., Any], checkpoint_uri: str, options: dict[str, Any]) -> int | None:
+    fn = getattr(factory, "available", None)
+    return int(fn(checkpoint_uri, **options)) if callable(fn) else None
+
+
+def load(spec: GeneratorSpec | str, checkpoint_uri: str, options: dict[str, Any] | None = None) -> Any:
+    """Resolve the spec and call the factory; checks the returned object's protocol."""
+    s = parse(spec) if isinstance(spec, str) else spec
+    gen = resolve(s)(checkpoint_uri, **(options or {}))
+    missing = [a for a in ("name", "version", "sample") if not hasattr(gen, a)]
+    if gen is None or missing:
+        raise ConfigError(
+            f"generator {s.text!r} returned {type(gen).__name__}, which lacks {', '.join(missing) or 'everything'}: "
+            "a generator needs name, version and sample(seeds)"
+        )
+    return gen
+
+
+def as_images(out: Any, n: int, label: str) -> list[np.ndarray]:
+    """A generator's ``sample`` output → ``n`` uint8 HxWx3 arrays (ConfigError when it is not that)."""
+    if isinstance(out, np.ndarray):
+        if out.ndim != 4 or out.shape[-1] != 3:
+            raise ConfigError(f"generator {label}: sample() returned shape {out.shape}, expected [B, H, W, 3]")
+        items = list(out)
+    else:
+        items = list(out)
+    if len(items) != n:
+        raise ConfigError(f"generator {label}: sample() returned {len(items)} images for {n} seeds")
+    imgs = []
+    for a in items:
+        a = np.asarray(a)
+        if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
+            raise ConfigError(
+                f"generator {label}: sample() images must be uint8 [H, W, 3], got {a.dtype} {list(a.shape)}"
+            )
+        imgs.append(np.ascontiguousarray(a))
+    return imgs

@@ -1,0 +1,313 @@
+"""Generator checkpoint audits (issue 6): plug-ins, history, verdict, `raylead audit` on a 3-node cluster."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylead import generators
+from raylead.audit import (
+    AuditConfig,
+    append_history,
+    leak_figures,
+    list_checkpoints,
+    natural_key,
+    previous_row,
+    read_history,
+    step_of,
+)
+from raylead.config import from_mapping
+from raylead.errors import ConfigError
+from raylead.storage import Location
+
+REPO = Path(__file__).resolve().parents[1]
+LEAKY = REPO / "tests" / "leaky_generator.py"
+LEAKS = {"ckpt-2": 0.10, "ckpt-5": 0.15, "ckpt-10": 0.60}  # leak fraction by construction
+SAMPLES = 40
+THETA = 0.93  # dlib: about the LFW-calibrated θ at FMR 1e-3 (README: 0.928)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "raylead.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# pure parts
+# ---------------------------------------------------------------------------------------------
+def test_natural_order_and_steps() -> None:
+    names = ["ckpt-10", "ckpt-2", "ckpt-1", "ckpt-10a", "final", "ckpt-100"]
+    assert sorted(names, key=natural_key) == ["ckpt-1", "ckpt-2", "ckpt-10", "ckpt-10a", "ckpt-100", "final"]
+    assert step_of("s3://b/run/step-0100000/") == 100000 and step_of("/x/ckpt-10.pt") == 10
+    assert step_of("final") is None
+
+
+def test_leak_figures() -> None:
+    best = np.array([0.99, 0.5, 0.95, 0.94, 0.2], np.float32)
+    ident = ["A", "B", "A", None, "C"]
+    fig = leak_figures(best, ident, 0.94, top_k=3)
+    assert (fig.scored, fig.leaked) == (5, 3) and math.isclose(fig.leak_fraction, 0.6)
+    assert fig.top_scores == pytest.approx([0.99, 0.95, 0.94])
+    assert fig.hits_by_identity == {"A": 2}  # unlabelled hits count in the fraction, not per identity
+    assert math.isnan(leak_figures(np.zeros(0, np.float32), [], 0.9, 3).leak_fraction)
+
+
+def test_generator_registry_errors_are_config_errors(tmp_path: Path) -> None:
+    assert generators.resolve("folder") is generators.folder
+    for bad in ("nope", "", "no.such.module:make", "bad spec:make", "raylead.audit:no_such_callable"):
+        with pytest.raises(ConfigError):
+            generators.resolve(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        generators.resolve(f"{tmp_path}/missing.py:make")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match="boom"):
+        generators.resolve(f"{broken}:make")
+    assert generators.resolve(f"{LEAKY}:make").__name__ == "make"
+
+
+def test_folder_generator_samples_sorted_indices(tmp_path: Path, lfw_dir: Path) -> None:
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:2]
+    for person in people:
+        (tmp_path / "syn" / person.name).mkdir(parents=True)
+        for img in sorted(person.glob("*.jpg"))[:2]:
+            os.symlink(img, tmp_path / "syn" / person.name / img.name)
+    gen = generators.load("folder", str(tmp_path / "syn"))
+    assert generators.available(generators.folder, str(tmp_path / "syn"), {}) == 4
+    imgs = generators.as_images(gen.sample(np.array([3, 0])), 2, "folder")
+    from PIL import Image
+
+    files = sorted(str(p) for p in (tmp_path / "syn").rglob("*.jpg"))
+    assert np.array_equal(imgs[0], np.asarray(Image.open(files[3]).convert("RGB")))
+    assert np.array_equal(imgs[1], np.asarray(Image.open(files[0]).convert("RGB")))
+    with pytest.raises(ConfigError):
+        gen.sample(np.array([4]))
+    with pytest.raises(ConfigError):
+        generators.load("folder", str(tmp_path / "nothing-here"))
+
+
+def test_torch_example_is_deterministic_and_refuses_pickles(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import torch_generator as tg
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    net = tg.TinyGenerator(latent_dim=16, size=32)
+    ckpt = tmp_path / "step-10.pt"
+    torch.save(net.state_dict(), ckpt)
+    gen = generators.load(f"{REPO}/examples/torch_generator.py:load", str(ckpt), {"latent_dim": 16, "size": 32})
+    a = gen.sample(np.array([1, 2, 3]))
+    b = gen.sample(np.array([3, 2, 1]))
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a[0], b[2]) and not np.array_equal(a[0], a[1])
+    evil = tmp_path / "evil.pt"
+    torch.save({"weights": tg.TinyGenerator}, evil)  # a pickled class, not tensors
+    with pytest.raises(ConfigError, match="weights_only"):
+        generators.load(f"{REPO}/examples/torch_generator.py:load", str(evil), {"latent_dim": 16, "size": 32})
+
+
+def test_history_append_and_previous(tmp_path: Path) -> None:
+    loc = Location.parse(str(tmp_path / "h" / "history.parquet"))
+    assert read_history(loc) == []
+
+    def row(name: str, frac: float) -> dict:
+        return {
+            "checkpoint": f"/c/{name}",
+            "checkpoint_name": name,
+            "step": step_of(name),
+            "audited_at": 0.0,
+            "generator": "g",
+            "generator_version": "1",
+            "matcher": "dlib",
+            "matcher_version": "v",
+            "train_index": "/i",
+            "threshold": 0.9,
+            "threshold_source": "--threshold",
+            "samples": 10,
+            "scored": 10,
+            "set_aside": 0,
+            "leaked": int(frac * 10),
+            "leak_fraction": frac,
+            "best_max": 0.99,
+            "best_mean": 0.5,
+            "top_scores": [0.99],
+            "identities_hit": 1,
+            "hits_by_identity": "{}",
+            "previous": None,
+            "delta": None,
+            "verdict": "first",
+            "results": "/r",
+        }
+
+    append_history(loc, row("ckpt-10", 0.3))
+    rows = append_history(loc, row("ckpt-2", 0.1))
+    assert [r["checkpoint_name"] for r in read_history(loc)] == ["ckpt-10", "ckpt-2"]
+    assert oct(os.stat(loc.path).st_mode & 0o777) == "0o600"
+    with pytest.raises(ConfigError, match="already"):
+        append_history(loc, row("ckpt-2", 0.5))
+    assert previous_row(rows, "ckpt-5")["checkpoint_name"] == "ckpt-2"
+    assert previous_row(rows, "ckpt-11")["checkpoint_name"] == "ckpt-10"
+    assert previous_row(rows, "ckpt-1") is None
+
+
+def test_config_validation() -> None:
+    base = {"generator": "folder", "train_index": "/i", "out": "/o", "checkpoint": "/c", "threshold": 0.9}
+    assert from_mapping(AuditConfig, base).mode == "run"
+    for bad, match in (
+        ({"mode": "later"}, "mode"),
+        ({"threshold": None}, "threshold"),
+        ({"threshold_from": "c.json"}, "not both"),
+        ({"samples": 0}, "samples"),
+        ({"tolerance": 5}, "tolerance"),
+        ({"generator": "nope"}, "unknown generator"),
+        ({"mode": "pending"}, "checkpoints"),
+        ({"sampels": 3}, "sampels"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            from_mapping(AuditConfig, base | bad)
+
+
+def test_list_checkpoints_natural_order(tmp_path: Path) -> None:
+    for name in ("ckpt-10.pt", "ckpt-2.pt", "ckpt-1.pt", ".hidden", "notes.txt"):
+        (tmp_path / "c" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "c" / name).write_text("x")
+    (tmp_path / "c" / "audit").mkdir()
+    found = list_checkpoints(
+        Location.parse(str(tmp_path / "c")), "ckpt-*", (Location.parse(str(tmp_path / "c/audit")),)
+    )
+    assert [c.name for c in found] == ["ckpt-1.pt", "ckpt-2.pt", "ckpt-10.pt"]
+    everything = list_checkpoints(
+        Location.parse(str(tmp_path / "c")), "*", (Location.parse(str(tmp_path / "c/audit")),)
+    )
+    assert "audit" not in [c.name for c in everything] and ".hidden" not in [c.name for c in everything]
+
+
+def test_cli_rejects_bad_generators_before_work(tmp_path: Path) -> None:
+    common = ["--train-index", str(tmp_path / "idx"), "--out", str(tmp_path / "out"), "--threshold", "0.9"]
+    for spec in ("stylegan9", "not a module:make", "no_such_module_xyz:make"):
+        done = _cli("audit", "run", "--generator", spec, "--checkpoint", str(tmp_path), *common, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "generator" in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()  # nothing was started
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on a 3-node cluster
+# ---------------------------------------------------------------------------------------------
+def _link_people(root: Path, people: list[Path], per_person: int) -> list[str]:
+    files = []
+    for person in people:
+        (root / person.name).mkdir(parents=True, exist_ok=True)
+        for img in sorted(person.glob("*.jpg"))[:per_person]:
+            os.symlink(img, root / person.name / img.name)
+            files.append(str(img))
+    return files
+
+
+@pytest.fixture
+def audit_setup(tmp_path: Path, lfw_dir: Path, ray_cluster: object) -> dict[str, object]:
+    """A training index of 20 LFW people × 4 photos (embedded on the cluster) and three leaky
+    checkpoints whose other faces are 30 LFW people outside the training set."""
+    from raylead.embed import EmbedConfig, embed_collection
+    from raylead.index import IndexBuildConfig, build_index, source_from_collection
+
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())
+    train_files = _link_people(tmp_path / "train", people[:20], 4)
+    other_files = [str(sorted(p.glob("*.jpg"))[0]) for p in people[20:50]]
+    embed_collection(EmbedConfig(source=str(tmp_path / "train"), out=str(tmp_path / "emb"), actors=2))
+    build_index(
+        source_from_collection(str(tmp_path / "emb")), str(tmp_path / "idx"), IndexBuildConfig(executor="local")
+    )
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for name, leak in LEAKS.items():
+        spec = {"leak": leak, "period": 20, "train": train_files, "other": other_files}
+        (ckpts / f"{name}.json").write_text(json.dumps(spec))
+    return {"index": str(tmp_path / "idx"), "ckpts": str(ckpts), "out": str(tmp_path / "audit")}
+
+
+@pytest.mark.slow
+def test_audit_pending_tracks_rising_leakage(tmp_path: Path, audit_setup: dict, ray_cluster: object) -> None:
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}  # type: ignore[attr-defined]
+    args = [
+        "audit", "pending",
+        "--generator", f"{LEAKY}:make",
+        "--checkpoints", audit_setup["ckpts"],
+        "--train-index", audit_setup["index"],
+        "--out", audit_setup["out"],
+        "--samples", str(SAMPLES),
+        "--threshold", str(THETA),
+        "--tolerance", "0.1",
+        "--sample-actors", "2",
+        "--sample-batch-size", "8",
+        "--actors", "2",
+    ]  # fmt: skip
+    done = _cli(*args, env=env)
+    assert done.returncode == 10, done.stdout + done.stderr[-3000:]
+    verdicts = [line for line in done.stderr.splitlines() if "leakage rose" in line]
+    assert len(verdicts) == 1 and "ckpt-10" in verdicts[0] and "ckpt-5" in verdicts[0], done.stderr[-3000:]
+    trend = [line for line in done.stdout.splitlines() if line.startswith("ckpt-")]
+    assert [t.split(".json")[0] for t in trend] == ["ckpt-2", "ckpt-5", "ckpt-10"], done.stdout
+
+    history = Location.parse(audit_setup["out"]).child("history.parquet")
+    rows = read_history(history)
+    assert [r["checkpoint_name"] for r in rows] == ["ckpt-2.json", "ckpt-5.json", "ckpt-10.json"]
+    fractions = [r["leak_fraction"] for r in rows]
+    assert fractions[0] < fractions[1] < fractions[2], fractions
+    for r, leak in zip(rows, LEAKS.values(), strict=True):
+        assert r["samples"] == SAMPLES and r["scored"] >= SAMPLES - 3, r
+        assert abs(r["leak_fraction"] - leak) <= 0.08, (r["checkpoint_name"], r["leak_fraction"], leak)
+        assert r["generator_version"] and r["step"] == int(r["checkpoint_name"].split("-")[1].split(".")[0])
+    assert [r["verdict"] for r in rows] == ["first", "ok", "rose"]
+    assert json.loads(rows[2]["hits_by_identity"]) and rows[2]["identities_hit"] >= 5
+    # evidence on disk: owner-only PNG samples and per-checkpoint results
+    folder = Path(rows[2]["results"])
+    pngs = sorted((folder / "samples").glob("sample-*.png"))
+    assert len(pngs) == SAMPLES and oct(pngs[0].stat().st_mode & 0o777) == "0o600"
+    assert (folder / "best_matches.parquet").exists() and (folder / "metrics.json").exists()
+
+    # a rerun audits nothing new and passes
+    again = _cli(*args, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "audited 0 new checkpoint(s) of 3" in again.stdout
+    assert len(read_history(history)) == 3
+
+    # `audit run` of an audited checkpoint does nothing; `audit history` prints the trend + plot
+    one = [a for a in args if a != "pending"]
+    i = one.index("--checkpoints")
+    one[i : i + 2] = ["--checkpoint", str(Path(audit_setup["ckpts"]) / "ckpt-5.json")]
+    done = _cli("audit", "run", *one[1:], env=env)
+    assert done.returncode == 0 and "already in the audit history" in done.stdout, done.stderr[-2000:]
+    png = tmp_path / "trend.png"
+    shown = _cli("audit", "history", "--history", history.uri, "--png", str(png), env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stdout.splitlines() if line.startswith("ckpt-")]
+    assert [line.split(".json")[0] for line in lines] == ["ckpt-2", "ckpt-5", "ckpt-10"]
+    assert "LEAKAGE ROSE" in lines[2] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_audit_job_config_errors_are_one_line(tmp_path: Path) -> None:
+    """jobs/audit.py validates its YAML with AuditConfig: bad keys or generators exit 2, one line."""
+    import yaml
+
+    base = {"mode": "pending", "generator": "folder", "checkpoints": str(tmp_path), "train_index": "/i",
+            "out": str(tmp_path / "out"), "threshold": 0.9}  # fmt: skip
+    for bad, needle in (({"generator": "stylegan9"}, "stylegan9"), ({"tolerence": 0.1}, "tolerence")):
+        path = tmp_path / "audit.yaml"
+        path.write_text(yaml.safe_dump(base | bad))
+        done = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "audit.py"), "--config", str(path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().count("\n") == 0 and needle in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()
