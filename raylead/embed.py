@@ -28,7 +28,7 @@ import numpy as np
 
 from raylead import catalog
 from raylead.errors import ConfigError, CorruptDataError, PathEscapeError, RayleadError
-from raylead.faces import CROP_SIZES
+from raylead.faces import CROP_SIZES, SCRFD_DET_SIZE
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class EmbedConfig:
     shard_size: int = 256
     read_batch_size: int = 16
     det_score_floor: float = 0.0
+    det_size: int | None = None  # SCRFD input side (default 320); smaller is faster on big faces
     max_pixels: int = 40_000_000
     s3: S3Options | None = field(default=None, compare=False, metadata={"config": False})
 
@@ -67,6 +68,26 @@ class EmbedConfig:
                 raise ConfigError(f"{flag} must be a positive whole number, got {value!r}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError(f"--gpus-per-actor must be ≥ 0, got {self.gpus_per_actor!r}")
+        if self.det_size is not None:
+            if self.aligned or not self.detector.lower().endswith(".onnx"):
+                raise ConfigError(
+                    f"--det-size={self.det_size!r} applies to SCRFD (.onnx) detectors only; drop it "
+                    "or pass --detector PATH/det_*.onnx"
+                )
+            if not isinstance(self.det_size, int) or not 64 <= self.det_size <= 1280 or self.det_size % 32:
+                raise ConfigError(
+                    f"--det-size must be a multiple of 32 from 64 to 1280, got {self.det_size!r}"
+                )
+
+    def detector_options(self) -> dict[str, Any]:
+        return {} if self.det_size is None else {"det_size": (self.det_size, self.det_size)}
+
+    def alignment(self, crop: str) -> str:
+        """How faces were found and cropped; collections are reused only when this matches."""
+        if self.aligned:
+            return f"aligned:{crop}"
+        size = "" if self.det_size in (None, SCRFD_DET_SIZE) else f"@{self.det_size}"
+        return f"detect:{self.detector}{size}:{crop}"
 
     def matcher_options(self) -> dict[str, Any]:
         opts = {"model": self.model, "model_root": self.model_root, "pack": self.pack}
@@ -147,6 +168,7 @@ def prepare(cfg: EmbedConfig) -> Prepared:
         aligned=cfg.aligned,
         det_score_floor=cfg.det_score_floor,
         max_pixels=cfg.max_pixels,
+        detector_options=cfg.detector_options(),
     )
     preprocessor.check()
     source, out = cfg.source_location(), cfg.out_location()
@@ -164,8 +186,7 @@ def prepare(cfg: EmbedConfig) -> Prepared:
         raise ConfigError(
             f"no images under {source.uri} (looked for {', '.join(IMAGE_EXTENSIONS)}); check the path"
         )
-    alignment = "aligned" if cfg.aligned else f"detect:{cfg.detector}"
-    return Prepared(cfg, source, out, image_ids, matcher, preprocessor, f"{alignment}:{matcher.crop}")
+    return Prepared(cfg, source, out, image_ids, matcher, preprocessor, cfg.alignment(matcher.crop))
 
 
 # ------------------------------------------------------------------------------------------

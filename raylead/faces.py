@@ -383,13 +383,16 @@ def _ort_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+SCRFD_DET_SIZE = 320  # default square input of SCRFD (the image is letterboxed into it)
+
+
 class ScrfdDetector:
     """InsightFace SCRFD (5 keypoints) through onnxruntime; CUDA when available, else CPU."""
 
     def __init__(
         self,
         model_path: str,
-        det_size: tuple[int, int] = (320, 320),
+        det_size: tuple[int, int] = (SCRFD_DET_SIZE, SCRFD_DET_SIZE),
         det_thresh: float = 0.5,
         intra_op_threads: int = 1,
         providers: list[str] | None = None,

@@ -64,8 +64,9 @@ BUILD_FILE = "build.json"
 TRAINED_FILE = "trained.faissindex"
 TRAINED_MARKER = "trained.done.json"
 DEFAULT_MEMORY_BUDGET = 8 << 30
-# Fault injection for the resume test: SIGKILL this process in the middle of the shard that
-# follows the N-th shard completed by this run (local executor only).
+# Fault injection for the resume tests: "N" (SIGKILL) or "N:SIGINT" sends that signal to this
+# process in the middle of the shard that follows the N-th shard completed by this run (local
+# executor only).
 FAULT_ENV = "RAYLEAD_FAULT_KILL_AFTER_SHARDS"
 ADD_CHUNK = 65536
 
@@ -422,7 +423,7 @@ def encode_shard(
     vector_dtype: str,
     fingerprint: str,
     threads: int = 1,
-    die_midway: bool = False,
+    die_midway: signal.Signals | None = None,
 ) -> dict[str, Any]:
     """Encode one shard with the trained index and write its files, then its marker."""
     _set_threads(threads)
@@ -431,9 +432,10 @@ def encode_shard(
     idx_path, vec_path, ids_path, marker_path = shard_names(shard)
     idx_bytes = serialize(index)
     out.child(idx_path).write_bytes(idx_bytes)
-    if die_midway:  # fault injection (see FAULT_ENV): the shard is half written, no marker
-        log.warning("fault injection: killing the build in the middle of shard %d", shard)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if die_midway is not None:  # fault injection (see FAULT_ENV): half written, no marker
+        log.warning("fault injection: %s in the middle of shard %d", die_midway.name, shard)
+        os.kill(os.getpid(), die_midway)
+        time.sleep(60)  # the signal's handler (KeyboardInterrupt for SIGINT) ends this
     vec_bytes = _npy_bytes(np.ascontiguousarray(vectors, dtype=np.dtype(vector_dtype)))
     out.child(vec_path).write_bytes(vec_bytes)
     rows = np.arange(row_start, row_start + vectors.shape[0], dtype=np.int64)
@@ -687,13 +689,12 @@ def _encode_local(
     config: IndexBuildConfig,
     fp: str,
 ) -> list[dict[str, Any]]:
-    fault = os.environ.get(FAULT_ENV)
-    kill_after = int(fault) if fault and fault.isdigit() else None
+    kill_after, sig = _fault_injection()
     out: list[dict[str, Any]] = []
     with progress_bar("encoding index shards", len(todo)) as update:
         for s in todo:
             a, b = ranges[s]
-            die = kill_after is not None and len(out) >= kill_after
+            die = sig if kill_after is not None and len(out) >= kill_after else None
             out.append(
                 encode_shard(
                     root,
@@ -710,6 +711,13 @@ def _encode_local(
             )
             update(len(out), len(todo))
     return out
+
+
+def _fault_injection() -> tuple[int | None, signal.Signals]:
+    after, _, name = os.environ.get(FAULT_ENV, "").partition(":")
+    if not after.isdigit():
+        return None, signal.SIGKILL
+    return int(after), signal.Signals[name] if name in ("SIGINT", "SIGKILL") else signal.SIGKILL
 
 
 def _encode_ray(

@@ -134,6 +134,7 @@ def test_killed_embed_resumes_with_every_image_once(tmp_path, lfw_dir, lfw_dlib,
         (["--matcher", "onnx", "--model", "/nonexistent/model.onnx"], "/nonexistent/model.onnx"),
         (["--detector", "/nonexistent/det.onnx"], "/nonexistent/det.onnx"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--det-size", "160"], "applies to SCRFD"),
     ],
 )
 def test_bad_arguments_fail_before_work(tmp_path, lfw_dir, extra, expect) -> None:
@@ -186,3 +187,33 @@ def test_failure_reasons_are_counted(lfw_dlib: Collection) -> None:
     assert Counter(s.split(":")[0] for s in lfw_dlib.statuses if s != "ok") == Counter(
         lfw_dlib.manifest.failures_by_reason
     )
+
+
+@pytest.mark.parametrize(
+    ("detector", "aligned", "det_size", "error", "alignment"),
+    [
+        ("m/det.onnx", False, None, None, "detect:m/det.onnx:arcface112"),
+        ("m/det.onnx", False, 320, None, "detect:m/det.onnx:arcface112"),  # the default, same label
+        ("m/det.onnx", False, 160, None, "detect:m/det.onnx@160:arcface112"),
+        ("m/det.onnx", False, 64, None, "detect:m/det.onnx@64:arcface112"),
+        ("m/det.onnx", False, 1280, None, "detect:m/det.onnx@1280:arcface112"),
+        ("m/det.onnx", False, 100, "multiple of 32", None),
+        ("m/det.onnx", False, 32, "multiple of 32", None),
+        ("m/det.onnx", False, 1312, "multiple of 32", None),
+        ("dlib", False, 160, "applies to SCRFD", None),
+        ("m/det.onnx", True, 160, "applies to SCRFD", None),
+        ("dlib", False, None, None, "detect:dlib:arcface112"),
+        ("dlib", True, None, None, "aligned:arcface112"),
+    ],
+)
+def test_det_size_is_checked_and_labels_the_collection(detector, aligned, det_size, error, alignment) -> None:
+    """A collection embedded at another SCRFD input size is never reused as the default one."""
+    from raylead.errors import ConfigError
+
+    cfg = EmbedConfig(source="in", out="out", detector=detector, aligned=aligned, det_size=det_size)
+    if error:
+        with pytest.raises(ConfigError, match=error):
+            cfg.validate()
+        return
+    cfg.validate()
+    assert cfg.alignment("arcface112") == alignment

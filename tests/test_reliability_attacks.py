@@ -14,12 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from faults import signal_when
 
 from raylead.attacks import METRICS_FILE, ResultWriter
 from raylead.storage import Location
@@ -76,15 +76,8 @@ def test_driver_killed_mid_attack_then_rerun_resumes(attack_inputs, ray_local, t
     args = _args(*attack_inputs, out)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     reference_attack = _reference(attack_inputs, tmp_path_factory, env)
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("embeddings/*/shards/*.done.json")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    proc = signal_when(args, env, out, "embeddings/*/shards/*.done.json", sig)
+    stderr = proc.stderr
     assert proc.returncode != 0, "the attack finished before it was killed"
     if sig == signal.SIGINT:
         assert "rerun the same command to resume" in stderr

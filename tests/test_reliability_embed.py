@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import signal_when
 
 from raylead.catalog import Collection, read_collection
 from raylead.embed import EmbedConfig, embed_collection
@@ -145,16 +146,8 @@ def test_driver_killed_then_rerun_resumes(tmp_path, lfw_dir, lfw_dlib, ray_local
     out = tmp_path / "out"
     args = [*RAYLEAD, "embed", str(src), "--out", str(out), "--shard-size", "4", "--batch-size", "4"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-        # a shell without job control starts children with SIGINT ignored; a user's terminal does not
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("shards/*.done.json")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    proc = signal_when(args, env, out, "shards/*.done.json", sig)
+    stderr = proc.stderr
     assert proc.returncode != 0
     if sig == signal.SIGINT:
         assert "rerun the same command to resume" in stderr

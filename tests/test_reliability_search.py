@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from faults import signal_when
 
 from raylead.errors import ConfigError
 from raylead.search import IndexSearcher, SearchConfig, SearchJob, part_names, run_search
@@ -153,16 +154,8 @@ def test_driver_killed_mid_search_then_rerun_resumes(
     out = tmp_path / "out"
     args = _cli_args(many_queries, small_indexes[4], out)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-        # a shell without job control starts children with SIGINT ignored; a user's terminal does not
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
-    )  # fmt: skip
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("parts/*.done.json")):
-        time.sleep(0.02)
-    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    proc = signal_when(args, env, out, "parts/*.done.json", sig, timeout=180)
+    stderr = proc.stderr
     assert proc.returncode != 0, "the search finished before it was killed"
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "rerun the same command to resume" in stderr

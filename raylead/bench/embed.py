@@ -90,6 +90,7 @@ def bench_embed(cfg: EmbedConfig, shard_size: int = 64) -> dict[str, Any]:
         "matcher": prep.matcher.name,
         "matcher_version": prep.matcher.version,
         "detector": None if cfg.aligned else cfg.detector,
+        "alignment": prep.alignment,
         "images": len(prep.image_ids),
         "embedded": result.manifest.ok,
         "batch_size": cfg.batch_size,
