@@ -55,6 +55,8 @@ class EmbedConfig:
     read_batch_size: int = 16
     det_score_floor: float = 0.0
     det_size: int | None = None  # SCRFD input side (default 320); smaller is faster on big faces
+    providers: str | None = None  # onnx matcher: "tensorrt,cuda,cpu" order (default: best present)
+    fp16: bool = False  # onnx matcher: fp16 through TensorRT
     max_pixels: int = 40_000_000
     s3: S3Options | None = field(default=None, compare=False, metadata={"config": False})
 
@@ -90,7 +92,11 @@ class EmbedConfig:
         return f"detect:{self.detector}{size}:{crop}"
 
     def matcher_options(self) -> dict[str, Any]:
-        opts = {"model": self.model, "model_root": self.model_root, "pack": self.pack}
+        opts: dict[str, Any] = {"model": self.model, "model_root": self.model_root, "pack": self.pack}
+        if self.providers:
+            opts["providers"] = [p.strip() for p in self.providers.split(",") if p.strip()]
+        if self.fp16:
+            opts["fp16"] = True
         return {k: v for k, v in opts.items() if v is not None}
 
     def source_location(self) -> Location:
@@ -171,6 +177,12 @@ def prepare(cfg: EmbedConfig) -> Prepared:
         detector_options=cfg.detector_options(),
     )
     preprocessor.check()
+    if cfg.fp16:  # fp16 runs through TensorRT on GPU workers: refuse now, not in every actor
+        from raylead.runtime import cluster_gpus, ensure_ray
+
+        ensure_ray()
+        if not (cfg.gpus_per_actor or cluster_gpus()):
+            raise ConfigError("--fp16 needs GPU workers (TensorRT); this Ray cluster has none: drop --fp16")
     source, out = cfg.source_location(), cfg.out_location()
     if source.contains(out):
         raise ConfigError(

@@ -377,10 +377,9 @@ class DlibDetector:
 def _ort_providers() -> list[str]:
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    from raylead.plan import onnx_providers
+
+    return [name for name, _ in onnx_providers(ort.get_available_providers())]  # CUDA, else CPU
 
 
 SCRFD_DET_SIZE = 320  # default square input of SCRFD (the image is letterboxed into it)

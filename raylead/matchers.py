@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from raylead.errors import ConfigError, ModelNotFoundError
+from raylead.plan import ONNX_PROVIDERS, onnx_providers
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ class OnnxMatcher:
         bgr: bool = False,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
+        fp16: bool = False,
+        io_binding: bool | None = None,
     ) -> None:
         if model is None and pack is None:
             raise ConfigError("onnx matcher needs model=PATH.onnx or pack=NAME (with model_root)")
@@ -212,6 +215,10 @@ class OnnxMatcher:
         self.bgr = bool(bgr)
         self.providers = list(providers) if providers else None
         self.intra_op_threads = int(intra_op_threads)
+        self.fp16 = bool(fp16)
+        # names and --fp16 vs --providers are checked here; availability on the worker at load
+        onnx_providers(list(ONNX_PROVIDERS.values()), self.providers, tensorrt_present=True, fp16=self.fp16)
+        self.io_binding = io_binding  # None: on when the session runs on a GPU provider
         self._path: str | None = None
         self._info: dict[str, Any] | None = None
         self._session: Any = None
@@ -341,20 +348,46 @@ class OnnxMatcher:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs
-        providers = self.providers
-        if providers is None:
-            providers = ["CPUExecutionProvider"]
-            if "CUDAExecutionProvider" in ort.get_available_providers():
-                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        session = ort.InferenceSession(self._resolve(), sess_options=opts, providers=providers)
+        from raylead.runtime import tensorrt_cache_dir, tensorrt_present
+
+        plan = onnx_providers(
+            ort.get_available_providers(),
+            self.providers,
+            tensorrt_present=tensorrt_present(),
+            fp16=self.fp16,
+            trt_cache=tensorrt_cache_dir(),
+        )
+        session = ort.InferenceSession(
+            self._resolve(),
+            sess_options=opts,
+            providers=[name for name, _ in plan],
+            provider_options=[o for _, o in plan],
+        )
+        if self.io_binding is None:
+            self.io_binding = session.get_providers()[0] != ONNX_PROVIDERS["cpu"]
         log.info(
-            "onnx matcher %s: providers=%s dim=%d dynamic_batch=%s",
+            "onnx matcher %s: providers=%s dim=%d dynamic_batch=%s io_binding=%s fp16=%s",
             info["version"],
             session.get_providers(),
             info["dim"],
             info["dynamic_batch"],
+            self.io_binding,
+            self.fp16,
         )
         return session
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """One forward pass of a contiguous NCHW float32 batch."""
+        info = self._header()
+        if not self.io_binding:
+            return np.asarray(self._session.run([info["output"]], {info["input"]: x})[0])
+        # I/O binding: the input is copied to the device once, straight from this buffer, and the
+        # output is fetched once, instead of onnxruntime's per-run staging copies
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(info["input"], x)
+        binding.bind_output(info["output"])
+        self._session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0])
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         arr = _check_batch(batch, self.crop, self.name)
@@ -367,11 +400,9 @@ class OnnxMatcher:
         x = (x.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         if info["dynamic_batch"]:
-            out = self._session.run([info["output"]], {info["input"]: x})[0]
+            out = self._run(x)
         else:
-            out = np.concatenate(
-                [self._session.run([info["output"]], {info["input"]: x[i : i + 1]})[0] for i in range(len(x))]
-            )
+            out = np.concatenate([self._run(np.ascontiguousarray(x[i : i + 1])) for i in range(len(x))])
         return l2_normalize(out.reshape(len(x), -1))
 
 

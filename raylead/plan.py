@@ -344,3 +344,62 @@ def searcher_cpus(node_cpus: list[float], shards: int) -> float:
         if fits(c):
             return float(math.floor(c)) if c >= 1 else math.floor(c * 10_000) / 10_000
     return math.floor(min(nodes) / shards * 10_000) / 10_000  # unreachable: n / shards always fits
+
+
+# -- onnxruntime execution providers -------------------------------------------------------------
+ONNX_PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+def onnx_providers(
+    available: list[str],
+    requested: list[str] | None = None,
+    *,
+    tensorrt_present: bool = False,
+    fp16: bool = False,
+    trt_cache: str | None = None,
+) -> list[tuple[str, dict[str, str]]]:
+    """The onnxruntime providers (with their options) for a recognition model, best first.
+
+    Default: TensorRT when its EP is built in *and* the TensorRT libraries are present
+    (onnxruntime-gpu lists the EP either way), then CUDA, then CPU. ``requested`` (short names
+    ``tensorrt``/``cuda``/``cpu`` or full EP names) pins the order; CPU is always last as the
+    fallback for operators the others lack. ``fp16`` runs through TensorRT's fp16 mode."""
+    full = {v: v for v in ONNX_PROVIDERS.values()} | ONNX_PROVIDERS
+    if requested:
+        unknown = [r for r in requested if r not in full]
+        if unknown:
+            raise ConfigError(
+                f"unknown onnx provider(s) {', '.join(map(repr, unknown))}; use {', '.join(ONNX_PROVIDERS)}"
+            )
+        chosen = list(dict.fromkeys(full[r] for r in requested))
+        missing = [c for c in chosen if c not in available]
+        if missing:
+            raise ConfigError(
+                f"onnx provider(s) {', '.join(missing)} not in this onnxruntime (it has "
+                f"{', '.join(available) or 'none'}); install onnxruntime-gpu on GPU workers or drop --providers"
+            )
+    else:
+        chosen = []
+        if ONNX_PROVIDERS["tensorrt"] in available and tensorrt_present:
+            chosen.append(ONNX_PROVIDERS["tensorrt"])
+        if ONNX_PROVIDERS["cuda"] in available:
+            chosen.append(ONNX_PROVIDERS["cuda"])
+    chosen = [c for c in chosen if c != ONNX_PROVIDERS["cpu"]] + [ONNX_PROVIDERS["cpu"]]
+    if fp16 and ONNX_PROVIDERS["tensorrt"] not in chosen:
+        raise ConfigError(
+            "--fp16 runs through TensorRT, which is not usable here (needs onnxruntime-gpu with its "
+            "TensorRT EP and the TensorRT libraries on the GPU workers); drop --fp16"
+        )
+    out: list[tuple[str, dict[str, str]]] = []
+    for name in chosen:
+        opts: dict[str, str] = {}
+        if name == ONNX_PROVIDERS["tensorrt"]:
+            opts = {"trt_fp16_enable": str(fp16), "trt_engine_cache_enable": str(trt_cache is not None)}
+            if trt_cache is not None:
+                opts["trt_engine_cache_path"] = trt_cache
+        out.append((name, opts))
+    return out

@@ -55,3 +55,18 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def tensorrt_present() -> bool:
+    """Whether the TensorRT libraries are on this machine (onnxruntime-gpu lists its TensorRT EP
+    even when they are not, and then fails at session creation)."""
+    import ctypes.util
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None or ctypes.util.find_library("nvinfer") is not None
+
+
+def tensorrt_cache_dir() -> str:
+    """Where TensorRT engines are cached (building one takes minutes): RAYLEAD_TRT_CACHE or
+    ~/.cache/raylead/tensorrt."""
+    return os.environ.get("RAYLEAD_TRT_CACHE") or os.path.expanduser("~/.cache/raylead/tensorrt")

@@ -135,6 +135,8 @@ def test_killed_embed_resumes_with_every_image_once(tmp_path, lfw_dir, lfw_dlib,
         (["--detector", "/nonexistent/det.onnx"], "/nonexistent/det.onnx"),
         (["--batch-size", "0"], "--batch-size"),
         (["--det-size", "160"], "applies to SCRFD"),
+        (["--fp16"], "does not accept option(s) fp16"),
+        (["--matcher", "onnx", "--model", "m.onnx", "--providers", "gpu"], "unknown onnx provider"),
     ],
 )
 def test_bad_arguments_fail_before_work(tmp_path, lfw_dir, extra, expect) -> None:
@@ -149,6 +151,20 @@ def test_bad_arguments_fail_before_work(tmp_path, lfw_dir, extra, expect) -> Non
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], proc.stderr
     assert not (out / "shards").exists()
+
+
+def test_fp16_without_gpu_workers_fails_before_work(tmp_path, lfw_dir, mbf_model, scrfd_model) -> None:
+    src = tmp_path / "in"
+    _subset(lfw_dir, src, identities=1, per=2)
+    out = tmp_path / "out"
+    args = ["--matcher", "onnx", "--model", str(mbf_model), "--detector", str(scrfd_model), "--fp16"]
+    proc = subprocess.run(
+        [*RAYLEAD, "embed", str(src), "--out", str(out), *args], capture_output=True, text=True, timeout=180
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("raylead: error")]
+    assert proc.returncode == 2 and len(errors) == 1 and "--fp16 needs GPU workers" in errors[0], proc.stderr
+    assert "embedding 2 images" not in proc.stderr  # refused before any work (Ray's own start-up logs aside)
+    assert not list(out.glob("shards/*"))
 
 
 def test_output_inside_input_is_refused(tmp_path, lfw_dir) -> None:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from raylead.errors import ConfigError, ModelNotFoundError
 from raylead.faces import Preprocessor
 from raylead.matchers import MATCHERS, DlibMatcher, Matcher, OnnxMatcher, make_matcher
+from raylead.plan import ONNX_PROVIDERS
 
 PEOPLE = ["Colin_Powell", "Serena_Williams", "Junichiro_Koizumi", "Vladimir_Putin", "Laura_Bush"]
 PER_PERSON = 3
@@ -74,23 +76,57 @@ def test_onnx_matcher_separates_identities(
     _assert_separates(m.embed(crops), labels, 128)
 
 
-def test_onnx_dynamic_batch_matches_per_image_loop(
-    mbf_model: Path, arcface_crops: tuple[np.ndarray, np.ndarray], tmp_path: Path
-) -> None:
-    # The shipped model is fixed at batch 1 (looped); a copy with a dynamic batch runs in one call.
+@pytest.fixture(scope="module")
+def mbf_dynamic(mbf_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped MobileFaceNet is fixed at batch 1; this copy takes any batch."""
     model = onnx.load(str(mbf_model))
     for init in model.graph.initializer:
         if init.name == "630":  # the final Reshape's hard-coded [1, -1]
             init.CopyFrom(onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "630"))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    dyn_path = tmp_path / "mbf_dynamic.onnx"
-    onnx.save(model, str(dyn_path))
+    path = tmp_path_factory.mktemp("mbf") / "mbf_dynamic.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_dynamic_batch_matches_per_image_loop(
+    mbf_model: Path, mbf_dynamic: Path, arcface_crops: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # The shipped model is looped one image at a time; the dynamic copy runs in one call.
     crops = arcface_crops[0][:6]
-    looped, batched = OnnxMatcher(model=str(mbf_model)), OnnxMatcher(model=str(dyn_path))
+    looped, batched = OnnxMatcher(model=str(mbf_model)), OnnxMatcher(model=str(mbf_dynamic))
     assert not looped._header()["dynamic_batch"] and batched._header()["dynamic_batch"]
     assert np.allclose(looped.embed(crops), batched.embed(crops), atol=1e-5)
     assert batched.embed(crops[:0]).shape == (0, 128)
+
+
+@pytest.mark.parametrize("which", ["static", "dynamic"])
+def test_io_binding_gives_the_same_embeddings(
+    mbf_model: Path, mbf_dynamic: Path, arcface_crops: tuple[np.ndarray, np.ndarray], which: str
+) -> None:
+    """The GPU path's I/O binding, run here on the CPU provider, against plain session.run."""
+    path = str(mbf_model if which == "static" else mbf_dynamic)
+    crops = arcface_crops[0][:6]
+    auto, bound = OnnxMatcher(model=path), OnnxMatcher(model=path, io_binding=True)
+    plain = auto.embed(crops)
+    assert auto.io_binding is False  # auto: off on the CPU provider
+    np.testing.assert_allclose(bound.embed(crops), plain, atol=1e-6)
+    assert bound._session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_provider_and_fp16_options_are_checked_on_creation(mbf_model: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown onnx provider"):
+        OnnxMatcher(model=str(mbf_model), providers=["gpu"])
+    with pytest.raises(ConfigError, match="fp16 runs through TensorRT"):
+        OnnxMatcher(model=str(mbf_model), providers=["cuda", "cpu"], fp16=True)
+    OnnxMatcher(model=str(mbf_model), providers=["tensorrt", "cuda"], fp16=True)  # valid; checked again at load
+    absent = [short for short, full in ONNX_PROVIDERS.items() if full not in ort.get_available_providers()]
+    if absent:  # asking for a provider this onnxruntime lacks fails when the session is made
+        with pytest.raises(ConfigError, match="not in this onnxruntime"):
+            OnnxMatcher(model=str(mbf_model), providers=[absent[0]]).embed(np.zeros((1, 112, 112, 3), np.uint8))
+    with pytest.raises(ConfigError, match="does not accept option"):
+        make_matcher("dlib", fp16=True)
 
 
 def test_bgr_option_changes_the_input(mbf_model: Path, arcface_crops: tuple[np.ndarray, np.ndarray]) -> None:

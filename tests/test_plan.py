@@ -15,6 +15,7 @@ from raylead.plan import (
     choose_engine,
     estimate_approx_seconds,
     estimate_exact_seconds,
+    onnx_providers,
     plan_index,
     resident_bytes_per_vector,
     searcher_cpus,
@@ -213,3 +214,51 @@ def test_searcher_cpus_always_place_every_shard(nodes: list[float], shards: int)
     live = [n for n in nodes if n > 0] or [1.0]
     assert c > 0
     assert sum(math.floor(n / c + 1e-9) for n in live) >= shards
+
+
+# -- onnxruntime providers -----------------------------------------------------------------------
+TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+GPU_ORT = [TRT, CUDA, CPU]  # onnxruntime-gpu lists TensorRT whether or not its libraries exist
+
+
+@pytest.mark.parametrize(
+    ("available", "requested", "trt_libs", "fp16", "expected"),
+    [
+        ([CPU], None, False, False, [CPU]),
+        (["AzureExecutionProvider", CPU], None, True, False, [CPU]),
+        (GPU_ORT, None, False, False, [CUDA, CPU]),  # TensorRT EP listed, libraries absent
+        (GPU_ORT, None, True, False, [TRT, CUDA, CPU]),
+        (GPU_ORT, None, True, True, [TRT, CUDA, CPU]),
+        ([CUDA, CPU], None, True, False, [CUDA, CPU]),
+        (GPU_ORT, ["cuda"], True, False, [CUDA, CPU]),  # CPU is always the last fallback
+        (GPU_ORT, ["cpu"], True, False, [CPU]),
+        (GPU_ORT, ["cpu", "cuda"], True, False, [CUDA, CPU]),
+        (GPU_ORT, [CUDA, "cuda", CPU], True, False, [CUDA, CPU]),  # full names, duplicates
+        (GPU_ORT, ["tensorrt"], False, True, [TRT, CPU]),  # asked for: the libraries are the user's call
+    ],
+)
+def test_onnx_providers_table(available, requested, trt_libs, fp16, expected):
+    plan = onnx_providers(available, requested, tensorrt_present=trt_libs, fp16=fp16, trt_cache="/c")
+    assert [name for name, _ in plan] == expected
+    for name, opts in plan:
+        if name == TRT:
+            cache = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": "/c"}
+            assert opts == {"trt_fp16_enable": str(fp16), **cache}
+        else:
+            assert opts == {}
+
+
+@pytest.mark.parametrize(
+    ("available", "requested", "trt_libs", "fp16", "error"),
+    [
+        ([CPU], ["gpu"], False, False, "unknown onnx provider"),
+        ([CPU], ["cuda"], False, False, "not in this onnxruntime"),
+        ([CUDA, CPU], ["tensorrt", "cuda"], True, False, "TensorrtExecutionProvider not in"),
+        ([CPU], None, False, True, "fp16 runs through TensorRT"),
+        (GPU_ORT, None, False, True, "fp16 runs through TensorRT"),  # EP listed, libraries absent
+        (GPU_ORT, ["cuda"], True, True, "fp16 runs through TensorRT"),
+    ],
+)
+def test_onnx_providers_refusals(available, requested, trt_libs, fp16, error):
+    with pytest.raises(ConfigError, match=error):
+        onnx_providers(available, requested, tensorrt_present=trt_libs, fp16=fp16)

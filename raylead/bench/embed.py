@@ -91,6 +91,8 @@ def bench_embed(cfg: EmbedConfig, shard_size: int = 64) -> dict[str, Any]:
         "matcher_version": prep.matcher.version,
         "detector": None if cfg.aligned else cfg.detector,
         "alignment": prep.alignment,
+        "providers": cfg.providers or "auto",
+        "fp16": cfg.fp16,
         "images": len(prep.image_ids),
         "embedded": result.manifest.ok,
         "batch_size": cfg.batch_size,

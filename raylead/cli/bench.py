@@ -29,6 +29,8 @@ def bench_embed_cmd(
     model: Annotated[str | None, typer.Option(help="Recognition ONNX file (onnx matcher).")] = None,
     detector: Annotated[str, typer.Option(help="'dlib' or a SCRFD .onnx file.")] = "dlib",
     det_size: Annotated[int | None, typer.Option(help="SCRFD input side in pixels (default 320).")] = None,
+    providers: Annotated[str | None, typer.Option(help="onnx: providers in order, e.g. tensorrt,cuda,cpu.")] = None,
+    fp16: Annotated[bool, typer.Option(help="onnx: fp16 through TensorRT (GPU).")] = False,
     aligned: Annotated[bool, typer.Option(help="Inputs are aligned crops: resize only.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per matcher batch.")] = 32,
     actors: Annotated[int | None, typer.Option(help="Matcher actors (default: one per CPU/GPU).")] = None,
@@ -40,7 +42,7 @@ def bench_embed_cmd(
 
     cfg = EmbedConfig(
         source=images, out="unused", matcher=matcher, model=model, detector=detector,
-        det_size=det_size, aligned=aligned, batch_size=batch_size, actors=actors,
+        det_size=det_size, providers=providers, fp16=fp16, aligned=aligned, batch_size=batch_size, actors=actors,
     )
     _write_json(bench_embed(cfg), json_out)
 

@@ -49,6 +49,11 @@ def embed(
         int | None,
         typer.Option(help="SCRFD input side in pixels (default 320); 160 is ~3x faster on face-centred crops."),
     ] = None,
+    providers: Annotated[
+        str | None,
+        typer.Option(help="onnx matcher: providers in order, e.g. tensorrt,cuda,cpu (default: best present)."),
+    ] = None,
+    fp16: Annotated[bool, typer.Option(help="onnx matcher: run in fp16 through TensorRT (GPU workers).")] = False,
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
@@ -69,6 +74,8 @@ def embed(
         shard_size=shard_size,
         det_score_floor=det_score_floor,
         det_size=det_size,
+        providers=providers,
+        fp16=fp16,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     prepared = prepare(cfg)
