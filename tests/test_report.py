@@ -333,7 +333,8 @@ def test_cli_report_with_calibration(hostile: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "metrics.json" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_attack_command_writes_the_report(tmp_path: Path, write_collection: Any) -> None:
+@pytest.mark.parametrize("redact", [False, True], ids=["plain", "redact"])
+def test_attack_command_writes_the_report(tmp_path: Path, write_collection: Any, redact: bool) -> None:
     rng = np.random.default_rng(2)
     t = _unit(rng, 6, 16)
     train = write_collection(tmp_path / "t", [f"a{i}/{i}.jpg" for i in range(6)], [f"a{i}" for i in range(6)], t)
@@ -356,12 +357,23 @@ def test_attack_command_writes_the_report(tmp_path: Path, write_collection: Any)
         "exact",
         "--report",
         str(rep),
+        *(["--redact"] if redact else []),
     )
     assert run.returncode == 0, run.stderr
     assert f"report: {rep}" in run.stdout
     doc = rep.read_text("utf-8")
     assert "top 5 pairs" in doc or "the top 5 pairs" in doc
     assert doc.count("image unavailable:") == 10  # the collections hold no image files
+    assert ("Faces are redacted" in doc) is redact
+
+
+def test_attack_redact_without_report_is_refused_before_work(tmp_path: Path, write_collection: Any) -> None:
+    t = _unit(np.random.default_rng(3), 2, 16)
+    train = write_collection(tmp_path / "t", ["a/0.jpg", "b/1.jpg"], ["a", "b"], t)
+    run = _raylead("attack", "idiap", "--train", train, "--synthetic", train, "--out", str(tmp_path / "o"), "--redact")
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "--redact applies to the report" in lines[0], run.stderr
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------------

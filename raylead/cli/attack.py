@@ -45,9 +45,19 @@ ReportOpt = Annotated[
     str | None,
     typer.Option(help="Also write the evidence report (self-contained HTML + PNG plots) to this file."),
 ]
+RedactOpt = Annotated[bool, typer.Option(help="With --report: pixelate and blur every face, for sharing.")]
 
 
-def _echo(lines: list[str], out: str, report: str | None = None, s3: tuple[str | None, ...] = ()) -> None:
+def _check_report_flags(report: str | None, redact: bool) -> None:
+    if redact and report is None:
+        from raylead.errors import ConfigError
+
+        raise ConfigError("--redact applies to the report: add --report FILE.html, or drop --redact")
+
+
+def _echo(
+    lines: list[str], out: str, report: str | None = None, s3: tuple[str | None, ...] = (), redact: bool = False
+) -> None:
     for line in lines:
         typer.echo(line)
     typer.echo(f"results: {out} (metrics.json)")
@@ -55,7 +65,7 @@ def _echo(lines: list[str], out: str, report: str | None = None, s3: tuple[str |
         from raylead.cli.report import write_report
 
         endpoint, key, secret = s3 or (None, None, None)
-        write_report(out, report, s3_endpoint=endpoint, s3_key=key, s3_secret=secret)
+        write_report(out, report, redact=redact, s3_endpoint=endpoint, s3_key=key, s3_secret=secret)
 
 
 @attack_app.command("idiap")
@@ -87,8 +97,10 @@ def idiap(
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
     report: ReportOpt = None,
+    redact: RedactOpt = False,
 ) -> None:
     """Top-K most similar (training, synthetic) pairs, best-match histogram, fraction above θ."""
+    _check_report_flags(report, redact)
     from raylead.attacks.idiap import IdiapConfig, headline, run_idiap
 
     cfg = IdiapConfig(
@@ -108,7 +120,7 @@ def idiap(
         actors=actors,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
-    _echo(headline(run_idiap(cfg)), out, report, (s3_endpoint, s3_key, s3_secret))
+    _echo(headline(run_idiap(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)
 
 
 @attack_app.command("tinsley")
@@ -135,8 +147,10 @@ def tinsley(
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
     report: ReportOpt = None,
+    redact: RedactOpt = False,
 ) -> None:
     """Per matcher: generated images' best matches in T vs H (AUC, KS, above θ); consensus per pair."""
+    _check_report_flags(report, redact)
     from raylead.attacks.tinsley import TinsleyConfig, headline, parse_threshold_pairs, run_tinsley
 
     cfg = TinsleyConfig(
@@ -154,7 +168,7 @@ def tinsley(
         actors=actors,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
-    _echo(headline(run_tinsley(cfg)), out, report, (s3_endpoint, s3_key, s3_secret))
+    _echo(headline(run_tinsley(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)
 
 
 @attack_app.command("webster")
@@ -192,8 +206,10 @@ def webster(
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
     report: ReportOpt = None,
+    redact: RedactOpt = False,
 ) -> None:
     """Identify each sample as a query identity; flag identities counted more than τ = α·N/|Q|."""
+    _check_report_flags(report, redact)
     from raylead.attacks.webster import WebsterConfig, headline, parse_alphas, run_webster
 
     cfg = WebsterConfig(
@@ -210,7 +226,7 @@ def webster(
         actors=actors,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
-    _echo(headline(run_webster(cfg)), out, report, (s3_endpoint, s3_key, s3_secret))
+    _echo(headline(run_webster(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)
 
 
 @scenario_app.command("build")
