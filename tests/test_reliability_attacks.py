@@ -77,10 +77,9 @@ def test_driver_killed_mid_attack_then_rerun_resumes(attack_inputs, ray_local, t
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     reference_attack = _reference(attack_inputs, tmp_path_factory, env)
     proc = signal_when(args, env, out, "embeddings/*/shards/*.done.json", sig)
-    stderr = proc.stderr
     assert proc.returncode != 0, "the attack finished before it was killed"
     if sig == signal.SIGINT:
-        assert "rerun the same command to resume" in stderr
+        assert "rerun the same command to resume" in proc.stderr
     assert not (out / METRICS_FILE).exists(), "a killed attack left a metrics.json"
     rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

@@ -147,10 +147,9 @@ def test_driver_killed_then_rerun_resumes(tmp_path, lfw_dir, lfw_dlib, ray_local
     args = [*RAYLEAD, "embed", str(src), "--out", str(out), "--shard-size", "4", "--batch-size", "4"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = signal_when(args, env, out, "shards/*.done.json", sig)
-    stderr = proc.stderr
     assert proc.returncode != 0
     if sig == signal.SIGINT:
-        assert "rerun the same command to resume" in stderr
+        assert "rerun the same command to resume" in proc.stderr
     assert not (out / "manifest.json").exists()
     # a partial shard (temp name) is never taken as complete
     for tmp in out.glob("shards/.*.tmp-*"):

@@ -155,10 +155,9 @@ def test_driver_killed_mid_search_then_rerun_resumes(
     args = _cli_args(many_queries, small_indexes[4], out)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = signal_when(args, env, out, "parts/*.done.json", sig, timeout=180)
-    stderr = proc.stderr
     assert proc.returncode != 0, "the search finished before it was killed"
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "rerun the same command to resume" in stderr
+        assert proc.returncode == 130 and "rerun the same command to resume" in proc.stderr
     assert not (out / "search.json").exists() and not (out / "results.parquet").exists()
     finished = _check_parts_never_partial(out)
     assert 1 <= finished < N_QUERIES // BLOCK
