@@ -242,7 +242,7 @@ HISTORY_SCHEMA = pa.schema(
         ("hits_by_identity", pa.string()),  # JSON {identity: samples}
         ("previous", pa.string()),
         ("delta", pa.float64()),
-        ("verdict", pa.string()),  # first | ok | rose
+        ("verdict", pa.string()),  # first (nothing comparable before it) | ok | rose
         ("results", pa.string()),  # the checkpoint's output folder
     ]
 )
@@ -272,11 +272,25 @@ def append_history(loc: Location, row: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def previous_row(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    """The history row of the checkpoint just before ``name`` in natural order."""
+# a leak fraction is comparable only with one measured by the same generator, matcher, training
+# index and threshold
+COMPARABLE_BY = ("generator", "matcher", "matcher_version", "train_index")
+
+
+def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in COMPARABLE_BY) and math.isclose(
+        float(a["threshold"]), float(b["threshold"]), rel_tol=0.0, abs_tol=1e-9
+    )
+
+
+def previous_row(
+    rows: list[dict[str, Any]], name: str, like: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The history row of the checkpoint just before ``name`` in natural order (among the rows
+    measured like ``like`` when given: same generator, matcher, training index and threshold)."""
     key = natural_key(name)
     before = [r for r in rows if natural_key(r["checkpoint_name"]) < key and r["leak_fraction"] is not None]
-    before = [r for r in before if not math.isnan(r["leak_fraction"])]
+    before = [r for r in before if not math.isnan(r["leak_fraction"]) and (like is None or comparable(r, like))]
     return max(before, key=lambda r: natural_key(r["checkpoint_name"])) if before else None
 
 
@@ -563,7 +577,22 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
         },
         "each scored sample's best match in the training index: sample_id, train_id, train_identity, score, leak",
     )
-    prev = previous_row(rows, checkpoint_name(checkpoint.uri))
+    like = {
+        "generator": cfg.generator,
+        "matcher": prep.matcher_name,
+        "matcher_version": prep.matcher_version,
+        "train_index": prep.index.root.uri,
+        "threshold": theta,
+    }
+    prev = previous_row(rows, checkpoint_name(checkpoint.uri), like)
+    if prev is None and previous_row(rows, checkpoint_name(checkpoint.uri)) is not None:
+        log.warning(
+            "no earlier checkpoint in %s was audited with this generator, matcher, training index and "
+            "θ %.4f: %s is not compared with them (verdict 'first')",
+            prep.history.uri,
+            theta,
+            checkpoint_name(checkpoint.uri),
+        )
     delta = fig.leak_fraction - prev["leak_fraction"] if prev is not None else float("nan")
     if prev is None or math.isnan(fig.leak_fraction):
         verdict = "first" if prev is None else "ok"

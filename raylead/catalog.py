@@ -252,17 +252,30 @@ class Collection:
         return Counter(s for s in self.statuses if s != STATUS_OK)
 
 
+def _ok_index(statuses: list[str]) -> np.ndarray:
+    return np.flatnonzero(np.array([s == STATUS_OK for s in statuses], dtype=bool)).astype(np.int64)
+
+
+def _embeddings_at(table: pa.Table, rows: np.ndarray, dim: int) -> np.ndarray:
+    if not table.num_rows or not len(rows):
+        return np.zeros((0, dim), np.float32)
+    col = table.column("embedding").combine_chunks().take(pa.array(rows))
+    return np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim))
+
+
+def ok_rows(table: pa.Table, dim: int) -> tuple[np.ndarray, list[str]]:
+    """The ``ok`` rows of one shard table: float32 embeddings [ok, dim] and their image ids."""
+    ok_index = _ok_index(table.column("status").to_pylist())
+    ids = table.column("image_id").take(pa.array(ok_index)).to_pylist() if len(ok_index) else []
+    return _embeddings_at(table, ok_index, dim), ids
+
+
 def tables_to_collection(manifest: CollectionManifest, tables: list[pa.Table]) -> Collection:
     dim = manifest.dim
     table = pa.concat_tables(tables) if tables else shard_schema(dim).empty_table()
     statuses = table.column("status").to_pylist()
-    ok_index = np.flatnonzero(np.array([s == STATUS_OK for s in statuses], dtype=bool)).astype(np.int64)
-    emb_col = table.column("embedding").combine_chunks() if table.num_rows else None
-    if emb_col is not None and len(ok_index):
-        ok_col = emb_col.take(pa.array(ok_index))
-        embeddings = ok_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    else:
-        embeddings = np.zeros((0, dim), np.float32)
+    ok_index = _ok_index(statuses)
+    embeddings = _embeddings_at(table, ok_index, dim)
     det = table.column("det_score").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
     return Collection(
         manifest=manifest,
@@ -270,7 +283,7 @@ def tables_to_collection(manifest: CollectionManifest, tables: list[pa.Table]) -
         identities=table.column("identity").to_pylist(),
         statuses=statuses,
         det_scores=np.asarray(det, dtype=np.float32),
-        embeddings=np.ascontiguousarray(embeddings),
+        embeddings=embeddings,
         ok_index=ok_index,
     )
 

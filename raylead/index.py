@@ -12,6 +12,10 @@ Layout of an index folder (``OUT``)::
     OUT/shards/shard-00000.done.json    completion marker, written after the three files
     OUT/index.json                      the index manifest, written LAST, with every checksum
 
+Built from a collection, the driver reads only its manifest: the training sample is gathered
+by tasks that each read a run of collection shards, and each encode task reads the collection
+shards under its own rows, so the driver's memory does not grow with the collection.
+
 Every shard holds the same trained coarse quantizer / OPQ rotation / PQ codebooks, so shards
 can be searched independently and their results merged. A killed build is resumed by running
 it again: the trained index and every shard whose marker matches the build fingerprint and
@@ -35,14 +39,14 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
-from raylead.catalog import parquet_from_bytes, read_collection, sha256_bytes
+from raylead.catalog import ShardInfo, ok_rows, parquet_from_bytes, read_manifest, read_parquet_checked, sha256_bytes
 from raylead.errors import ConfigError, CorruptDataError
 from raylead.plan import (
     DEFAULT_SHARD_MAX_BYTES,
@@ -126,14 +130,77 @@ class IndexBuildConfig:
 
 
 # -- sources ------------------------------------------------------------------------------------
+class RowsInput(Protocol):
+    """Rows of a source, loaded where they are used (the encode task, not the driver)."""
+
+    def load(self) -> tuple[np.ndarray, list[str]]: ...
+
+
+@dataclass(frozen=True)
+class ArrayRows:
+    vectors: np.ndarray
+    ids: list[str]
+
+    def load(self) -> tuple[np.ndarray, list[str]]:
+        return self.vectors, self.ids
+
+
+@dataclass(frozen=True)
+class CollectionRows:
+    """Ok rows ``[start, stop)`` of a collection (``select``: only these offsets within them),
+    read from the collection shards that hold them, checksums verified."""
+
+    root: Location
+    dim: int
+    shards: tuple[ShardInfo, ...]
+    first_row: int  # ok-row number of the first ok row of shards[0]
+    start: int
+    stop: int
+    select: np.ndarray | None = None
+
+    def load(self) -> tuple[np.ndarray, list[str]]:
+        vectors, ids = [], []
+        for info in self.shards:
+            v, i = ok_rows(read_parquet_checked(self.root.child(info.path), info.sha256), self.dim)
+            if len(i) != info.ok:
+                raise CorruptDataError(
+                    f"{self.root.child(info.path).uri} has {len(i)} ok rows but the collection manifest "
+                    f"says {info.ok}; re-embed that collection"
+                )
+            vectors.append(v)
+            ids.extend(i)
+        a, b = self.start - self.first_row, self.stop - self.first_row
+        x = np.concatenate(vectors)[a:b] if vectors else np.zeros((0, self.dim), np.float32)
+        names = ids[a:b]
+        if self.select is not None:
+            return np.ascontiguousarray(x[self.select]), [names[j] for j in self.select]
+        return x, names
+
+
 @dataclass
 class VectorSource:
-    """The vectors to index: float rows (may be a memmap), their ids, and an input fingerprint."""
+    """The vectors to index: ``n`` float rows of ``dim`` with string ids, and a fingerprint of
+    the inputs. Rows are handed out as :class:`RowsInput` parts that load themselves."""
 
-    vectors: np.ndarray
-    ids: Sequence[str]
+    n: int
+    dim: int
     fingerprint: str
     description: str
+
+    def part(self, start: int, stop: int) -> RowsInput:
+        raise NotImplementedError
+
+    def sample_parts(self, rows: np.ndarray) -> list[RowsInput]:
+        """Parts that together hold the (sorted) ``rows``, in order."""
+        raise NotImplementedError
+
+
+@dataclass
+class ArraySource(VectorSource):
+    """Vectors already in memory (or a memmap)."""
+
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    ids: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.dtype.kind != "f":
@@ -144,13 +211,69 @@ class VectorSource:
         if len(self.ids) != self.vectors.shape[0]:
             raise ConfigError(f"{len(self.ids)} ids for {self.vectors.shape[0]} vectors: give one id per row")
 
+    def part(self, start: int, stop: int) -> RowsInput:
+        return ArrayRows(np.ascontiguousarray(self.vectors[start:stop]), list(self.ids[start:stop]))
+
+    def sample_parts(self, rows: np.ndarray) -> list[RowsInput]:
+        return [ArrayRows(np.ascontiguousarray(self.vectors[rows], dtype=np.float32), [])]
+
+
+# collection shards grouped into one sample-reading task up to this many ok rows
+SAMPLE_TASK_ROWS = 65536
+
+
+@dataclass
+class CollectionSource(VectorSource):
+    """The ok embeddings of a finished collection, never loaded whole: each encode task reads
+    the collection shards under its rows, and the training sample is gathered by tasks too."""
+
+    root: Location = field(default_factory=lambda: Location.parse("."))
+    shards: tuple[ShardInfo, ...] = ()
+
+    def _starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([s.ok for s in self.shards])]).astype(np.int64)
+
+    def _rows(self, first: int, last: int, start: int, stop: int, select: np.ndarray | None) -> CollectionRows:
+        starts = self._starts()
+        return CollectionRows(self.root, self.dim, self.shards[first:last], int(starts[first]), start, stop, select)
+
+    def part(self, start: int, stop: int) -> RowsInput:
+        starts = self._starts()
+        # the non-empty shards overlapping [start, stop)
+        hit = [i for i in range(len(self.shards)) if starts[i] < stop and starts[i + 1] > start]
+        if not hit:
+            return ArrayRows(np.zeros((0, self.dim), np.float32), [])
+        return self._rows(hit[0], hit[-1] + 1, start, stop, None)
+
+    def sample_parts(self, rows: np.ndarray) -> list[RowsInput]:
+        starts = self._starts()
+        parts: list[RowsInput] = []
+        first = 0
+        while first < len(self.shards):
+            last = first + 1
+            while last < len(self.shards) and starts[last + 1] - starts[first] <= SAMPLE_TASK_ROWS:
+                last += 1
+            a, b = int(starts[first]), int(starts[last])
+            sel = rows[np.searchsorted(rows, a) : np.searchsorted(rows, b)] - a
+            if len(sel):
+                parts.append(self._rows(first, last, a, b, sel))
+            first = last
+        return parts
+
 
 def source_from_collection(uri: str | Location) -> VectorSource:
-    """The ``ok`` embeddings of a finished embedding collection (checksums verified)."""
+    """The ``ok`` embeddings of a finished embedding collection; only its manifest is read now."""
     root = uri if isinstance(uri, Location) else Location.parse(uri)
-    coll = read_collection(root)
+    manifest = read_manifest(root)
     fp = sha256_bytes(root.child(COLLECTION_MANIFEST).read_bytes())
-    return VectorSource(coll.embeddings, coll.ok_ids, fp, root.uri)
+    return CollectionSource(
+        n=manifest.ok,
+        dim=manifest.dim,
+        fingerprint=fp,
+        description=root.uri,
+        root=root,
+        shards=tuple(manifest.shards),
+    )
 
 
 def source_from_arrays(
@@ -168,7 +291,8 @@ def source_from_arrays(
     for s in id_list:
         h.update(s.encode("utf-8", "surrogateescape"))
         h.update(b"\x00")
-    return VectorSource(vectors, id_list, h.hexdigest(), description)
+    n, dim = (int(x) for x in vectors.shape)
+    return ArraySource(n, dim, h.hexdigest(), description, vectors=vectors, ids=id_list)
 
 
 # -- manifest -----------------------------------------------------------------------------------
@@ -417,16 +541,22 @@ def encode_shard(
     out: Location,
     shard: int,
     trained: bytes,
-    vectors: np.ndarray,
-    ids: Sequence[str],
-    row_start: int,
+    rows: RowsInput,
+    row_range: tuple[int, int],
     vector_dtype: str,
     fingerprint: str,
     threads: int = 1,
     die_midway: signal.Signals | None = None,
 ) -> dict[str, Any]:
-    """Encode one shard with the trained index and write its files, then its marker."""
+    """Load the shard's rows, encode them with the trained index and write its files, then its marker."""
     _set_threads(threads)
+    vectors, ids = rows.load()
+    row_start = row_range[0]
+    if vectors.shape[0] != row_range[1] - row_start or len(ids) != vectors.shape[0]:
+        raise CorruptDataError(
+            f"shard {shard}: expected rows {row_range[0]}..{row_range[1]} of the input, got {vectors.shape[0]} "
+            f"vectors and {len(ids)} ids; the input changed during the build: rebuild with --overwrite"
+        )
     index = deserialize(trained)
     add_vectors(index, vectors, row_start)
     idx_path, vec_path, ids_path, marker_path = shard_names(shard)
@@ -438,8 +568,7 @@ def encode_shard(
         time.sleep(60)  # the signal's handler (KeyboardInterrupt for SIGINT) ends this
     vec_bytes = _npy_bytes(np.ascontiguousarray(vectors, dtype=np.dtype(vector_dtype)))
     out.child(vec_path).write_bytes(vec_bytes)
-    rows = np.arange(row_start, row_start + vectors.shape[0], dtype=np.int64)
-    id_bytes = _ids_bytes(rows, ids)
+    id_bytes = _ids_bytes(np.arange(row_start, row_start + vectors.shape[0], dtype=np.int64), ids)
     out.child(ids_path).write_bytes(id_bytes)
     entry = ShardEntry(
         shard=shard,
@@ -560,7 +689,7 @@ def build_index(
     config = config or IndexBuildConfig()
     root = out if isinstance(out, Location) else Location.parse(out)
     t0 = time.monotonic()
-    n, dim = (int(x) for x in source.vectors.shape)
+    n, dim = source.n, source.dim
     plan = make_plan(n, dim, config)
     fp = build_fingerprint(source.fingerprint, plan, config, n, dim)
     log.info("index plan: %s — %s", plan.factory, plan.reason)
@@ -603,7 +732,7 @@ def build_index(
         }
     )
 
-    trained, trained_entry = _trained(root, source, plan, config, fp, dim)
+    trained, trained_entry = _trained(root, source, plan, config, fp)
     ranges = shard_ranges(n, plan.shards)
     entries: dict[int, ShardEntry] = {}
     todo = []
@@ -646,7 +775,7 @@ def build_index(
 
 
 def _trained(
-    root: Location, source: VectorSource, plan: IndexPlan, config: IndexBuildConfig, fp: str, dim: int
+    root: Location, source: VectorSource, plan: IndexPlan, config: IndexBuildConfig, fp: str
 ) -> tuple[bytes, FileEntry]:
     marker = root.child(TRAINED_MARKER)
     loc = root.child(TRAINED_FILE)
@@ -660,17 +789,13 @@ def _trained(
                 return data, entry
         except (CorruptDataError, KeyError, TypeError, ValueError):
             log.warning("trained index marker or file is damaged; training again")
-    n = source.vectors.shape[0]
-    rng = np.random.default_rng(config.seed)
-    rows = (
-        np.sort(rng.choice(n, size=plan.train_size, replace=False)) if plan.train_size < n else np.arange(n)
-    )
-    sample = np.ascontiguousarray(source.vectors[rows], dtype=np.float32)
+    rows = sample_rows(source.n, plan.train_size, config.seed)
+    sample = _load_sample(source.sample_parts(rows), config)
     t = time.monotonic()
     log.info("training %s on %d vectors", plan.factory, sample.shape[0])
     _set_threads(os.cpu_count() or 1)
     index = train_index(
-        sample, dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu
+        sample, source.dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu
     )
     data = serialize(index)
     loc.write_bytes(data)
@@ -678,6 +803,35 @@ def _trained(
     marker.write_json({"fingerprint": fp, "trained": entry.to_json()})
     log.info("trained in %.1fs", time.monotonic() - t)
     return data, entry
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """The sorted rows of the training sample (all rows when ``size >= n``)."""
+    if size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _load_vectors(rows: RowsInput) -> np.ndarray:
+    return np.asarray(rows.load()[0], dtype=np.float32)
+
+
+def _load_sample(parts: list[RowsInput], config: IndexBuildConfig) -> np.ndarray:
+    """The training sample, read part by part (in Ray tasks when the build runs on Ray)."""
+    if config.executor == "local" or all(isinstance(p, ArrayRows) for p in parts):
+        loaded = [_load_vectors(p) for p in parts]
+    else:
+        import ray
+
+        ensure_ray()
+        remote = ray.remote(num_cpus=1, max_retries=3)(_load_vectors)
+        refs = [remote.remote(p) for p in parts]
+        loaded = []
+        with progress_bar("reading the training sample", len(refs)) as update:
+            for ref in refs:  # in order: the sample's rows stay sorted
+                loaded.append(ray.get(ref))
+                update(len(loaded), len(refs))
+    return np.ascontiguousarray(np.concatenate(loaded), dtype=np.float32)
 
 
 def _encode_local(
@@ -700,9 +854,8 @@ def _encode_local(
                     root,
                     s,
                     trained,
-                    source.vectors[a:b],
-                    source.ids[a:b],
-                    a,
+                    source.part(a, b),
+                    (a, b),
                     config.vector_dtype,
                     fp,
                     os.cpu_count() or 1,
@@ -737,14 +890,12 @@ def _encode_ray(
     pending = {}
     for s in todo:
         a, b = ranges[s]
-        vec_ref = ray.put(np.ascontiguousarray(source.vectors[a:b]))
         ref = remote.remote(
             root,
             s,
             trained_ref,
-            vec_ref,
-            list(source.ids[a:b]),
-            a,
+            source.part(a, b),  # a collection's part is a few shard names: the task reads them
+            (a, b),
             config.vector_dtype,
             fp,
             config.cpus_per_task,
@@ -778,10 +929,7 @@ def build_memory_index(base: np.ndarray, config: IndexBuildConfig | None = None)
     t = time.monotonic()
     n, dim = base.shape
     plan = dataclasses.replace(make_plan(n, dim, config), shards=1)
-    rng = np.random.default_rng(config.seed)
-    rows = (
-        np.sort(rng.choice(n, size=plan.train_size, replace=False)) if plan.train_size < n else np.arange(n)
-    )
+    rows = sample_rows(n, plan.train_size, config.seed)
     index = train_index(
         base[rows], dim, plan, seed=config.seed, iterations=config.kmeans_iterations, gpu=config.gpu
     )

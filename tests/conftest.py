@@ -129,26 +129,31 @@ def lfw_onnx(
 @pytest.fixture
 def write_collection():
     """Factory: ``write_collection(path, ids, identities, emb, det=None, statuses=None, matcher="dlib",
-    version="test")`` writes a finished one-shard collection and returns its path (str)."""
+    version="test", shard_size=None)`` writes a finished collection (one shard, or shards of
+    ``shard_size`` rows) and returns its path (str)."""
     import numpy as np
 
     from raylead import catalog
     from raylead.storage import Location
 
-    def _write(path, ids, identities, emb, det=None, statuses=None, matcher="dlib", version="test"):
+    def _write(path, ids, identities, emb, det=None, statuses=None, matcher="dlib", version="test", shard_size=None):
         emb = np.asarray(emb, np.float32)
         n, dim = emb.shape
         statuses = list(statuses) if statuses is not None else ["ok"] * n
         det = list(det) if det is not None else [1.0] * n
+        ids, identities = list(ids), list(identities)
         root = Location.parse(str(path))
-        table = catalog.shard_table(list(ids), list(identities), emb, det, statuses, dim)
-        data = catalog.table_to_parquet_bytes(table)
-        root.child("shards/part-00000.parquet").write_bytes(data)
-        ok = sum(s == "ok" for s in statuses)
-        info = catalog.ShardInfo("shards/part-00000.parquet", n, ok, n - ok, catalog.sha256_bytes(data), "")
-        catalog.write_manifest(
-            root, catalog.new_manifest(str(path), matcher, version, dim, "test", [info], {})
-        )
+        step = shard_size or max(1, n)
+        infos = []
+        for k, a in enumerate(range(0, n, step)):
+            b = min(n, a + step)
+            table = catalog.shard_table(ids[a:b], identities[a:b], emb[a:b], det[a:b], statuses[a:b], dim)
+            data = catalog.table_to_parquet_bytes(table)
+            name = f"shards/part-{k:05d}.parquet"
+            root.child(name).write_bytes(data)
+            ok = sum(s == "ok" for s in statuses[a:b])
+            infos.append(catalog.ShardInfo(name, b - a, ok, b - a - ok, catalog.sha256_bytes(data), ""))
+        catalog.write_manifest(root, catalog.new_manifest(str(path), matcher, version, dim, "test", infos, {}))
         return str(path)
 
     return _write

@@ -157,6 +157,16 @@ def test_history_append_and_previous(tmp_path: Path) -> None:
     assert previous_row(rows, "ckpt-5")["checkpoint_name"] == "ckpt-2"
     assert previous_row(rows, "ckpt-11")["checkpoint_name"] == "ckpt-10"
     assert previous_row(rows, "ckpt-1") is None
+    # only rows measured the same way are compared: another θ, matcher or training index is not
+    other_theta = row("ckpt-4", 0.05) | {"threshold": 0.8}
+    rows = append_history(loc, other_theta)
+    assert previous_row(rows, "ckpt-5")["checkpoint_name"] == "ckpt-4"
+    assert previous_row(rows, "ckpt-5", like=row("ckpt-5", 0.0))["checkpoint_name"] == "ckpt-2"
+    assert previous_row(rows, "ckpt-5", like=other_theta)["checkpoint_name"] == "ckpt-4"
+    for change in ({"threshold": 0.91}, {"matcher_version": "v2"}, {"train_index": "/j"}, {"generator": "h"}):
+        assert previous_row(rows, "ckpt-11", like=row("ckpt-11", 0.0) | change) is None
+    same = row("ckpt-11", 0.0) | {"threshold": 0.9 + 1e-12}
+    assert previous_row(rows, "ckpt-11", like=same)["checkpoint_name"] == "ckpt-10"
 
 
 def test_config_validation() -> None:

@@ -217,11 +217,65 @@ def test_build_from_collection(write_collection, clustered_small, tmp_path):
     statuses[5] = "no_face"
     coll = write_collection(tmp_path / "coll", ids, [None] * 2000, emb, statuses=statuses)
     source = source_from_collection(coll)
-    assert source.vectors.shape == (1999, 32) and source.ids[5] == ids[6]
+    assert (source.n, source.dim) == (1999, 32) and not hasattr(source, "vectors")  # manifest only
+    vectors, part_ids = source.part(4, 8).load()
+    np.testing.assert_array_equal(vectors, emb[[4, 6, 7, 8]])
+    assert part_ids == [ids[4], ids[6], ids[7], ids[8]]
     m = build_index(source, str(tmp_path / "idx"), IndexBuildConfig(executor="local"))
     idx = open_index(str(tmp_path / "idx"))
     assert idx.target_ids() == [i for j, i in enumerate(ids) if j != 5]
     assert m.source.endswith("coll")
+
+
+def _scattered_collection(write_collection, base, path, shard_size=256):
+    """A multi-shard collection of ``base`` with failed rows scattered (one shard all failed)."""
+    n = base.shape[0]
+    ids = [f"faces/{i:05d}.jpg" for i in range(n)]
+    statuses = ["no_face" if i % 37 == 5 or 512 <= i < 768 else "ok" for i in range(n)]
+    coll = write_collection(path, ids, [None] * n, base, statuses=statuses, shard_size=shard_size)
+    ok = [i for i in range(n) if statuses[i] == "ok"]
+    return coll, base[ok], [ids[i] for i in ok]
+
+
+def test_collection_build_reads_the_collection_in_tasks(
+    ray_local, write_collection, clustered_small, tmp_path, monkeypatch
+):
+    """On Ray, a build from a collection never loads the embeddings in the driver: the training
+    sample and every shard's rows are read by tasks, and the shards come out byte-identical to a
+    build from the same vectors held in memory (index shards straddle collection shards)."""
+    import raylead.catalog
+    import raylead.index
+
+    coll, ok_vectors, ok_ids = _scattered_collection(write_collection, clustered_small.base[:3000], tmp_path / "c")
+    in_memory = build_index(
+        source_from_arrays(ok_vectors, ok_ids), str(tmp_path / "mem"), IndexBuildConfig(shards=3, executor="local")
+    )
+
+    def driver_must_not_read(*_a, **_k):
+        raise AssertionError("the driver read a collection shard")
+
+    monkeypatch.setattr(raylead.catalog, "read_parquet_checked", driver_must_not_read)
+    monkeypatch.setattr(raylead.index, "read_parquet_checked", driver_must_not_read)
+    monkeypatch.setattr(raylead.index, "SAMPLE_TASK_ROWS", 600)  # several sample-reading tasks
+    source = source_from_collection(coll)
+    assert source.n == len(ok_ids) < 3000
+    assert len(source.sample_parts(np.arange(source.n))) > 3
+    m = build_index(source, str(tmp_path / "ray"), IndexBuildConfig(shards=3, executor="ray"))
+    assert [s.rows for s in m.shards] == [s.rows for s in in_memory.shards]
+    for a, b in zip(m.shards, in_memory.shards, strict=True):
+        assert (a.index.sha256, a.vectors.sha256, a.ids.sha256) == (b.index.sha256, b.vectors.sha256, b.ids.sha256)
+    assert open_index(str(tmp_path / "ray")).target_ids() == ok_ids
+
+
+def test_collection_shard_disagreeing_with_its_manifest_is_refused(write_collection, clustered_small, tmp_path):
+    coll, _, _ = _scattered_collection(write_collection, clustered_small.base[:1000], tmp_path / "c")
+    manifest = Path(coll, "manifest.json")
+    d = json.loads(manifest.read_text())
+    d["shards"][1]["ok"] -= 1
+    d["shards"][1]["failed"] += 1
+    manifest.write_text(json.dumps(d))
+    with pytest.raises(CorruptDataError, match=r"part-00001\.parquet has \d+ ok rows but the collection manifest"):
+        build_index(source_from_collection(coll), str(tmp_path / "idx"), IndexBuildConfig(executor="local"))
 
 
 def test_plan_overrides_and_config_validation(clustered_small):

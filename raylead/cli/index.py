@@ -99,8 +99,7 @@ def build(
     )
     out_loc = location(out, s3)
     source = source_from_collection(location(embeddings, s3))
-    n, dim = source.vectors.shape
-    plan = make_plan(int(n), int(dim), cfg)
+    plan = make_plan(source.n, source.dim, cfg)
     typer.echo(f"plan: {plan.factory}\n  why: {plan.reason}")
     manifest = build_index(source, out_loc, cfg)
     typer.echo(
