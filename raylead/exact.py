@@ -356,47 +356,62 @@ def topk_pairs_from_search(
     *,
     k0: int = 10,
     n_base: int | None = None,
+    first: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global top-``K`` pairs from a per-query top-k search, deepening where needed.
 
     ``search(query_rows, k)`` returns ``(scores [len(rows), k], idx [len(rows), k])`` for the
     given query row numbers. A query whose k-th score still reaches the current K-th best
     pair may hide more pairs; those queries are searched again with twice the k until none
-    does. With an exact ``search`` the result equals :func:`topk_pairs`.
+    does. ``first``: every query's top-k from a search already made (``(scores, idx)`` with
+    ``n_queries`` rows), used as the first round instead of searching again. With an exact
+    ``search`` the result equals :func:`topk_pairs`.
     """
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ConfigError(f"K={K!r} is invalid: give the number of pairs to return (≥ 1), e.g. 1500")
-    rows = np.arange(n_queries, dtype=np.int64)
-    k = max(1, min(k0, n_base if n_base is not None else k0))
-    per_query: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    pending = rows
-    while pending.size:
+    pending = np.arange(n_queries, dtype=np.int64)
+    if first is not None:
+        s, i = (np.asarray(x) for x in first)
+        if s.shape != i.shape or s.ndim != 2 or s.shape[0] != n_queries:
+            raise ConfigError(
+                f"first round has shapes {s.shape} / {i.shape}: give [{n_queries}, k] scores and ids"
+            )
+        k = s.shape[1]
+    else:
+        k = max(1, min(k0, n_base if n_base is not None else k0))
         s, i = search(pending, k)
-        for r, srow, irow in zip(pending.tolist(), s, i, strict=True):
-            per_query[r] = (srow, irow)
-        all_s, all_q, all_b = _collect_pairs(per_query)
-        top_s, _, _ = _prune_pairs(all_s, all_q, all_b, K)
-        tau = top_s[K - 1] if top_s.size >= K else -np.inf
+    # pairs of the queries that need no deeper search, pruned to the best K (all the answer needs)
+    done = _no_pairs()
+    while True:
+        s, i = np.asarray(s, np.float32), np.asarray(i, np.int64)
+        best = _prune_pairs(*_merge_pairs(done, _pairs_of(pending, s, i)), K)
+        if not pending.size or (n_base is not None and k >= n_base):
+            return best
+        tau = best[0][K - 1] if best[0].size >= K else -np.inf
         # A query is saturated when its k results are all real and its last one reaches tau.
-        sat = [r for r in pending.tolist() if per_query[r][1][-1] >= 0 and per_query[r][0][-1] >= tau]
-        limit = n_base if n_base is not None else None
-        if not sat or (limit is not None and k >= limit):
-            break
-        k = min(k * 2, limit) if limit is not None else k * 2
-        pending = np.array(sat, dtype=np.int64)
-        log.debug("top-%d pairs: %d queries saturated; searching them again with k=%d", K, len(sat), k)
-    all_s, all_q, all_b = _collect_pairs(per_query)
-    return _prune_pairs(all_s, all_q, all_b, K)
+        sat = (i[:, -1] >= 0) & (s[:, -1] >= tau)
+        if not sat.any():
+            return best
+        done = _prune_pairs(*_merge_pairs(done, _pairs_of(pending[~sat], s[~sat], i[~sat])), K)
+        k = min(k * 2, n_base) if n_base is not None else k * 2
+        pending = pending[sat]
+        log.debug("top-%d pairs: %d queries saturated; searching them again with k=%d", K, pending.size, k)
+        s, i = search(pending, k)
 
 
-def _collect_pairs(
-    per_query: dict[int, tuple[np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not per_query:
-        return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    keys = sorted(per_query)
-    s = np.concatenate([per_query[r][0] for r in keys]).astype(np.float32)
-    i = np.concatenate([per_query[r][1] for r in keys]).astype(np.int64)
-    qi = np.concatenate([np.full(per_query[r][0].shape[0], r, np.int64) for r in keys])
+Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # (scores, query rows, base rows)
+
+
+def _no_pairs() -> Pairs:
+    return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+def _pairs_of(rows: np.ndarray, s: np.ndarray, i: np.ndarray) -> Pairs:
+    """The real pairs of per-query results (padding, id -1, dropped)."""
     keep = i >= 0
-    return s[keep], qi[keep], i[keep]
+    q = np.broadcast_to(rows[:, None], i.shape)
+    return s[keep].astype(np.float32), q[keep].astype(np.int64), i[keep].astype(np.int64)
+
+
+def _merge_pairs(a: Pairs, b: Pairs) -> Pairs:
+    return np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]), np.concatenate([a[2], b[2]])

@@ -13,6 +13,7 @@ attacks' case) are searched exactly, or through a temporary in-memory IVF-PQ ind
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 EngineArg = Literal["auto", "exact", "approximate"]
 RERANK_BLOCK_ELEMENTS = 1 << 23  # float32 elements gathered at once for re-ranking (32 MiB)
+IN_FLIGHT_BLOCKS = 4  # query blocks queued on the shard searchers ahead of the one being merged
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -489,6 +491,19 @@ class IndexSearcher:
             return ray.put(x)
         return x
 
+    def _windowed(
+        self, submit: Callable[[int, int], list[Any]], blocks: Sequence[tuple[int, int]]
+    ) -> Iterator[tuple[int, list[Any]]]:
+        """(n, every shard's answer for ``blocks[n]``) in order, with ``IN_FLIGHT_BLOCKS`` blocks
+        submitted ahead of the one being gathered."""
+        pending: collections.deque[list[Any]] = collections.deque()
+        queued = 0
+        for n in range(len(blocks)):
+            while queued < len(blocks) and len(pending) < IN_FLIGHT_BLOCKS:
+                pending.append(submit(*blocks[queued]))
+                queued += 1
+            yield n, self._gather(pending.popleft())
+
     def resident_bytes(self) -> int:
         return int(sum(i["resident_bytes"] for i in self._map("info")))
 
@@ -524,20 +539,22 @@ class IndexSearcher:
         """(position in ``blocks``, merged top-k of that query block), in ``blocks`` order.
 
         ``nprobe``/``k_factor`` of ``None`` is the exact engine (approximate scores are NaN).
-        Every block is queued at once (each actor works through them in order) and merged as
-        it comes back, so shards never wait for the driver. A shard actor that dies (its node
-        removed, a crash) is restarted by Ray elsewhere, reloads its shard from storage and
-        the calls it had in flight are retried (``max_restarts``; ``max_task_retries=-1``).
+        ``IN_FLIGHT_BLOCKS`` blocks are queued ahead (each actor works through them in order)
+        and merged as they come back, so shards never wait for the driver while the object
+        store holds only those blocks, however many queries there are. A shard actor that dies
+        (its node removed, a crash) is restarted by Ray elsewhere, reloads its shard from
+        storage and the calls it had in flight are retried (``max_restarts``;
+        ``max_task_retries=-1``).
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         exact = nprobe is None or k_factor is None
-        if exact:
-            pending = [self._submit("exact", self._put(q[a:b]), k) for a, b in blocks]
-        else:
-            pending = [self._submit("search", self._put(q[a:b]), k, k_factor, nprobe) for a, b in blocks]
-        for n, h in enumerate(pending):
-            parts = self._gather(h)
-            pending[n] = []  # drop the refs of finished blocks
+
+        def submit(a: int, b: int) -> list[Any]:
+            if exact:
+                return self._submit("exact", self._put(q[a:b]), k)
+            return self._submit("search", self._put(q[a:b]), k, k_factor, nprobe)
+
+        for n, parts in self._windowed(submit, blocks):
             if exact:
                 s, i, _ = merge_shards([(p[0], p[1], p[0]) for p in parts], k)
                 yield n, (s, i, np.full(s.shape, np.nan, np.float32))
@@ -570,17 +587,29 @@ class IndexSearcher:
         return self._map("candidates", self._put(np.ascontiguousarray(queries, np.float32)), kprime, nprobe)
 
     def range_search(
-        self, queries: np.ndarray, threshold: float, *, nprobe: int | None = None, margin: float = 0.1
+        self,
+        queries: np.ndarray,
+        threshold: float,
+        *,
+        nprobe: int | None = None,
+        margin: float = 0.1,
+        query_block: int = 2048,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pairs with exact score ≥ threshold; ``nprobe=None`` scans every stored vector (exact)."""
+        """Pairs with exact score ≥ threshold; ``nprobe=None`` scans every stored vector (exact).
+        Queries go to the shards in blocks (``IN_FLIGHT_BLOCKS`` at a time)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        parts = self._map("range", self._put(q), float(threshold), nprobe, float(margin))
+
+        def submit(a: int, b: int) -> list[Any]:
+            return self._submit("range", self._put(q[a:b]), float(threshold), nprobe, float(margin))
+
+        blocks = self._blocks(q.shape[0], query_block)
         qs, bs, ss = [], [], []
-        for lims, s, i in parts:
-            counts = np.diff(lims)
-            qs.append(np.repeat(np.arange(q.shape[0], dtype=np.int64), counts))
-            bs.append(i)
-            ss.append(s)
+        for n, parts in self._windowed(submit, blocks):
+            a, b = blocks[n]
+            for lims, s, i in parts:
+                qs.append(np.repeat(np.arange(a, b, dtype=np.int64), np.diff(lims)))
+                bs.append(i)
+                ss.append(s)
         return exact_mod._pairs_to_lims(q.shape[0], qs, bs, ss)
 
 
@@ -920,10 +949,18 @@ def _search_index(
 
 # -- pairs and ranges ---------------------------------------------------------------------------
 def search_topk_pairs(
-    queries: np.ndarray, searcher: IndexSearcher, K: int, *, k0: int, nprobe: int | None, k_factor: int | None
+    queries: np.ndarray,
+    searcher: IndexSearcher,
+    K: int,
+    *,
+    k0: int,
+    nprobe: int | None,
+    k_factor: int | None,
+    first: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global top-K (query, row) pairs by exact score through the index (approximate candidates
-    when ``nprobe``/``k_factor`` are given, else exact per shard), deepening saturated queries."""
+    when ``nprobe``/``k_factor`` are given, else exact per shard), deepening saturated queries.
+    ``first``: the queries' top-k from a search with the same settings, not repeated."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
 
     def fn(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -932,7 +969,7 @@ def search_topk_pairs(
         s, i, _ = searcher.search(q[rows], k, k_factor, nprobe)
         return s, i
 
-    return exact_mod.topk_pairs_from_search(fn, q.shape[0], K, k0=k0, n_base=searcher.ntotal)
+    return exact_mod.topk_pairs_from_search(fn, q.shape[0], K, k0=k0, n_base=searcher.ntotal, first=first)
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -1144,6 +1181,9 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
                 {"kind": RUN_KIND, "fingerprint": fp, "choice": choice.to_json(), "parts": len(blocks)}
             )
         todo = [n for n in range(len(blocks)) if n not in markers]
+        # every query's top-k, kept for the top-K pairs (their first round: not searched twice)
+        top_s = np.zeros((q.shape[0], cfg.k), np.float32) if job.pairs else None
+        top_i = np.zeros((q.shape[0], cfg.k), np.int64) if job.pairs else None
         t_search = time.monotonic()
         with progress_bar("searching query blocks", len(blocks)) as update:
             for j, (s, i, a) in searcher.iter_search(
@@ -1151,6 +1191,8 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
             ):
                 n = todo[j]
                 lo, hi = blocks[n]
+                if top_s is not None and top_i is not None:
+                    top_s[lo:hi], top_i[lo:hi] = s, i
                 table = _results_table(s, i, a, query_ids[lo:hi], target_ids)
                 data = table_to_parquet_bytes(table)
                 path, marker_path = part_names(n)
@@ -1181,9 +1223,21 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         )
         out.child(SUMMARY_FILE).remove()  # a stale summary must never describe the files rewritten now
         out.child(RESULTS_FILE).write_bytes(table_to_parquet_bytes(results))
-        if job.pairs:
+        if job.pairs and top_s is not None and top_i is not None:
+            for n in set(range(len(blocks))) - set(todo):  # parts a previous run finished
+                lo, hi = blocks[n]
+                if choice.nprobe is None or choice.k_factor is None:
+                    top_s[lo:hi], top_i[lo:hi] = searcher.exact_search(q[lo:hi], cfg.k)
+                else:
+                    top_s[lo:hi], top_i[lo:hi], _ = searcher.search(q[lo:hi], cfg.k, choice.k_factor, choice.nprobe)
             s, qi, bi = search_topk_pairs(
-                q, searcher, job.pairs, k0=cfg.k, nprobe=choice.nprobe, k_factor=choice.k_factor
+                q,
+                searcher,
+                job.pairs,
+                k0=cfg.k,
+                nprobe=choice.nprobe,
+                k_factor=choice.k_factor,
+                first=(top_s, top_i),
             )
             table = pa.table(
                 {
@@ -1196,7 +1250,9 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
             out.child(PAIRS_FILE).write_bytes(table_to_parquet_bytes(table))
             files["pairs"] = PAIRS_FILE
         if job.threshold is not None:
-            lims, s, bi = searcher.range_search(q, float(job.threshold), nprobe=choice.nprobe)
+            lims, s, bi = searcher.range_search(
+                q, float(job.threshold), nprobe=choice.nprobe, query_block=cfg.query_block
+            )
             qi = np.repeat(np.arange(q.shape[0]), np.diff(lims))
             table = pa.table(
                 {

@@ -147,6 +147,15 @@ def test_topk_pairs_from_search_deepens(rand):
     want = exact.topk_pairs(q, base, 400)
     _same_pairs(got, want)
     assert len(calls) > 1 and calls[1][0] < q.shape[0]  # only saturated queries were searched again
+    # a first round already made (the main search's top-k) is used instead of searching again
+    calls.clear()
+    seeded = exact.topk_pairs_from_search(
+        fn, q.shape[0], 400, n_base=base.shape[0], first=exact.exact_search(q, base, 2)
+    )
+    _same_pairs(seeded, want)
+    assert calls and all(n < q.shape[0] for n, _ in calls) and calls[0][1] == 4
+    with pytest.raises(ConfigError, match="first round has shapes"):
+        exact.topk_pairs_from_search(fn, q.shape[0], 5, first=(np.zeros((3, 2)), np.zeros((3, 2))))
 
 
 # -- search() on in-memory bases (the attacks' path) ----------------------------------------------
@@ -214,6 +223,13 @@ def test_index_exact_engine_and_range(small_indexes, clustered_small):
         np.testing.assert_array_equal(res.idx, truth)
         want = exact.range_search(c.queries, c.base, 0.6)
         got = s.range_search(c.queries, 0.6)  # nprobe=None: every stored vector
+        blocked = s.range_search(c.queries, 0.6, query_block=37)  # 11 query blocks: the same pairs
+        np.testing.assert_array_equal(blocked[0], got[0])
+        np.testing.assert_allclose(blocked[1], got[1], atol=1e-6)  # BLAS blocking: last-bit rounding
+        assert all(
+            set(blocked[2][got[0][r] : got[0][r + 1]].tolist()) == set(got[2][got[0][r] : got[0][r + 1]].tolist())
+            for r in range(400)
+        )
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], atol=1e-6)
         for r in range(400):  # same pairs; order may differ only between scores equal to float32 rounding
@@ -249,6 +265,35 @@ def test_actor_restarts_after_a_crash(ray_local, small_indexes, clustered_small)
         after = s.search(q, 10, 8, 16)  # the call is retried on the restarted actor
         assert s.shard_info()[0]["pid"] != pid
     for x, y in zip(before, after, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_query_blocks_in_flight_are_bounded(ray_local, small_indexes, clustered_small, monkeypatch):
+    """Many query blocks: at most IN_FLIGHT_BLOCKS are in the object store / on the actors at a
+    time, and the merged answers are those of one single block."""
+    import raylead.search
+
+    q = clustered_small.queries
+    with IndexSearcher(small_indexes[4]) as s:
+        whole = s.search(q, 10, 8, 16, query_block=len(q))
+        put, gather = s._put, s._gather
+        counts = {"put": 0, "gathered": 0, "most": 0}
+
+        def counting_put(x):
+            counts["put"] += 1
+            counts["most"] = max(counts["most"], counts["put"] - counts["gathered"])
+            return put(x)
+
+        def counting_gather(h):
+            counts["gathered"] += 1
+            return gather(h)
+
+        monkeypatch.setattr(s, "_put", counting_put)
+        monkeypatch.setattr(s, "_gather", counting_gather)
+        blocked = s.search(q, 10, 8, 16, query_block=16)
+    assert counts["put"] == counts["gathered"] == 25
+    assert counts["most"] == raylead.search.IN_FLIGHT_BLOCKS < 25
+    for x, y in zip(whole, blocked, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -294,6 +339,42 @@ def test_results_table_contract(rand):
         2,
         3,
     ]
+
+
+def test_run_search_pairs_start_from_the_main_search(
+    small_indexes, write_collection, clustered_small, tmp_path, monkeypatch
+):
+    """`search --pairs K`: the top-K pairs equal brute force, deepening only saturated queries
+    (the main search is their first round, not repeated), also when resumed from finished parts."""
+    from raylead.search import SearchJob, part_names, run_search
+
+    c = clustered_small
+    ids = [f"q{i:03d}" for i in range(120)]
+    q = write_collection(tmp_path / "q", ids, [None] * 120, c.queries[:120])
+    searched: list[int] = []
+    iter_search = IndexSearcher.iter_search
+
+    def counting(self, queries, k, k_factor, nprobe, blocks):
+        searched.append(sum(b - a for a, b in blocks))
+        return iter_search(self, queries, k, k_factor, nprobe, blocks)
+
+    monkeypatch.setattr(IndexSearcher, "iter_search", counting)
+    cfg = SearchConfig(k=5, engine="exact", query_block=20)
+    job = SearchJob(q, small_indexes[4], str(tmp_path / "out"), cfg, pairs=300, use_ray=False)
+    first = run_search(job)
+    assert searched[0] == 120 and len(searched) > 1 and all(n < 120 for n in searched[1:])
+    got = pq.read_table(tmp_path / "out" / "pairs.parquet", use_threads=False)
+    want_s, want_q, want_b = exact.topk_pairs(c.queries[:120], c.base, 300)
+    assert got.column("query_id").to_pylist() == [ids[i] for i in want_q.tolist()]
+    assert got.column("target_id").to_pylist() == [f"img{i:05d}" for i in want_b.tolist()]
+    np.testing.assert_allclose(got.column("score").to_numpy(), want_s, atol=1e-6)
+
+    # resumed with parts 0-2 finished by the earlier run: the same pairs file
+    out = tmp_path / "out"
+    for f in ("search.json", "results.parquet", "pairs.parquet", *(part_names(n)[1] for n in range(3, 6))):
+        (out / f).unlink()
+    again = run_search(job)
+    assert again["parts_reused"] == 3 and again["sha256"] == first["sha256"]
 
 
 # -- CLI ------------------------------------------------------------------------------------------
