@@ -230,23 +230,24 @@ class CollectionSource(VectorSource):
     root: Location = field(default_factory=lambda: Location.parse("."))
     shards: tuple[ShardInfo, ...] = ()
 
-    def _starts(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([s.ok for s in self.shards])]).astype(np.int64)
+    def __post_init__(self) -> None:
+        # starts[i]: ok-row number of shard i's first ok row; starts[-1] == n
+        self.starts = np.concatenate([[0], np.cumsum([s.ok for s in self.shards])]).astype(np.int64)
 
     def _rows(self, first: int, last: int, start: int, stop: int, select: np.ndarray | None) -> CollectionRows:
-        starts = self._starts()
-        return CollectionRows(self.root, self.dim, self.shards[first:last], int(starts[first]), start, stop, select)
+        shards = self.shards[first:last]
+        return CollectionRows(self.root, self.dim, shards, int(self.starts[first]), start, stop, select)
 
     def part(self, start: int, stop: int) -> RowsInput:
-        starts = self._starts()
-        # the non-empty shards overlapping [start, stop)
-        hit = [i for i in range(len(self.shards)) if starts[i] < stop and starts[i + 1] > start]
-        if not hit:
+        if stop <= start:
             return ArrayRows(np.zeros((0, self.dim), np.float32), [])
-        return self._rows(hit[0], hit[-1] + 1, start, stop, None)
+        # the shards from the one holding row ``start`` to the one holding row ``stop - 1``
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.starts, stop, side="left"))
+        return self._rows(first, last, start, stop, None)
 
     def sample_parts(self, rows: np.ndarray) -> list[RowsInput]:
-        starts = self._starts()
+        starts = self.starts
         parts: list[RowsInput] = []
         first = 0
         while first < len(self.shards):
@@ -261,7 +262,7 @@ class CollectionSource(VectorSource):
         return parts
 
 
-def source_from_collection(uri: str | Location) -> VectorSource:
+def source_from_collection(uri: str | Location) -> CollectionSource:
     """The ``ok`` embeddings of a finished embedding collection; only its manifest is read now."""
     root = uri if isinstance(uri, Location) else Location.parse(uri)
     manifest = read_manifest(root)

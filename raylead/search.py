@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,7 @@ from raylead import exact as exact_mod
 from raylead.catalog import sha256_bytes
 from raylead.errors import ConfigError, CorruptDataError
 from raylead.index import (
+    CollectionSource,
     IndexManifest,
     MemoryIndex,
     ShardEntry,
@@ -40,6 +41,7 @@ from raylead.index import (
     read_ids,
     read_index_manifest,
     sha256_file,
+    source_from_collection,
 )
 from raylead.plan import choose_engine
 from raylead.progress import progress_bar
@@ -384,6 +386,83 @@ def open_index(uri: str | Location) -> PersistedIndex:
     return PersistedIndex(root, read_index_manifest(root))
 
 
+# -- queries -------------------------------------------------------------------------------------
+class QueryReader(Protocol):
+    """Query vectors read a block (or a set of rows) at a time, with their ids."""
+
+    @property
+    def n(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, list[str]]: ...
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, list[str]]: ...
+
+
+@dataclass
+class ArrayQueries:
+    """Queries already in memory (ids: the row numbers unless given)."""
+
+    vectors: np.ndarray
+    ids: Sequence[str] | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def _ids(self, rows: Sequence[int]) -> list[str]:
+        return [str(r) for r in rows] if self.ids is None else [self.ids[r] for r in rows]
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
+        return np.ascontiguousarray(self.vectors[start:stop], np.float32), self._ids(range(start, stop))
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        return np.ascontiguousarray(self.vectors[rows], np.float32), self._ids(rows.tolist())
+
+
+@dataclass
+class CollectionQueries:
+    """The ok embeddings of a collection as queries, read shard by shard when a block needs
+    them: the driver never holds every query."""
+
+    source: CollectionSource
+
+    @property
+    def n(self) -> int:
+        return self.source.n
+
+    @property
+    def dim(self) -> int:
+        return self.source.dim
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
+        return self.source.part(start, stop).load()
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """``rows`` ascending without repeats (as the tuning sample and saturated queries are)."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size > 1 and not (np.diff(rows) > 0).all():
+            raise ValueError("CollectionQueries.take needs ascending rows without repeats")
+        loaded = [p.load() for p in self.source.sample_parts(rows)]
+        if not loaded:
+            return np.zeros((0, self.dim), np.float32), []
+        return np.concatenate([v for v, _ in loaded]), [i for _, ids in loaded for i in ids]
+
+
+def as_queries(queries: np.ndarray | QueryReader) -> QueryReader:
+    return ArrayQueries(queries) if isinstance(queries, np.ndarray) else queries
+
+
+def _query_vectors(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 class IndexSearcher:
     """Fans queries out to one searcher per shard and merges their answers.
 
@@ -530,13 +609,14 @@ class IndexSearcher:
 
     def iter_search(
         self,
-        queries: np.ndarray,
+        queries: np.ndarray | QueryReader,
         k: int,
         k_factor: int | None,
         nprobe: int | None,
         blocks: Sequence[tuple[int, int]],
-    ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-        """(position in ``blocks``, merged top-k of that query block), in ``blocks`` order.
+    ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray], list[str]]]:
+        """(position in ``blocks``, merged top-k of that query block, the block's query ids), in
+        ``blocks`` order; each block is read from ``queries`` only when it is submitted.
 
         ``nprobe``/``k_factor`` of ``None`` is the exact engine (approximate scores are NaN).
         ``IN_FLIGHT_BLOCKS`` blocks are queued ahead (each actor works through them in order)
@@ -546,40 +626,44 @@ class IndexSearcher:
         storage and the calls it had in flight are retried (``max_restarts``;
         ``max_task_retries=-1``).
         """
-        q = np.ascontiguousarray(queries, dtype=np.float32)
+        reader = as_queries(queries)
         exact = nprobe is None or k_factor is None
+        ids: dict[int, list[str]] = {}
 
         def submit(a: int, b: int) -> list[Any]:
+            vectors, ids[a] = reader.read(a, b)
+            q = self._put(_query_vectors(vectors))
             if exact:
-                return self._submit("exact", self._put(q[a:b]), k)
-            return self._submit("search", self._put(q[a:b]), k, k_factor, nprobe)
+                return self._submit("exact", q, k)
+            return self._submit("search", q, k, k_factor, nprobe)
 
         for n, parts in self._windowed(submit, blocks):
+            block_ids = ids.pop(blocks[n][0])
             if exact:
                 s, i, _ = merge_shards([(p[0], p[1], p[0]) for p in parts], k)
-                yield n, (s, i, np.full(s.shape, np.nan, np.float32))
+                yield n, (s, i, np.full(s.shape, np.nan, np.float32)), block_ids
             else:
                 s, i, a = merge_shards(parts, k)
-                yield n, (s, i, a)
+                yield n, (s, i, a), block_ids
 
     def search(
-        self, queries: np.ndarray, k: int, k_factor: int, nprobe: int, query_block: int = 2048
+        self, queries: np.ndarray | QueryReader, k: int, k_factor: int, nprobe: int, query_block: int = 2048
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Approximate top-k with exact re-rank: (exact scores, rows, approximate scores)."""
-        blocks = self._blocks(queries.shape[0], query_block)
+        blocks = self._blocks(as_queries(queries).n, query_block)
         outs = []
         with progress_bar("searching query blocks", len(blocks)) as update:
-            for _, out in self.iter_search(queries, k, k_factor, nprobe, blocks):
+            for _, out, _ in self.iter_search(queries, k, k_factor, nprobe, blocks):
                 outs.append(out)
                 update(len(outs), len(blocks))
         return _concat3(outs, k)
 
     def exact_search(
-        self, queries: np.ndarray, k: int, query_block: int = 8192
+        self, queries: np.ndarray | QueryReader, k: int, query_block: int = 8192
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the stored vectors of every shard."""
-        blocks = self._blocks(queries.shape[0], query_block)
-        outs = [out for _, out in self.iter_search(queries, k, None, None, blocks)]
+        blocks = self._blocks(as_queries(queries).n, query_block)
+        outs = [out for _, out, _ in self.iter_search(queries, k, None, None, blocks)]
         s, i, _ = _concat3(outs, k)
         return s, i
 
@@ -588,7 +672,7 @@ class IndexSearcher:
 
     def range_search(
         self,
-        queries: np.ndarray,
+        queries: np.ndarray | QueryReader,
         threshold: float,
         *,
         nprobe: int | None = None,
@@ -597,12 +681,13 @@ class IndexSearcher:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pairs with exact score ≥ threshold; ``nprobe=None`` scans every stored vector (exact).
         Queries go to the shards in blocks (``IN_FLIGHT_BLOCKS`` at a time)."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
+        reader = as_queries(queries)
 
         def submit(a: int, b: int) -> list[Any]:
-            return self._submit("range", self._put(q[a:b]), float(threshold), nprobe, float(margin))
+            q = self._put(_query_vectors(reader.read(a, b)[0]))
+            return self._submit("range", q, float(threshold), nprobe, float(margin))
 
-        blocks = self._blocks(q.shape[0], query_block)
+        blocks = self._blocks(reader.n, query_block)
         qs, bs, ss = [], [], []
         for n, parts in self._windowed(submit, blocks):
             a, b = blocks[n]
@@ -610,7 +695,7 @@ class IndexSearcher:
                 qs.append(np.repeat(np.arange(a, b, dtype=np.int64), np.diff(lims)))
                 bs.append(i)
                 ss.append(s)
-        return exact_mod._pairs_to_lims(q.shape[0], qs, bs, ss)
+        return exact_mod._pairs_to_lims(reader.n, qs, bs, ss)
 
 
 class ShardSearcherActor:
@@ -674,16 +759,17 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return total / n if n else 1.0
 
 
-def tune(searcher: IndexSearcher, queries: np.ndarray, config: SearchConfig) -> TuneReport:
+def tune(searcher: IndexSearcher, queries: np.ndarray | QueryReader, config: SearchConfig) -> TuneReport:
     """Smallest nprobe (doubling), then smallest k_factor, whose recall@k on a query sample
     against exact search reaches the target; the best seen if none does within the scan cap."""
     t = time.monotonic()
     k = config.k
-    nq = queries.shape[0]
+    reader = as_queries(queries)
+    nq = reader.n
     rng = np.random.default_rng(config.seed)
     n_sample = min(nq, config.tune_sample)
     rows = np.sort(rng.choice(nq, size=n_sample, replace=False))
-    qs = np.ascontiguousarray(queries[rows], dtype=np.float32)
+    qs = _query_vectors(reader.take(rows)[0])
     _, gt = searcher.exact_search(qs, k)
     nlist = searcher.plan.nlist
     max_nprobe = max(searcher.plan.nprobe_start, min(nlist, math.ceil(nlist * config.max_scan_fraction)))
@@ -884,7 +970,7 @@ class SearchChoice:
 
 
 def choose_search(
-    q: np.ndarray,
+    q: np.ndarray | QueryReader,
     searcher: IndexSearcher,
     cfg: SearchConfig,
     *,
@@ -895,9 +981,10 @@ def choose_search(
     ``auto`` falls back to exact when tuning cannot reach the target recall cheaply."""
     engine = cfg.engine
     reason = reason_prefix or f"engine={cfg.engine} requested"
+    nq = as_queries(q).n
     if engine == "auto":
         choice = choose_engine(
-            q.shape[0],
+            nq,
             searcher.ntotal,
             searcher.dim,
             k=cfg.k,
@@ -907,7 +994,7 @@ def choose_search(
             target_recall=cfg.target_recall,
         )
         engine, reason = choice.engine, choice.reason
-    if engine == "exact" or q.shape[0] == 0:
+    if engine == "exact" or nq == 0:
         return SearchChoice("exact", reason, recall_estimate=1.0)
     if cfg.nprobe is not None and cfg.k_factor is not None:
         return SearchChoice("approximate", reason, cfg.nprobe, cfg.k_factor)
@@ -949,7 +1036,7 @@ def _search_index(
 
 # -- pairs and ranges ---------------------------------------------------------------------------
 def search_topk_pairs(
-    queries: np.ndarray,
+    queries: np.ndarray | QueryReader,
     searcher: IndexSearcher,
     K: int,
     *,
@@ -961,15 +1048,16 @@ def search_topk_pairs(
     """Global top-K (query, row) pairs by exact score through the index (approximate candidates
     when ``nprobe``/``k_factor`` are given, else exact per shard), deepening saturated queries.
     ``first``: the queries' top-k from a search with the same settings, not repeated."""
-    q = np.ascontiguousarray(queries, dtype=np.float32)
+    reader = as_queries(queries)
 
     def fn(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = _query_vectors(reader.take(rows)[0])
         if nprobe is None or k_factor is None:
-            return searcher.exact_search(q[rows], k)
-        s, i, _ = searcher.search(q[rows], k, k_factor, nprobe)
+            return searcher.exact_search(q, k)
+        s, i, _ = searcher.search(q, k, k_factor, nprobe)
         return s, i
 
-    return exact_mod.topk_pairs_from_search(fn, q.shape[0], K, k0=k0, n_base=searcher.ntotal, first=first)
+    return exact_mod.topk_pairs_from_search(fn, reader.n, K, k0=k0, n_base=searcher.ntotal, first=first)
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -1120,16 +1208,38 @@ def _finished_summary(out: Location, fp: str) -> dict[str, Any] | None:
     return d
 
 
+def _check_shards_present(source: CollectionSource) -> None:
+    """Every shard of the query collection is there (before any work; checksums are verified
+    as each is read)."""
+    present = set(source.root.list_files())
+    missing = [s.path for s in source.shards if s.path not in present]
+    if missing:
+        raise CorruptDataError(
+            f"{source.root.uri} lacks {len(missing)} of its shards (first: {missing[0]}); "
+            "rerun `raylead embed` for that collection to rebuild them"
+        )
+
+
+def _ids_of(q: QueryReader, rows: np.ndarray) -> list[str]:
+    """The query ids of ``rows`` (any order, repeats allowed), read once per distinct row."""
+    if not rows.size:
+        return []
+    unique, inverse = np.unique(rows, return_inverse=True)
+    ids = q.take(unique)[1]
+    return [ids[j] for j in inverse.tolist()]
+
+
 def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a search of ``job.queries`` against ``job.index`` into ``job.out``.
 
-    Results are written one query block at a time (a part + its marker), then gathered into
-    ``results.parquet``; ``search.json`` is written last. Returns the summary (``search.json``)
+    Queries are read from their collection one block at a time (the driver never holds them
+    all); results are written one query block at a time (a part + its marker), then gathered
+    into ``results.parquet``; ``search.json`` is written last. Returns the summary (``search.json``)
     with ``parts_reused`` (parts a previous, interrupted run had finished) and ``already_complete``;
     ``on_part(parts done, parts)`` is called after each part is written.
     """
     from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
-    from raylead.catalog import read_collection, read_parquet_checked, table_to_parquet_bytes
+    from raylead.catalog import read_manifest, read_parquet_checked, table_to_parquet_bytes
     from raylead.index import INDEX_MANIFEST
 
     job.validate()
@@ -1138,12 +1248,13 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     out = job.location(job.out)
     out.check_reachable(write=True)
     qroot = job.location(job.queries)
-    coll = read_collection(qroot)
+    source = source_from_collection(qroot)
+    _check_shards_present(source)
+    q = CollectionQueries(source)
     idx = open_index(job.location(job.index))
-    q = np.ascontiguousarray(coll.embeddings, dtype=np.float32)
-    if q.shape[0] and q.shape[1] != idx.manifest.dim:
+    if q.n and q.dim != idx.manifest.dim:
         raise ConfigError(
-            f"queries have dimension {q.shape[1]} but the index has {idx.manifest.dim}: "
+            f"queries have dimension {q.dim} but the index has {idx.manifest.dim}: "
             "embed both with the same matcher"
         )
     fp = _job_fingerprint(
@@ -1161,7 +1272,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         if not isinstance(d, dict) or d.get("kind") != RUN_KIND or d.get("fingerprint") != fp:
             raise _other_results(out, "an unfinished search")
         choice = SearchChoice.from_json(d.get("choice"), run_loc.uri)
-    blocks = [(a, min(q.shape[0], a + cfg.query_block)) for a in range(0, q.shape[0], cfg.query_block)]
+    blocks = [(a, min(q.n, a + cfg.query_block)) for a in range(0, q.n, cfg.query_block)]
     markers: dict[int, dict[str, Any]] = {}
     if choice is not None:
         for n, rng in enumerate(blocks):
@@ -1171,7 +1282,6 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     reused = len(markers)
     if reused:
         log.info("resuming: %d of %d result parts already complete", reused, len(blocks))
-    query_ids = coll.ok_ids
     target_ids = idx.target_ids()
     files = {"results": RESULTS_FILE}
     with IndexSearcher(idx, use_ray=job.use_ray) as searcher:
@@ -1182,18 +1292,18 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
             )
         todo = [n for n in range(len(blocks)) if n not in markers]
         # every query's top-k, kept for the top-K pairs (their first round: not searched twice)
-        top_s = np.zeros((q.shape[0], cfg.k), np.float32) if job.pairs else None
-        top_i = np.zeros((q.shape[0], cfg.k), np.int64) if job.pairs else None
+        top_s = np.zeros((q.n, cfg.k), np.float32) if job.pairs else None
+        top_i = np.zeros((q.n, cfg.k), np.int64) if job.pairs else None
         t_search = time.monotonic()
         with progress_bar("searching query blocks", len(blocks)) as update:
-            for j, (s, i, a) in searcher.iter_search(
+            for j, (s, i, a), block_ids in searcher.iter_search(
                 q, cfg.k, choice.k_factor, choice.nprobe, [blocks[n] for n in todo]
             ):
                 n = todo[j]
                 lo, hi = blocks[n]
                 if top_s is not None and top_i is not None:
                     top_s[lo:hi], top_i[lo:hi] = s, i
-                table = _results_table(s, i, a, query_ids[lo:hi], target_ids)
+                table = _results_table(s, i, a, block_ids, target_ids)
                 data = table_to_parquet_bytes(table)
                 path, marker_path = part_names(n)
                 out.child(path).write_bytes(data)
@@ -1226,10 +1336,11 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         if job.pairs and top_s is not None and top_i is not None:
             for n in set(range(len(blocks))) - set(todo):  # parts a previous run finished
                 lo, hi = blocks[n]
+                qb = q.read(lo, hi)[0]
                 if choice.nprobe is None or choice.k_factor is None:
-                    top_s[lo:hi], top_i[lo:hi] = searcher.exact_search(q[lo:hi], cfg.k)
+                    top_s[lo:hi], top_i[lo:hi] = searcher.exact_search(qb, cfg.k)
                 else:
-                    top_s[lo:hi], top_i[lo:hi], _ = searcher.search(q[lo:hi], cfg.k, choice.k_factor, choice.nprobe)
+                    top_s[lo:hi], top_i[lo:hi], _ = searcher.search(qb, cfg.k, choice.k_factor, choice.nprobe)
             s, qi, bi = search_topk_pairs(
                 q,
                 searcher,
@@ -1242,7 +1353,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
             table = pa.table(
                 {
                     "rank": pa.array(np.arange(s.size, dtype=np.int32)),
-                    "query_id": pa.array([query_ids[i] for i in qi.tolist()], pa.string()),
+                    "query_id": pa.array(_ids_of(q, qi), pa.string()),
                     "target_id": pa.array([target_ids[i] for i in bi.tolist()], pa.string()),
                     "score": pa.array(s, pa.float32()),
                 }
@@ -1253,10 +1364,10 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
             lims, s, bi = searcher.range_search(
                 q, float(job.threshold), nprobe=choice.nprobe, query_block=cfg.query_block
             )
-            qi = np.repeat(np.arange(q.shape[0]), np.diff(lims))
+            qi = np.repeat(np.arange(q.n), np.diff(lims))
             table = pa.table(
                 {
-                    "query_id": pa.array([query_ids[i] for i in qi.tolist()], pa.string()),
+                    "query_id": pa.array(_ids_of(q, qi), pa.string()),
                     "target_id": pa.array([target_ids[i] for i in bi.tolist()], pa.string()),
                     "score": pa.array(s, pa.float32()),
                 }
@@ -1272,12 +1383,12 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         "nprobe": choice.nprobe,
         "k_factor": choice.k_factor,
         "recall_estimate": choice.recall_estimate,
-        "queries": int(q.shape[0]),
+        "queries": q.n,
         "k": cfg.k,
         "tuning": choice.tuning.to_json() if choice.tuning else None,
         "seconds": choice.seconds | {"search": round(search_seconds, 3)},
         "index": idx.root.uri,
-        "queries_source": coll.manifest.source,
+        "queries_source": read_manifest(qroot).source,
         "files": files,
         "sha256": {f: _file_sha(out, f) for f in files.values()},
         "parts": [

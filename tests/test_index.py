@@ -267,6 +267,33 @@ def test_collection_build_reads_the_collection_in_tasks(
     assert open_index(str(tmp_path / "ray")).target_ids() == ok_ids
 
 
+def test_collection_rows_every_range(write_collection, clustered_small, tmp_path, monkeypatch):
+    """Every row range and row sample of a collection whose first, a middle and its last shards
+    hold no ok row reads exactly those ok rows, ids included."""
+    import raylead.index
+
+    base = clustered_small.base[:24]
+    ids = [f"f{i:02d}.jpg" for i in range(24)]
+    failed = {0, 1, 2, 3, 8, 9, 10, 11, 13, 20, 21, 22, 23}  # shards 0, 2, 5 (4 rows each) hold none
+    statuses = ["no_face" if i in failed else "ok" for i in range(24)]
+    coll = write_collection(tmp_path / "c", ids, [None] * 24, base, statuses=statuses, shard_size=4)
+    ok = [i for i in range(24) if i not in failed]
+    source = source_from_collection(coll)
+    assert source.n == len(ok) == 11
+    for a in range(source.n + 1):
+        for b in range(a, source.n + 1):
+            v, got = source.part(a, b).load()
+            np.testing.assert_array_equal(v.reshape(-1, 32), base[ok[a:b]])
+            assert got == [ids[i] for i in ok[a:b]]
+    monkeypatch.setattr(raylead.index, "SAMPLE_TASK_ROWS", 3)
+    rng = np.random.default_rng(0)
+    for size in (1, 4, 11):
+        rows = np.sort(rng.choice(source.n, size=size, replace=False))
+        loaded = [p.load() for p in source.sample_parts(rows)]
+        np.testing.assert_array_equal(np.concatenate([v for v, _ in loaded]), base[[ok[r] for r in rows]])
+        assert [i for _, x in loaded for i in x] == [ids[ok[r]] for r in rows]
+
+
 def test_collection_shard_disagreeing_with_its_manifest_is_refused(write_collection, clustered_small, tmp_path):
     coll, _, _ = _scattered_collection(write_collection, clustered_small.base[:1000], tmp_path / "c")
     manifest = Path(coll, "manifest.json")

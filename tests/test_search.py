@@ -377,6 +377,86 @@ def test_run_search_pairs_start_from_the_main_search(
     assert again["parts_reused"] == 3 and again["sha256"] == first["sha256"]
 
 
+def _multi_shard_queries(write_collection, queries, path):
+    """Queries as a collection of 16-row shards, every 7th row a failed image."""
+    n = queries.shape[0]
+    ids = [f"syn/{i:04d}.png" for i in range(n)]
+    statuses = ["no_face" if i % 7 == 3 else "ok" for i in range(n)]
+    coll = write_collection(path, ids, [None] * n, queries, statuses=statuses, shard_size=16)
+    ok = [i for i in range(n) if statuses[i] == "ok"]
+    return coll, ok, ids
+
+
+def test_run_search_reads_queries_block_by_block(
+    small_indexes, write_collection, clustered_small, tmp_path, monkeypatch
+):
+    """The driver never loads the whole query collection: each block (and the rows the pairs and
+    ranges need) is read when used; results, pairs and ranges equal brute force, ids included."""
+    import raylead.catalog
+    from raylead.search import CollectionQueries, SearchJob, run_search
+
+    c = clustered_small
+    coll, ok, ids = _multi_shard_queries(write_collection, c.queries[:150], tmp_path / "q")
+    reads: list[int] = []
+    read = CollectionQueries.read
+
+    def counting_read(self, a, b):
+        reads.append(b - a)
+        return read(self, a, b)
+
+    def no_whole_collection(*_a, **_k):
+        raise AssertionError("the whole query collection was loaded")
+
+    monkeypatch.setattr(CollectionQueries, "read", counting_read)
+    monkeypatch.setattr(raylead.catalog, "read_collection", no_whole_collection)
+    cfg = SearchConfig(k=5, engine="exact", query_block=25)
+    out = tmp_path / "out"
+    summary = run_search(SearchJob(coll, small_indexes[4], str(out), cfg, pairs=50, threshold=0.6, use_ray=False))
+    assert summary["queries"] == len(ok) and max(reads) <= 25
+
+    q = c.queries[ok]
+    ok_ids = [ids[i] for i in ok]
+    s, i = exact.exact_search(q, c.base, 5)
+    t = pq.read_table(out / "results.parquet", use_threads=False)
+    assert t.column("query_id").to_pylist() == [x for x in ok_ids for _ in range(5)]
+    assert t.column("target_id").to_pylist() == [f"img{j:05d}" for j in i.ravel().tolist()]
+    ps, pqi, pbi = exact.topk_pairs(q, c.base, 50)
+    pairs = pq.read_table(out / "pairs.parquet", use_threads=False)
+    assert pairs.column("query_id").to_pylist() == [ok_ids[j] for j in pqi.tolist()]
+    assert pairs.column("target_id").to_pylist() == [f"img{j:05d}" for j in pbi.tolist()]
+    lims, _, rb = exact.range_search(q, c.base, 0.6)
+    ranges = pq.read_table(out / "range.parquet", use_threads=False)
+    want = {(ok_ids[r], f"img{j:05d}") for r in range(len(ok)) for j in rb[lims[r] : lims[r + 1]].tolist()}
+    got = set(zip(ranges.column("query_id").to_pylist(), ranges.column("target_id").to_pylist(), strict=True))
+    assert got == want and ranges.num_rows == len(want) > 0
+
+
+def test_run_search_with_a_bad_query_shard(small_indexes, write_collection, clustered_small, tmp_path):
+    """A missing query shard: an error before any work. A corrupted one: an error naming it when
+    its block is read, the parts before it kept; once it is repaired the rerun resumes."""
+    from raylead.errors import CorruptDataError
+    from raylead.search import SearchJob, run_search
+
+    coll, ok, _ = _multi_shard_queries(write_collection, clustered_small.queries[:150], tmp_path / "q")
+    shard = tmp_path / "q" / "shards" / "part-00005.parquet"
+    good = shard.read_bytes()
+    cfg = SearchConfig(k=5, engine="exact", query_block=16)
+    job = SearchJob(coll, small_indexes[4], str(tmp_path / "out"), cfg, use_ray=False)
+    shard.unlink()
+    with pytest.raises(CorruptDataError, match=r"lacks 1 of its shards \(first: shards/part-00005\.parquet\)"):
+        run_search(job)
+    assert not (tmp_path / "out" / "run.json").exists()
+    shard.write_bytes(good[:-9])
+    with pytest.raises(CorruptDataError, match=r"part-00005\.parquet failed its checksum") as err:
+        run_search(job)
+    assert "\n" not in str(err.value)
+    finished = sorted(p.name for p in (tmp_path / "out" / "parts").glob("*.done.json"))
+    assert finished and not (tmp_path / "out" / "search.json").exists()
+    shard.write_bytes(good)
+    again = run_search(job)
+    assert again["parts_reused"] == len(finished) and again["queries"] == len(ok)
+
+
 # -- CLI ------------------------------------------------------------------------------------------
 def test_cli_build_and_search(write_collection, clustered_small, tmp_path):
     from raylead.cli import app
