@@ -159,22 +159,28 @@ class CollectionRows:
     select: np.ndarray | None = None
 
     def load(self) -> tuple[np.ndarray, list[str]]:
-        vectors, ids = [], []
+        """The rows, reading only the shards that hold some of them."""
+        # offsets of the wanted rows within the shards' ok rows laid end to end
+        a, b = self.start - self.first_row, self.stop - self.first_row
+        wanted = np.arange(a, b) if self.select is None else np.asarray(self.select, np.int64) + a
+        vectors: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)]
+        ids: list[str] = []
+        offset = 0
         for info in self.shards:
+            lo, hi = offset, offset + info.ok
+            offset = hi
+            take = wanted[(wanted >= lo) & (wanted < hi)] - lo
+            if not take.size:
+                continue
             v, i = ok_rows(read_parquet_checked(self.root.child(info.path), info.sha256), self.dim)
             if len(i) != info.ok:
                 raise CorruptDataError(
                     f"{self.root.child(info.path).uri} has {len(i)} ok rows but the collection manifest "
                     f"says {info.ok}; re-embed that collection"
                 )
-            vectors.append(v)
-            ids.extend(i)
-        a, b = self.start - self.first_row, self.stop - self.first_row
-        x = np.concatenate(vectors)[a:b] if vectors else np.zeros((0, self.dim), np.float32)
-        names = ids[a:b]
-        if self.select is not None:
-            return np.ascontiguousarray(x[self.select]), [names[j] for j in self.select]
-        return x, names
+            vectors.append(v[take])
+            ids.extend(i[j] for j in take.tolist())
+        return np.ascontiguousarray(np.concatenate(vectors)), ids
 
 
 @dataclass
@@ -215,7 +221,8 @@ class ArraySource(VectorSource):
         return ArrayRows(np.ascontiguousarray(self.vectors[start:stop]), list(self.ids[start:stop]))
 
     def sample_parts(self, rows: np.ndarray) -> list[RowsInput]:
-        return [ArrayRows(np.ascontiguousarray(self.vectors[rows], dtype=np.float32), [])]
+        vectors = np.ascontiguousarray(self.vectors[rows], dtype=np.float32)
+        return [ArrayRows(vectors, [self.ids[r] for r in rows.tolist()])]
 
 
 # collection shards grouped into one sample-reading task up to this many ok rows

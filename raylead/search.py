@@ -370,15 +370,20 @@ class PersistedIndex:
 
     def target_ids(self) -> list[str]:
         """image_id of every row, in row order (loads all shards' id files)."""
-        out: list[str] = []
+        return [str(x) for x in self.target_id_array().to_pylist()]
+
+    def target_id_array(self) -> pa.Array:
+        """image_id of every row as one Arrow array (64-bit offsets: any total size): compact,
+        and ``take`` maps result rows to ids without a Python object per target."""
+        chunks = []
         for s in self.manifest.shards:
             rows, ids = read_ids(self.root, s.ids)
-            if rows.size and (rows[0] != s.row_start or rows.size != s.rows):
+            if rows.size != s.rows or (rows.size and rows[0] != s.row_start):
                 raise CorruptDataError(
                     f"ids of shard {s.shard} in {self.root.uri} do not match the manifest; rebuild"
                 )
-            out.extend(ids)
-        return out
+            chunks.append(ids)
+        return pa.chunked_array(chunks, pa.string()).cast(pa.large_string()).combine_chunks()
 
 
 def open_index(uri: str | Location) -> PersistedIndex:
@@ -1071,7 +1076,7 @@ def _results_table(
     idx: np.ndarray,
     approx_scores: np.ndarray,
     query_ids: Sequence[str],
-    target_ids: Sequence[str],
+    target_ids: Sequence[str] | pa.Array,
 ) -> pa.Table:
     nq, k = idx.shape
     if len(query_ids) != nq:
@@ -1079,17 +1084,22 @@ def _results_table(
     valid = idx >= 0
     qi, rank = np.nonzero(valid)
     rows = idx[valid]
-    qids = np.asarray(query_ids, dtype=object)[qi]
-    tids = np.asarray(target_ids, dtype=object)[rows] if rows.size else np.zeros(0, dtype=object)
     return pa.table(
         {
-            "query_id": pa.array(qids.tolist(), pa.string()),
+            "query_id": pa.array([query_ids[j] for j in qi.tolist()], pa.string()),
             "rank": pa.array(rank.astype(np.int32), pa.int32()),
-            "target_id": pa.array(tids.tolist(), pa.string()),
+            "target_id": _take_ids(target_ids, rows),
             "score": pa.array(scores[valid].astype(np.float32), pa.float32()),
             "approx_score": pa.array(approx_scores[valid].astype(np.float32), pa.float32()),
         }
     )
+
+
+def _take_ids(ids: Sequence[str] | pa.Array, rows: np.ndarray) -> pa.Array:
+    """The ids at ``rows`` as Arrow strings (O(len(rows)), whatever the number of ids)."""
+    if isinstance(ids, pa.Array):
+        return ids.take(pa.array(rows, pa.int64())).cast(pa.string())
+    return pa.array([ids[r] for r in rows.tolist()], pa.string())
 
 
 # -- `raylead search`: resumable result parts ------------------------------------------------------
@@ -1220,6 +1230,27 @@ def _check_shards_present(source: CollectionSource) -> None:
         )
 
 
+def _no_results(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+
+
+def _gather_parts(out: Location, markers: list[dict[str, Any]], empty: pa.Table) -> None:
+    """``results.parquet``: the parts, in order, streamed through a local file one part at a
+    time (one row group each), then published atomically."""
+    import pyarrow.parquet as pq
+
+    from raylead.catalog import read_parquet_checked
+
+    with tempfile.TemporaryDirectory(prefix="raylead-results-") as tmp:
+        local = os.path.join(tmp, RESULTS_FILE)
+        with pq.ParquetWriter(local, empty.schema, compression="zstd") as writer:
+            for m in markers:
+                writer.write_table(read_parquet_checked(out.child(m["path"]), m["sha256"]))
+            if not markers:
+                writer.write_table(empty)
+        out.child(RESULTS_FILE).write_file(local)
+
+
 def _ids_of(q: QueryReader, rows: np.ndarray) -> list[str]:
     """The query ids of ``rows`` (any order, repeats allowed), read once per distinct row."""
     if not rows.size:
@@ -1239,7 +1270,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     ``on_part(parts done, parts)`` is called after each part is written.
     """
     from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
-    from raylead.catalog import read_manifest, read_parquet_checked, table_to_parquet_bytes
+    from raylead.catalog import read_manifest, table_to_parquet_bytes
     from raylead.index import INDEX_MANIFEST
 
     job.validate()
@@ -1282,7 +1313,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     reused = len(markers)
     if reused:
         log.info("resuming: %d of %d result parts already complete", reused, len(blocks))
-    target_ids = idx.target_ids()
+    target_ids = idx.target_id_array()
     files = {"results": RESULTS_FILE}
     with IndexSearcher(idx, use_ray=job.use_ray) as searcher:
         if choice is None:
@@ -1323,16 +1354,8 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
                     on_part(len(markers), len(blocks))
         search_seconds = time.monotonic() - t_search
         order = sorted(markers)
-        tables = [read_parquet_checked(out.child(markers[n]["path"]), markers[n]["sha256"]) for n in order]
-        results = pa.concat_tables(tables) if tables else _results_table(
-            np.zeros((0, cfg.k), np.float32),
-            np.zeros((0, cfg.k), np.int64),
-            np.zeros((0, cfg.k), np.float32),
-            [],
-            target_ids,
-        )
         out.child(SUMMARY_FILE).remove()  # a stale summary must never describe the files rewritten now
-        out.child(RESULTS_FILE).write_bytes(table_to_parquet_bytes(results))
+        _gather_parts(out, [markers[n] for n in order], _results_table(*_no_results(cfg.k), [], target_ids))
         if job.pairs and top_s is not None and top_i is not None:
             for n in set(range(len(blocks))) - set(todo):  # parts a previous run finished
                 lo, hi = blocks[n]
@@ -1354,7 +1377,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
                 {
                     "rank": pa.array(np.arange(s.size, dtype=np.int32)),
                     "query_id": pa.array(_ids_of(q, qi), pa.string()),
-                    "target_id": pa.array([target_ids[i] for i in bi.tolist()], pa.string()),
+                    "target_id": _take_ids(target_ids, bi),
                     "score": pa.array(s, pa.float32()),
                 }
             )
@@ -1368,7 +1391,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
             table = pa.table(
                 {
                     "query_id": pa.array(_ids_of(q, qi), pa.string()),
-                    "target_id": pa.array([target_ids[i] for i in bi.tolist()], pa.string()),
+                    "target_id": _take_ids(target_ids, bi),
                     "score": pa.array(s, pa.float32()),
                 }
             )

@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -321,13 +322,29 @@ class Location:
         if self.is_s3:
             retry_io(lambda: self.fs.pipe_file(self.path, data), f"writing {self.uri}")
             return
+        self._write_local(lambda fh: fh.write(data))
+
+    def write_file(self, local_path: str) -> None:
+        """Publish the local file ``local_path`` here atomically, without holding it in memory:
+        copied to a temp name + ``os.replace`` locally, one (multipart) upload on S3."""
+        if self.is_s3:
+            retry_io(lambda: self.fs.put_file(local_path, self.path), f"writing {self.uri}")
+            return
+
+        def copy(fh: Any) -> None:
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, fh, 16 << 20)
+
+        self._write_local(copy)
+
+    def _write_local(self, write: Callable[[Any], Any]) -> None:
         directory = os.path.dirname(self.path)
         _makedirs_private(directory)
         tmp = os.path.join(directory, f".{os.path.basename(self.path)}.tmp-{uuid.uuid4().hex[:12]}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)

@@ -292,6 +292,15 @@ def test_collection_rows_every_range(write_collection, clustered_small, tmp_path
         loaded = [p.load() for p in source.sample_parts(rows)]
         np.testing.assert_array_equal(np.concatenate([v for v, _ in loaded]), base[[ok[r] for r in rows]])
         assert [i for _, x in loaded for i in x] == [ids[ok[r]] for r in rows]
+    # a sparse take reads only the shards holding the rows asked for
+    monkeypatch.setattr(raylead.index, "SAMPLE_TASK_ROWS", 1000)
+    read = raylead.index.read_parquet_checked
+    opened: list[str] = []
+    monkeypatch.setattr(
+        raylead.index, "read_parquet_checked", lambda loc, sha: opened.append(loc.name) or read(loc, sha)
+    )
+    (part,) = source.sample_parts(np.array([4, 5]))  # images 12 and 14: both in shard 3
+    assert part.load()[1] == [ids[12], ids[14]] and opened == ["part-00003.parquet"]
 
 
 def test_collection_shard_disagreeing_with_its_manifest_is_refused(write_collection, clustered_small, tmp_path):

@@ -413,6 +413,8 @@ def test_run_search_reads_queries_block_by_block(
     out = tmp_path / "out"
     summary = run_search(SearchJob(coll, small_indexes[4], str(out), cfg, pairs=50, threshold=0.6, use_ray=False))
     assert summary["queries"] == len(ok) and max(reads) <= 25
+    # results.parquet is gathered part by part: one row group each
+    assert pq.ParquetFile(out / "results.parquet").metadata.num_row_groups == len(summary["parts"]) == 6
 
     q = c.queries[ok]
     ok_ids = [ids[i] for i in ok]

@@ -62,6 +62,16 @@ def test_local_atomic_write_list_and_owner_only(tmp_path) -> None:
     assert not [n for n in os.listdir(root.path) if ".tmp-" in n]
     with pytest.raises(PathEscapeError):
         root.child("../escape")
+    # a local file published here: the same bytes, owner-only, replacing what was there
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(40 << 20))  # larger than one copy chunk
+    root.child("b.png").write_file(str(big))
+    assert root.child("b.png").read_bytes() == big.read_bytes()
+    assert stat.S_IMODE(os.stat(root.child("b.png").path).st_mode) == 0o600
+    assert not [n for n in os.listdir(root.path) if ".tmp-" in n]
+    with pytest.raises(FileNotFoundError):
+        root.child("c.png").write_file(str(tmp_path / "missing.bin"))
+    assert not root.child("c.png").exists() and not [n for n in os.listdir(root.path) if ".tmp-" in n]
 
 
 def test_contains() -> None:
@@ -78,13 +88,17 @@ def test_secrets_hidden_from_repr_and_env_pickles() -> None:
     assert b"PLANTED" not in pickle.dumps(env_opts)
 
 
-def test_s3_roundtrip_listing_and_errors(s3_server) -> None:
+def test_s3_roundtrip_listing_and_errors(s3_server, tmp_path) -> None:
     root = Location.parse("s3://raylead/storage-test")
     root.check_reachable(write=True)
     root.child("faces", "a.jpg").write_bytes(b"abc")
     root.child("faces", "b.txt").write_bytes(b"no")
     assert root.list_files(IMAGE_EXTENSIONS) == ["faces/a.jpg"]
     assert root.child("faces", "a.jpg").read_bytes() == b"abc"
+    local = tmp_path / "part.bin"
+    local.write_bytes(os.urandom(12 << 20))  # above s3fs's multipart threshold
+    root.child("big.bin").write_file(str(local))
+    assert root.child("big.bin").read_bytes() == local.read_bytes()
     with pytest.raises(StorageError, match="does not exist"):
         Location.parse("s3://no-such-bucket/x").check_reachable(write=False)
     wrong = S3Options(endpoint_url=s3_server.endpoint, access_key="wrong", secret_key="wrong-secret-value")
