@@ -457,11 +457,12 @@ class Prepared:
     matcher_name: str
     matcher_version: str
     threshold: Any  # raylead.attacks.Threshold
-    _target_ids: list[str] | None = None
+    _target_ids: pa.Array | None = None
 
-    def target_ids(self) -> list[str]:
+    def target_ids(self) -> pa.Array:
+        """The training index's image ids (one Arrow array, loaded once per audit run)."""
         if self._target_ids is None:
-            self._target_ids = self.index.target_ids()
+            self._target_ids = self.index.target_id_array()
         return self._target_ids
 
 
@@ -560,7 +561,8 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
         engine = f"{res.engine}: {res.reason}"
     else:
         best, best_idx, engine = np.zeros(0, np.float32), np.zeros(0, np.int64), "none (no usable face)"
-    best_ids = [target_ids[i] if i >= 0 else None for i in best_idx.tolist()]
+    found = target_ids.take(pa.array(np.maximum(best_idx, 0), pa.int64())).to_pylist() if best_idx.size else []
+    best_ids = [t if i >= 0 else None for i, t in zip(best_idx.tolist(), found, strict=True)]
     best_ident = [identity_of(t) if t else None for t in best_ids]
     theta = float(prep.threshold.value)
     fig = leak_figures(best, best_ident, theta, cfg.top_k)
