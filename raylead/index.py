@@ -160,16 +160,16 @@ class CollectionRows:
 
     def load(self) -> tuple[np.ndarray, list[str]]:
         """The rows, reading only the shards that hold some of them."""
-        # offsets of the wanted rows within the shards' ok rows laid end to end
+        # offsets of the wanted rows within the shards' ok rows laid end to end (ascending)
         a, b = self.start - self.first_row, self.stop - self.first_row
         wanted = np.arange(a, b) if self.select is None else np.asarray(self.select, np.int64) + a
+        bounds = np.searchsorted(wanted, np.cumsum([0] + [s.ok for s in self.shards]))
         vectors: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)]
         ids: list[str] = []
         offset = 0
-        for info in self.shards:
-            lo, hi = offset, offset + info.ok
-            offset = hi
-            take = wanted[(wanted >= lo) & (wanted < hi)] - lo
+        for n, info in enumerate(self.shards):
+            take = wanted[bounds[n] : bounds[n + 1]] - offset
+            offset += info.ok
             if not take.size:
                 continue
             v, i = ok_rows(read_parquet_checked(self.root.child(info.path), info.sha256), self.dim)

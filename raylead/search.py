@@ -408,7 +408,7 @@ class QueryReader(Protocol):
 
 @dataclass
 class ArrayQueries:
-    """Queries already in memory (ids: the row numbers unless given)."""
+    """Queries already in memory (with no ids unless given)."""
 
     vectors: np.ndarray
     ids: Sequence[str] | None = None
@@ -422,7 +422,7 @@ class ArrayQueries:
         return int(self.vectors.shape[1])
 
     def _ids(self, rows: Sequence[int]) -> list[str]:
-        return [str(r) for r in rows] if self.ids is None else [self.ids[r] for r in rows]
+        return [] if self.ids is None else [self.ids[r] for r in rows]
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
         return np.ascontiguousarray(self.vectors[start:stop], np.float32), self._ids(range(start, stop))
@@ -670,6 +670,15 @@ class IndexSearcher:
         blocks = self._blocks(as_queries(queries).n, query_block)
         outs = [out for _, out, _ in self.iter_search(queries, k, None, None, blocks)]
         s, i, _ = _concat3(outs, k)
+        return s, i
+
+    def top_k(
+        self, queries: np.ndarray | QueryReader, k: int, k_factor: int | None, nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(exact scores, rows): approximate with re-rank, or exact when nprobe/k_factor is None."""
+        if nprobe is None or k_factor is None:
+            return self.exact_search(queries, k)
+        s, i, _ = self.search(queries, k, k_factor, nprobe)
         return s, i
 
     def candidates(self, queries: np.ndarray, kprime: int, nprobe: int) -> list[tuple[np.ndarray, ...]]:
@@ -1056,11 +1065,7 @@ def search_topk_pairs(
     reader = as_queries(queries)
 
     def fn(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = _query_vectors(reader.take(rows)[0])
-        if nprobe is None or k_factor is None:
-            return searcher.exact_search(q, k)
-        s, i, _ = searcher.search(q, k, k_factor, nprobe)
-        return s, i
+        return searcher.top_k(reader.take(rows)[0], k, k_factor, nprobe)
 
     return exact_mod.topk_pairs_from_search(fn, reader.n, K, k0=k0, n_base=searcher.ntotal, first=first)
 
@@ -1359,11 +1364,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         if job.pairs and top_s is not None and top_i is not None:
             for n in set(range(len(blocks))) - set(todo):  # parts a previous run finished
                 lo, hi = blocks[n]
-                qb = q.read(lo, hi)[0]
-                if choice.nprobe is None or choice.k_factor is None:
-                    top_s[lo:hi], top_i[lo:hi] = searcher.exact_search(qb, cfg.k)
-                else:
-                    top_s[lo:hi], top_i[lo:hi], _ = searcher.search(qb, cfg.k, choice.k_factor, choice.nprobe)
+                top_s[lo:hi], top_i[lo:hi] = searcher.top_k(q.read(lo, hi)[0], cfg.k, choice.k_factor, choice.nprobe)
             s, qi, bi = search_topk_pairs(
                 q,
                 searcher,
