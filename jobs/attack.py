@@ -4,11 +4,12 @@ Keys: ``attack: idiap|tinsley|webster`` plus the options of ``raylead attack <na
 (``--top-k`` → ``top_k``). Credentials come from the AWS_* environment, never the file.
 """
 
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from raylead.jobs import run_job
+from raylead.runtime import exit_process
 
 
 @dataclass
@@ -22,7 +23,7 @@ def main(job: AttackJob) -> str:
     from raylead.config import from_mapping
     from raylead.errors import ConfigError
 
-    kinds = {
+    kinds: dict[str, tuple[Any, Callable[[Any], Any], Callable[[Any], list[str]]]] = {
         "idiap": (idiap.IdiapConfig, idiap.run_idiap, idiap.headline),
         "tinsley": (tinsley.TinsleyConfig, tinsley.run_tinsley, tinsley.headline),
         "webster": (webster.WebsterConfig, webster.run_webster, webster.headline),
@@ -41,4 +42,4 @@ def from_yaml(data: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("attack", AttackJob, main, transform=from_yaml))
+    exit_process(run_job("attack", AttackJob, main, transform=from_yaml))

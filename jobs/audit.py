@@ -7,10 +7,9 @@ audited checkpoint; exits 10 with one verdict line when leakage rose beyond ``to
 Credentials come from the AWS_* environment, never the file.
 """
 
-import sys
-
 from raylead.audit import AuditConfig, run
 from raylead.jobs import run_job
+from raylead.runtime import exit_process
 
 
 def main(cfg: AuditConfig) -> str:
@@ -18,4 +17,4 @@ def main(cfg: AuditConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("audit", AuditConfig, main))
+    exit_process(run_job("audit", AuditConfig, main))

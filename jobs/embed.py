@@ -5,10 +5,9 @@ actors, gpus_per_actor, shard_size, ...). Submit with
 ``ray job submit --working-dir . -- python jobs/embed.py --config embed.yaml``.
 """
 
-import sys
-
 from raylead.embed import EmbedConfig, embed_collection
 from raylead.jobs import run_job
+from raylead.runtime import exit_process
 
 
 def main(cfg: EmbedConfig) -> str:
@@ -16,4 +15,4 @@ def main(cfg: EmbedConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("embed", EmbedConfig, main))
+    exit_process(run_job("embed", EmbedConfig, main))

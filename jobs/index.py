@@ -4,11 +4,11 @@ Keys: ``embeddings`` (collection URI), ``out`` (index URI) and the options of
 ``raylead index build`` (shards, memory_budget_bytes, target_recall, vector_dtype, ...).
 """
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from raylead.jobs import run_job
+from raylead.runtime import exit_process
 
 
 @dataclass
@@ -36,4 +36,4 @@ def from_yaml(data: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("index", IndexJob, main, transform=from_yaml))
+    exit_process(run_job("index", IndexJob, main, transform=from_yaml))

@@ -104,9 +104,9 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
 
 
 def parquet_from_bytes(data: bytes) -> pa.Table:
-    """A Parquet file's table, read single-threaded: after a threaded read pyarrow may abort the
-    process at exit (apache/arrow#34314; 8 of 30 runs of a read-then-exit script with 26.0.1, and
-    with 21–25 alike); raylead's tables are small."""
+    """A Parquet file's table, read on this thread (raylead's shards are small; fewer of pyarrow's
+    pool threads left to abort the process at exit, apache/arrow#34314, which
+    :func:`raylead.runtime.exit_process` keeps out of the CLI's and the jobs' exit codes)."""
     return pq.read_table(io.BytesIO(data), use_threads=False)
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +50,50 @@ def test_job_config_errors_are_one_line(tmp_path) -> None:
     assert done.returncode == 2 and "nope" in done.stderr
     done = _run("embed", {"source": "x", "out": "y", "s3": {"secret_key": "k"}}, tmp_path)
     assert done.returncode == 2 and "'s3'" in done.stderr  # credentials never come from config files
+
+
+EXIT_ABORT = """
+import atexit, ctypes, runpy, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.__cxa_atexit(libc.abort, None, None)  # a native teardown that aborts, as pyarrow's may
+marker, entry, *argv = sys.argv[1:]
+atexit.register(lambda: open(marker, "w").write("atexit ran"))
+sys.argv = [entry, *argv]
+if entry == "raylead":
+    from raylead.cli import main
+    main()
+elif entry == "plain-exit":
+    print("plain", flush=True)
+    sys.exit(0)
+else:
+    runpy.run_path(entry, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    ("entry", "argv", "code", "says"),
+    [
+        ("plain-exit", [], -6, "plain"),  # the stand-in aborts a normal interpreter exit
+        ("raylead", ["index", "--help"], 0, "Usage: raylead index"),
+        ("raylead", ["search", "{tmp}/nowhere", "--index", "{tmp}/nope", "--k", "3", "--out", "{tmp}/o"], 2,
+         "has no manifest.json"),
+        ("raylead", ["index", "build", "--no-such-option"], 2, "No such option"),
+        ("jobs/embed.py", ["--config", "{tmp}/embed.yaml"], 2, "raylead embed: error:"),
+    ],
+)
+def test_a_native_abort_at_exit_cannot_change_the_exit_code(tmp_path, entry, argv, code, says) -> None:
+    """pyarrow may abort the interpreter after the work is done ("terminate called without an
+    active exception", apache/arrow#34314; once in ~20 runs of `raylead audit run` in CI). A C exit
+    handler that calls abort() stands in for it on every run: the console script and the Ray job
+    entrypoints still exit with their command's own code, after Python's atexit functions ran and
+    their output was flushed."""
+    embed = {"source": str(tmp_path / "nowhere"), "out": str(tmp_path / "o")}
+    (tmp_path / "embed.yaml").write_text(yaml.safe_dump(embed))
+    marker = tmp_path / "atexit.txt"
+    entry = str(REPO / entry) if entry.endswith(".py") else entry
+    args = [a.format(tmp=tmp_path) for a in argv]
+    done = subprocess.run([sys.executable, "-c", EXIT_ABORT, str(marker), entry, *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == code, done.stderr[-1000:]
+    assert says in done.stdout + done.stderr
+    assert marker.read_text() == "atexit ran"

@@ -6,11 +6,13 @@ Only this package turns :class:`raylead.errors.RayleadError` into exit codes.
 from __future__ import annotations
 
 import logging
-import sys
+import traceback
+from typing import NoReturn
 
 import typer
 
 from raylead.errors import RayleadError
+from raylead.runtime import exit_process
 
 app = typer.Typer(
     name="raylead",
@@ -43,22 +45,47 @@ def _register() -> None:
 _register()
 
 
-def main() -> None:
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Click's usage errors: typer ≥ 0.26 raises those of its own copy of click (subclasses of
+    ``TyperException``), older typer those of click."""
+    import click
+
+    vendored = getattr(typer.exceptions, "TyperException", None)
+    return (click.ClickException,) + ((vendored,) if vendored is not None else ())
+
+
+def run() -> int:
+    """Run the command in ``sys.argv``; returns its exit code."""
     try:
         # standalone_mode=False: typer returns the exit code of typer.Exit (130 for Ctrl-C)
         rc = app(standalone_mode=False)
     except RayleadError as exc:
         typer.echo(f"raylead: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         rc = 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except _usage_errors() as exc:  # a bad option or argument
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"raylead: error: {exc}", err=True)
+        return int(getattr(exc, "exit_code", 2))
     if rc == 130:
         typer.echo("raylead: interrupted; rerun the same command to resume from finished shards", err=True)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    return rc if isinstance(rc, int) else 0
+
+
+def main() -> NoReturn:
+    """The ``raylead`` console script: :func:`run`, then :func:`raylead.runtime.exit_process`, so a
+    native library's teardown cannot replace the command's exit code."""
+    try:
+        code = run()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            typer.echo(exc.code, err=True)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # a bug: show it, exit 1 as Python would
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
