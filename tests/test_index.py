@@ -120,6 +120,8 @@ def _build_script(data: str, out: str) -> str:
         "from raylead.index import IndexBuildConfig, build_index, source_from_arrays\n"
         f"x = np.load({data!r})\n"
         f"build_index(source_from_arrays(x), {out!r}, IndexBuildConfig(shards=4, executor='local', seed=7))\n"
+        "from raylead.runtime import exit_process\n"
+        "exit_process(0)  # as raylead's CLI and jobs end: pyarrow's at-exit abort cannot change the code\n"
     )
 
 
