@@ -438,17 +438,6 @@ def read_checked(loc: Location, entry: FileEntry) -> bytes:
     return data
 
 
-def sha256_file(path: str, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def read_ids(root: Location, entry: FileEntry) -> tuple[np.ndarray, list[str]]:
     loc = root.child(entry.path)
     data = read_checked(loc, entry)
@@ -595,9 +584,7 @@ def _valid_file(loc: Location, entry: FileEntry) -> bool:
     try:
         if not loc.exists() or loc.size() != entry.bytes:
             return False
-        if loc.is_s3:
-            return sha256_bytes(loc.read_bytes()) == entry.sha256
-        return sha256_file(loc.path) == entry.sha256
+        return loc.sha256() == entry.sha256
     except (OSError, CorruptDataError):
         return False
 

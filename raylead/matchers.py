@@ -8,7 +8,6 @@ the process that runs it (a Ray actor), and pickling drops it again.
 from __future__ import annotations
 
 import glob
-import hashlib
 import inspect
 import logging
 import os
@@ -19,6 +18,7 @@ import numpy as np
 
 from raylead.errors import ConfigError, ModelNotFoundError
 from raylead.plan import ONNX_PROVIDERS, onnx_providers
+from raylead.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,6 @@ def _check_batch(batch: np.ndarray, crop: str, name: str) -> np.ndarray:
             f"got {arr.dtype} {list(arr.shape)}; fix: preprocess with crop={crop!r}"
         )
     return arr
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- dlib
@@ -304,7 +296,7 @@ class OnnxMatcher:
             "output": out_name,
             "dim": dim,
             "dynamic_batch": not (isinstance(in_shape[0], int) and in_shape[0] >= 1),
-            "version": f"{Path(path).name}@{_sha256_file(path)[:12]}",
+            "version": f"{Path(path).name}@{Location.parse(path).sha256()[:12]}",
         }
         return self._info
 

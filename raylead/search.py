@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +41,6 @@ from raylead.index import (
     read_checked,
     read_ids,
     read_index_manifest,
-    sha256_file,
     source_from_collection,
 )
 from raylead.plan import choose_engine
@@ -163,28 +163,27 @@ def _set_threads(n: int) -> None:
 
 def _open_vectors(root: Location, shard: ShardEntry, dim: int, dtype: str, verify: bool) -> np.ndarray:
     loc = root.child(shard.vectors.path)
+    path = loc.path
     if loc.is_s3:
-        # Later optimisation: fetch only the candidates' rows with range requests.
-        cache = tempfile.mkdtemp(prefix="raylead-vectors-")
-        path = os.path.join(cache, os.path.basename(shard.vectors.path))
-        with open(path, "wb") as fh:
-            fh.write(read_checked(loc, shard.vectors))
-    else:
-        path = loc.path
-        if verify and sha256_file(path) != shard.vectors.sha256:
-            raise CorruptDataError(
-                f"{loc.uri} failed its checksum (truncated or corrupted); rebuild the index"
-            )
+        # streamed to local disk to be memory-mapped (later: fetch only the candidates' rows with
+        # range requests); always verified, since it crossed the network
+        path = os.path.join(tempfile.mkdtemp(prefix="raylead-vectors-"), os.path.basename(shard.vectors.path))
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:  # e.g. a pickled object array: never unpickled
-        raise CorruptDataError(
-            f"{loc.uri} is not a plain .npy array of vectors ({str(exc)[:120]}); rebuild the index"
-        ) from None
+        if loc.is_s3:
+            loc.download(path)
+        if (loc.is_s3 or verify) and (
+            os.path.getsize(path) != shard.vectors.bytes or Location.parse(path).sha256() != shard.vectors.sha256
+        ):
+            raise CorruptDataError(f"{loc.uri} failed its checksum (truncated or corrupted); rebuild the index")
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:  # e.g. a pickled object array: never unpickled
+            raise CorruptDataError(
+                f"{loc.uri} is not a plain .npy array of vectors ({str(exc)[:120]}); rebuild the index"
+            ) from None
     finally:
         if loc.is_s3:  # the mapping keeps the downloaded data alive; nothing is left behind on disk
-            os.unlink(path)
-            os.rmdir(os.path.dirname(path))
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     if arr.shape != (shard.rows, dim) or arr.dtype != np.dtype(dtype):
         raise CorruptDataError(
             f"{loc.uri} holds {arr.dtype}{list(arr.shape)}, the manifest says "
@@ -1119,7 +1118,9 @@ def _take_ids(ids: Sequence[str] | pa.Array, rows: np.ndarray) -> pa.Array:
 #
 # A rerun with the same inputs and settings skips every part whose marker and checksum match
 # and ends with identical results; a rerun with others into the same --out is a ConfigError.
+# Once search.json is written, run.json and parts/ are removed: a finished search is stored once.
 
+PARTS_DIR = "parts"
 RUN_FILE = "run.json"
 SUMMARY_FILE = "search.json"
 RESULTS_FILE = "results.parquet"
@@ -1131,7 +1132,7 @@ SEARCH_FORMAT_VERSION = 1
 
 
 def part_names(n: int) -> tuple[str, str]:
-    return f"parts/part-{n:05d}.parquet", f"parts/part-{n:05d}.done.json"
+    return f"{PARTS_DIR}/part-{n:05d}.parquet", f"{PARTS_DIR}/part-{n:05d}.done.json"
 
 
 @dataclass(frozen=True)
@@ -1204,7 +1205,7 @@ def _finished_part(out: Location, n: int, fp: str, rng: tuple[int, int]) -> dict
 def _file_sha(out: Location, name: str) -> str | None:
     loc = out.child(name)
     try:
-        return sha256_bytes(loc.read_bytes()) if loc.exists() else None
+        return loc.sha256() if loc.exists() else None
     except FileNotFoundError:
         return None
 
@@ -1239,9 +1240,9 @@ def _no_results(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
 
 
-def _gather_parts(out: Location, markers: list[dict[str, Any]], empty: pa.Table) -> None:
+def _gather_parts(out: Location, markers: list[dict[str, Any]], empty: pa.Table) -> str:
     """``results.parquet``: the parts, in order, streamed through a local file one part at a
-    time (one row group each), then published atomically."""
+    time (one row group each), then published atomically; returns its SHA-256."""
     import pyarrow.parquet as pq
 
     from raylead.catalog import read_parquet_checked
@@ -1254,6 +1255,7 @@ def _gather_parts(out: Location, markers: list[dict[str, Any]], empty: pa.Table)
             if not markers:
                 writer.write_table(empty)
         out.child(RESULTS_FILE).write_file(local)
+        return Location.parse(local).sha256()
 
 
 def _ids_of(q: QueryReader, rows: np.ndarray) -> list[str]:
@@ -1299,6 +1301,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     done_summary = _finished_summary(out, fp)
     if done_summary is not None:
         log.info("%s already holds these search results; nothing to do", out.uri)
+        _drop_run_state(out)  # left by a run stopped right after writing its summary
         return done_summary | {"already_complete": True, "parts_reused": len(done_summary.get("parts", []))}
 
     run_loc = out.child(RUN_FILE)
@@ -1320,6 +1323,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         log.info("resuming: %d of %d result parts already complete", reused, len(blocks))
     target_ids = idx.target_id_array()
     files = {"results": RESULTS_FILE}
+    sha256: dict[str, str] = {}  # of each file written, as written (not read back from storage)
     with IndexSearcher(idx, use_ray=job.use_ray) as searcher:
         if choice is None:
             choice = choose_search(q, searcher, cfg)
@@ -1360,7 +1364,8 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         search_seconds = time.monotonic() - t_search
         order = sorted(markers)
         out.child(SUMMARY_FILE).remove()  # a stale summary must never describe the files rewritten now
-        _gather_parts(out, [markers[n] for n in order], _results_table(*_no_results(cfg.k), [], target_ids))
+        empty = _results_table(*_no_results(cfg.k), [], target_ids)
+        sha256[RESULTS_FILE] = _gather_parts(out, [markers[n] for n in order], empty)
         if job.pairs and top_s is not None and top_i is not None:
             for n in set(range(len(blocks))) - set(todo):  # parts a previous run finished
                 lo, hi = blocks[n]
@@ -1382,8 +1387,9 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
                     "score": pa.array(s, pa.float32()),
                 }
             )
-            out.child(PAIRS_FILE).write_bytes(table_to_parquet_bytes(table))
-            files["pairs"] = PAIRS_FILE
+            data = table_to_parquet_bytes(table)
+            out.child(PAIRS_FILE).write_bytes(data)
+            files["pairs"], sha256[PAIRS_FILE] = PAIRS_FILE, sha256_bytes(data)
         if job.threshold is not None:
             lims, s, bi = searcher.range_search(
                 q, float(job.threshold), nprobe=choice.nprobe, query_block=cfg.query_block
@@ -1396,8 +1402,9 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
                     "score": pa.array(s, pa.float32()),
                 }
             )
-            out.child(RANGE_FILE).write_bytes(table_to_parquet_bytes(table))
-            files["range"] = RANGE_FILE
+            data = table_to_parquet_bytes(table)
+            out.child(RANGE_FILE).write_bytes(data)
+            files["range"], sha256[RANGE_FILE] = RANGE_FILE, sha256_bytes(data)
     summary: dict[str, Any] = {
         "kind": "raylead.search",
         "format_version": SEARCH_FORMAT_VERSION,
@@ -1414,11 +1421,17 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         "index": idx.root.uri,
         "queries_source": read_manifest(qroot).source,
         "files": files,
-        "sha256": {f: _file_sha(out, f) for f in files.values()},
-        "parts": [
-            {k: markers[n][k] for k in ("path", "queries", "rows", "sha256")} for n in order
-        ],
+        "sha256": sha256,
+        "parts": [{k: markers[n][k] for k in ("queries", "rows")} for n in order],  # results' row groups
         "seconds_total": round(time.monotonic() - t0, 3),
     }
     out.child(SUMMARY_FILE).write_json(summary)
+    _drop_run_state(out)
     return summary | {"already_complete": False, "parts_reused": reused}
+
+
+def _drop_run_state(out: Location) -> None:
+    """Once ``search.json`` is written the parts (now the row groups of ``results.parquet``) and
+    ``run.json`` are not needed to resume: removed, so the results are stored once."""
+    out.child(PARTS_DIR).remove()
+    out.child(RUN_FILE).remove()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -299,6 +300,25 @@ class Location:
                 return bytes(fh.read())
 
         return retry_io(_read, f"reading {self.uri}")
+
+    def sha256(self) -> str:
+        """The SHA-256 of this file, read in 16 MiB pieces (never held whole in memory)."""
+
+        def _hash() -> str:
+            h = hashlib.sha256()
+            with self.fs.open(self.path, "rb") as fh:
+                for piece in iter(lambda: fh.read(16 << 20), b""):
+                    h.update(piece)
+            return h.hexdigest()
+
+        return retry_io(_hash, f"reading {self.uri}")
+
+    def download(self, local_path: str) -> None:
+        """Copy this file to ``local_path`` without holding it in memory."""
+        if not self.is_s3:
+            shutil.copyfile(self.path, local_path)
+            return
+        retry_io(lambda: self.fs.get_file(self.path, local_path), f"reading {self.uri}")
 
     def read_json(self) -> Any:
         data = self.read_bytes()

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def signal_when(
@@ -30,3 +31,23 @@ def signal_when(
         proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+class Stopped(Exception):
+    """Raised by :func:`stop_search_after` in place of a crash."""
+
+
+def stop_search_after(job: Any, parts: int) -> None:
+    """Run ``raylead.search.run_search(job)`` and stop it (as a crash would) right after its
+    ``parts``-th result part and marker are written: the state a killed search leaves."""
+    from raylead.search import run_search
+
+    def on_part(done: int, total: int) -> None:
+        if done == parts:
+            raise Stopped(f"stopped after {done} of {total} parts")
+
+    try:
+        run_search(job, on_part=on_part)
+    except Stopped:
+        return
+    raise AssertionError(f"the search finished before its part {parts}")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,6 @@ from raylead.index import (
     deserialize,
     make_plan,
     read_index_manifest,
-    sha256_file,
     source_from_arrays,
     source_from_collection,
 )
@@ -36,7 +36,7 @@ def _files(root: str) -> dict[str, str]:
     for dirpath, _, names in os.walk(root):
         for name in names:
             full = os.path.join(dirpath, name)
-            out[os.path.relpath(full, root)] = sha256_file(full)
+            out[os.path.relpath(full, root)] = Location.parse(full).sha256()
     return out
 
 
@@ -373,3 +373,10 @@ def test_build_resume_and_search_on_s3(s3_server, clustered_small):
         got = s.exact_search(q, 5)
     want = np.argsort(-(q @ clustered_small.base[:3000].T), axis=1)[:, :5]
     np.testing.assert_array_equal(got[1], want)
+    # a damaged vectors file on S3 is refused by name; its download is not left on local disk
+    vec = root.child(m.shards[1].vectors.path)
+    vec.write_bytes(vec.read_bytes()[:-64])
+    before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(CorruptDataError, match=r"shard-00001\.vectors\.npy failed its checksum"):
+        IndexSearcher(uri, use_ray=False)
+    assert not [d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("raylead-vectors-")]

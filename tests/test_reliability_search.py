@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from faults import signal_when
+from faults import signal_when, stop_search_after
 
 from raylead.errors import ConfigError
 from raylead.search import IndexSearcher, SearchConfig, SearchJob, part_names, run_search
@@ -72,6 +72,7 @@ def _assert_complete(out: Path, reference: Path | None, n: int = N_QUERIES, k: i
     summary = json.loads((out / "search.json").read_text())
     assert len(summary["parts"]) == -(-n // block)
     assert sum(p["rows"] for p in summary["parts"]) == n * k
+    assert not (out / "parts").exists() and not (out / "run.json").exists(), "a finished search stored twice"
 
 
 def _check_parts_never_partial(out: Path) -> int:
@@ -181,32 +182,35 @@ def test_rerun_skips_finished_parts_and_rejects_other_settings(
     assert len(want["parts"]) == 10 and want["parts_reused"] == 0
     _assert_complete(ref, None, 95, 5, 10)
 
-    # an interrupted run: parts 0-5 finished, part 6 written without its marker, part 3 damaged
-    first = run_search(SearchJob(q, small_indexes[4], str(out), cfg, use_ray=False))
-    for n in range(6, 10):
-        (out / part_names(n)[1]).unlink()
-    for f in ("search.json", "results.parquet", *(part_names(n)[0] for n in range(7, 10))):
-        (out / f).unlink()
+    # a killed run: parts 0-5 finished; then part 6 written without its marker, part 3 damaged
+    job = SearchJob(q, small_indexes[4], str(out), cfg, use_ray=False)
+    stop_search_after(job, 6)
+    assert sorted(p.name for p in (out / "parts").glob("*.done.json")) == [
+        Path(part_names(n)[1]).name for n in range(6)
+    ]
+    assert not (out / "search.json").exists() and not (out / "results.parquet").exists()
+    (out / part_names(6)[0]).write_bytes(b"PAR1 half a part")
     damaged = out / part_names(3)[0]
     damaged.write_bytes(damaged.read_bytes()[:-7])
-    got = run_search(SearchJob(q, small_indexes[4], str(out), cfg, use_ray=False))
+    got = run_search(job)
     assert got["parts_reused"] == 5 and not got["already_complete"]
-    assert got["sha256"] == want["sha256"] == first["sha256"]
-    assert _results(out).equals(_results(ref))
+    assert got["sha256"] == want["sha256"]
+    _assert_complete(out, ref, 95, 5, 10)
 
-    done = run_search(SearchJob(q, small_indexes[4], str(out), cfg, use_ray=False))
-    assert done["already_complete"]
+    done = run_search(job)
+    assert done["already_complete"] and done["sha256"] == want["sha256"]
 
     # other settings into the same --out: a one-line ConfigError, finished or not
     for other in (SearchConfig(k=6, engine="exact", query_block=10), SearchConfig(k=5, engine="exact", query_block=10)):
         with pytest.raises(ConfigError, match="choose another --out") as err:
             run_search(SearchJob(q, small_indexes[4], str(out), other, use_ray=False))
         assert "\n" not in str(err.value)
-    (out / "search.json").unlink()
-    with pytest.raises(ConfigError, match="unfinished search"):
-        run_search(SearchJob(q, small_indexes[4], str(out), SearchConfig(k=5, query_block=7), use_ray=False))
     with pytest.raises(ConfigError, match="choose another --out"):
         run_search(SearchJob(q, small_indexes[1], str(out), cfg, use_ray=False))  # another index
+    unfinished = tmp_path / "unfinished"
+    stop_search_after(SearchJob(q, small_indexes[4], str(unfinished), cfg, use_ray=False), 2)
+    with pytest.raises(ConfigError, match="unfinished search"):
+        run_search(SearchJob(q, small_indexes[4], str(unfinished), SearchConfig(k=5, query_block=7), use_ray=False))
 
 
 def test_auto_engine_choice_is_kept_on_resume(small_indexes, write_collection, clustered_small, tmp_path):
@@ -215,12 +219,11 @@ def test_auto_engine_choice_is_kept_on_resume(small_indexes, write_collection, c
     q = write_collection(tmp_path / "q", [f"q{i:03d}" for i in range(60)], [None] * 60, clustered_small.queries[:60])
     cfg = SearchConfig(k=5, engine="approximate", target_recall=0.95, query_block=20)
     out = tmp_path / "out"
-    first = run_search(SearchJob(q, small_indexes[4], str(out), cfg, use_ray=False))
-    assert first["engine"] == "approximate" and first["tuning"] is not None
+    job = SearchJob(q, small_indexes[4], str(out), cfg, use_ray=False)
+    stop_search_after(job, 2)
     run = json.loads((out / "run.json").read_text())
+    assert run["choice"]["engine"] == "approximate" and run["choice"]["tuning"] is not None
     run["choice"]["nprobe"] = 1  # what a different tuning outcome would look like
     (out / "run.json").write_text(json.dumps(run))
-    (out / "search.json").unlink()
-    (out / part_names(2)[1]).unlink()
-    again = run_search(SearchJob(q, small_indexes[4], str(out), cfg, use_ray=False))
+    again = run_search(job)
     assert again["parts_reused"] == 2 and again["nprobe"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import signal
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from faults import stop_search_after
 from typer.testing import CliRunner
 
 from raylead import exact
@@ -346,7 +348,7 @@ def test_run_search_pairs_start_from_the_main_search(
 ):
     """`search --pairs K`: the top-K pairs equal brute force, deepening only saturated queries
     (the main search is their first round, not repeated), also when resumed from finished parts."""
-    from raylead.search import SearchJob, part_names, run_search
+    from raylead.search import SearchJob, run_search
 
     c = clustered_small
     ids = [f"q{i:03d}" for i in range(120)]
@@ -369,11 +371,10 @@ def test_run_search_pairs_start_from_the_main_search(
     assert got.column("target_id").to_pylist() == [f"img{i:05d}" for i in want_b.tolist()]
     np.testing.assert_allclose(got.column("score").to_numpy(), want_s, atol=1e-6)
 
-    # resumed with parts 0-2 finished by the earlier run: the same pairs file
-    out = tmp_path / "out"
-    for f in ("search.json", "results.parquet", "pairs.parquet", *(part_names(n)[1] for n in range(3, 6))):
-        (out / f).unlink()
-    again = run_search(job)
+    # resumed after a run stopped with parts 0-2 finished: the same files
+    resumed = dataclasses.replace(job, out=str(tmp_path / "resumed"))
+    stop_search_after(resumed, 3)
+    again = run_search(resumed)
     assert again["parts_reused"] == 3 and again["sha256"] == first["sha256"]
 
 
@@ -457,6 +458,7 @@ def test_run_search_with_a_bad_query_shard(small_indexes, write_collection, clus
     shard.write_bytes(good)
     again = run_search(job)
     assert again["parts_reused"] == len(finished) and again["queries"] == len(ok)
+    assert not (tmp_path / "out" / "parts").exists() and not (tmp_path / "out" / "run.json").exists()
 
 
 # -- CLI ------------------------------------------------------------------------------------------

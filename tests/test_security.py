@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import stop_search_after
 
 from raylead.catalog import sha256_bytes
 from raylead.errors import CorruptDataError, RayleadError
@@ -278,19 +279,20 @@ def test_planted_pickle_in_search_state_is_never_loaded(write_collection, small_
 
     marker = tmp_path / "PWNED"
     q = write_collection(tmp_path / "q", [f"q{i}" for i in range(40)], [None] * 40, clustered_small.queries[:40])
+    cfg = SearchConfig(k=3, engine="exact", query_block=10)
+    want = run_search(SearchJob(q, small_indexes[1], str(tmp_path / "ref"), cfg, use_ray=False))
     out = tmp_path / "res"
-    job = SearchJob(q, small_indexes[1], str(out), SearchConfig(k=3, engine="exact", query_block=10), use_ray=False)
-    want = run_search(job)
-    (out / "search.json").unlink()
+    job = SearchJob(q, small_indexes[1], str(out), cfg, use_ray=False)
+    stop_search_after(job, 3)
     # a part marker that is a pickle: not trusted, the part is searched again
     (out / part_names(1)[1]).write_bytes(_pickled(marker))
     got = run_search(job)
-    assert got["parts_reused"] == 3 and got["sha256"] == want["sha256"]
+    assert got["parts_reused"] == 2 and got["sha256"] == want["sha256"]
     # the run file a pickle: a clear error
-    (out / "search.json").unlink()
-    (out / "run.json").write_bytes(_pickled(marker))
+    stop_search_after(SearchJob(q, small_indexes[1], str(tmp_path / "res2"), cfg, use_ray=False), 1)
+    (tmp_path / "res2" / "run.json").write_bytes(_pickled(marker))
     with pytest.raises(CorruptDataError):
-        run_search(job)
+        run_search(SearchJob(q, small_indexes[1], str(tmp_path / "res2"), cfg, use_ray=False))
     assert not marker.exists()
 
 

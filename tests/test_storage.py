@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import stat
@@ -72,6 +73,10 @@ def test_local_atomic_write_list_and_owner_only(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         root.child("c.png").write_file(str(tmp_path / "missing.bin"))
     assert not root.child("c.png").exists() and not [n for n in os.listdir(root.path) if ".tmp-" in n]
+    # hashed and copied in pieces: the same digest as hashing the bytes at once
+    assert root.child("b.png").sha256() == hashlib.sha256(big.read_bytes()).hexdigest()
+    root.child("b.png").download(str(tmp_path / "copy.bin"))
+    assert (tmp_path / "copy.bin").read_bytes() == big.read_bytes()
 
 
 def test_contains() -> None:
@@ -99,6 +104,9 @@ def test_s3_roundtrip_listing_and_errors(s3_server, tmp_path) -> None:
     local.write_bytes(os.urandom(12 << 20))  # above s3fs's multipart threshold
     root.child("big.bin").write_file(str(local))
     assert root.child("big.bin").read_bytes() == local.read_bytes()
+    assert root.child("big.bin").sha256() == hashlib.sha256(local.read_bytes()).hexdigest()
+    root.child("big.bin").download(str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
     with pytest.raises(StorageError, match="does not exist"):
         Location.parse("s3://no-such-bucket/x").check_reachable(write=False)
     wrong = S3Options(endpoint_url=s3_server.endpoint, access_key="wrong", secret_key="wrong-secret-value")
