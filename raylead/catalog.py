@@ -237,7 +237,7 @@ class Collection:
     identities: list[str | None]
     statuses: list[str]
     det_scores: np.ndarray  # float32 [rows], NaN where null
-    embeddings: np.ndarray  # float32 [ok_rows, dim], L2-normalised
+    embeddings: np.ndarray  # float32 [ok_rows, dim], L2-normalised ([ok_rows, 0]: read without vectors)
     ok_index: np.ndarray  # int64 [ok_rows]: row number of each embedding
 
     @property
@@ -270,12 +270,12 @@ def ok_rows(table: pa.Table, dim: int) -> tuple[np.ndarray, list[str]]:
     return _embeddings_at(table, ok_index, dim), ids
 
 
-def tables_to_collection(manifest: CollectionManifest, tables: list[pa.Table]) -> Collection:
+def tables_to_collection(manifest: CollectionManifest, tables: list[pa.Table], vectors: bool = True) -> Collection:
     dim = manifest.dim
     table = pa.concat_tables(tables) if tables else shard_schema(dim).empty_table()
     statuses = table.column("status").to_pylist()
     ok_index = _ok_index(statuses)
-    embeddings = _embeddings_at(table, ok_index, dim)
+    embeddings = _embeddings_at(table, ok_index, dim) if vectors else np.zeros((len(ok_index), 0), np.float32)
     det = table.column("det_score").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
     return Collection(
         manifest=manifest,
@@ -288,12 +288,17 @@ def tables_to_collection(manifest: CollectionManifest, tables: list[pa.Table]) -
     )
 
 
-def read_collection(uri: str | Location) -> Collection:
-    """Load a finished collection, verifying every shard's checksum."""
+def read_collection(uri: str | Location, *, vectors: bool = True) -> Collection:
+    """Load a finished collection, verifying every shard's checksum. ``vectors=False``: every
+    row but no embeddings (``embeddings`` is ``[ok_rows, 0]``; each shard's are dropped as it is
+    read), for a side whose vectors a persisted index serves."""
     root = uri if isinstance(uri, Location) else Location.parse(uri)
     manifest = read_manifest(root)
-    tables = [read_parquet_checked(root.child(s.path), s.sha256) for s in manifest.shards]
-    return tables_to_collection(manifest, tables)
+    tables = []
+    for s in manifest.shards:
+        table = read_parquet_checked(root.child(s.path), s.sha256)
+        tables.append(table if vectors else table.drop_columns(["embedding"]))
+    return tables_to_collection(manifest, tables, vectors)
 
 
 def new_manifest(

@@ -480,9 +480,10 @@ def embed_collection(
     return EmbedResult(prep.out, manifest, len(shards) - skipped, skipped, time.monotonic() - t0)
 
 
-def ensure_collection(cfg: EmbedConfig) -> catalog.Collection:
+def ensure_collection(cfg: EmbedConfig, *, vectors: bool = True) -> catalog.Collection:
     """The collection at ``cfg.out``: reused when its manifest is for the same matcher and
-    alignment and covers the same inputs; otherwise embedded (or resumed) first."""
+    alignment and covers the same inputs; otherwise embedded (or resumed) first. ``vectors``: as
+    for :func:`raylead.catalog.read_collection`."""
     prep = prepare(cfg)
     if catalog.is_collection(prep.out):
         manifest = catalog.read_manifest(prep.out)
@@ -494,9 +495,9 @@ def ensure_collection(cfg: EmbedConfig) -> catalog.Collection:
         )
         if same:
             log.info("reusing embeddings at %s (%d rows, %s)", prep.out.uri, manifest.rows, manifest.matcher)
-            return catalog.read_collection(prep.out)
+            return catalog.read_collection(prep.out, vectors=vectors)
     embed_collection(cfg, prep)
-    return catalog.read_collection(prep.out)
+    return catalog.read_collection(prep.out, vectors=vectors)
 
 
 def config_dict(cfg: EmbedConfig) -> dict[str, Any]:

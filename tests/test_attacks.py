@@ -13,6 +13,7 @@ import pytest
 from raylead.attacks import (
     EmbeddedSet,
     MatcherSpec,
+    SearchBase,
     Threshold,
     auc_mann_whitney,
     best_match,
@@ -616,3 +617,55 @@ def test_idiap_with_the_approximate_engine() -> None:
         r.pairs.scores, np.einsum("ij,ij->i", q[r.pairs.synthetic_idx], x[r.pairs.train_idx]), atol=1e-5
     )
     assert np.mean(r.best_train_idx == (q @ x.T).argmax(1)) >= 0.9
+
+
+def test_run_idiap_with_a_train_index_never_loads_train_vectors(
+    tmp_path: Path, write_collection, ray_local, monkeypatch
+) -> None:
+    """--train-index: the index serves T's vectors (the driver reads T's ids and identities, never
+    its embedding column), and the tables equal those of the exact engine on T's vectors."""
+    from raylead import catalog
+    from raylead.index import IndexBuildConfig, build_index, source_from_collection
+
+    t, t_lab, centres = clustered(40, 5, seed=60, noise=0.5)
+    g, _, _ = clustered(12, 2, seed=61, centres=centres[:12], noise=0.6)
+    train = write_collection(
+        tmp_path / "T", [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)], [f"p{i}" for i in t_lab], t, shard_size=64
+    )
+    syn = write_collection(tmp_path / "S", [f"s{j:03d}.jpg" for j in range(len(g))], [None] * len(g), g)
+    index = str(tmp_path / "idx")
+    build_index(source_from_collection(train), index, IndexBuildConfig(shards=2, executor="local"))
+    common = {"train": train, "synthetic": syn, "top_k": 20, "threshold": 0.8, "no_identity_twice": True}
+    run_idiap(IdiapConfig(out=str(tmp_path / "plain"), engine="exact", **common))
+
+    reads: list[tuple[str, bool]] = []
+    real = catalog.read_collection
+
+    def recording(uri, *, vectors=True):
+        reads.append((str(uri), vectors))
+        return real(uri, vectors=vectors)
+
+    monkeypatch.setattr(catalog, "read_collection", recording)
+    def table(path: Path, above_only: bool = False) -> dict[str, list]:
+        t = pq.read_table(path, use_threads=False)
+        return (t.filter(t.column("above_threshold")) if above_only else t).to_pydict()
+
+    for engine in ("exact", "approximate"):
+        out = tmp_path / f"indexed-{engine}"
+        m = run_idiap(IdiapConfig(out=str(out), engine=engine, train_index=index, **common))
+        assert m["pairs_returned"] == 20
+        # exact through the index: every row; approximate: the 12 planted pairs above θ
+        for name in ("pairs.parquet", "best_matches.parquet"):
+            got = table(out / name, above_only=engine == "approximate")
+            want = table(tmp_path / "plain" / name, above_only=engine == "approximate")
+            assert len(want["score"]) >= 12
+            assert {c: v for c, v in got.items() if c != "score"} == {c: v for c, v in want.items() if c != "score"}
+            np.testing.assert_allclose(got["score"], want["score"], atol=1e-6)
+    assert {v for u, v in reads if u.endswith("/T")} == {False}, reads  # T: ids only, both runs
+    assert {v for u, v in reads if u.endswith("/S")} == {True}
+
+    # a set loaded without its vectors can only be searched through an index
+    ids_only = EmbeddedSet.from_collection(real(train, vectors=False))
+    assert ids_only.embeddings.shape == (200, 0) and ids_only.dim == 32 and ids_only.ids[:2] == ["p0/0.jpg", "p0/1.jpg"]
+    with pytest.raises(ValueError, match="not loaded"):
+        SearchBase.prepare(ids_only.embeddings, 5, "exact")

@@ -37,6 +37,10 @@ def test_roundtrip_keeps_rows_and_ok_embeddings(tmp_path) -> None:
     np.testing.assert_array_equal(col.embeddings, np.eye(3, 4, dtype=np.float32)[[0, 2]])
     assert np.isnan(col.det_scores[1]) and col.det_scores[0] == pytest.approx(0.9)
     assert col.manifest.rows == 3 and col.manifest.failed == 1
+    # without vectors: every row the same, embeddings [ok rows, 0]
+    ids_only = catalog.read_collection(_collection(tmp_path), vectors=False)
+    assert ids_only.embeddings.shape == (2, 0) and ids_only.ok_ids == col.ok_ids
+    assert ids_only.statuses == col.statuses and ids_only.identities == col.identities
 
 
 def test_corrupted_shard_is_detected(tmp_path) -> None:

@@ -208,7 +208,9 @@ class EmbeddedSet:
     """The rows of one collection an attack uses.
 
     ``embeddings``/``ids``/``identities``/``det_scores`` describe the usable (``ok``) rows;
-    ``failed_ids``/``failed_reasons`` the rows without an embedding.
+    ``failed_ids``/``failed_reasons`` the rows without an embedding. A set loaded without its
+    vectors (``load_set(..., vectors=False)``, for a side a persisted index serves) has
+    ``embeddings`` of shape ``[rows, 0]`` and its matcher's size in ``embedding_dim``.
     """
 
     uri: str
@@ -221,6 +223,7 @@ class EmbeddedSet:
     failed_ids: list[str] = field(default_factory=list)
     failed_reasons: list[str] = field(default_factory=list)
     failed_identities: list[str | None] = field(default_factory=list)
+    embedding_dim: int | None = None  # the matcher's size when ``embeddings`` were not loaded
 
     @classmethod
     def from_collection(cls, coll: Any, uri: str = "") -> EmbeddedSet:
@@ -239,6 +242,7 @@ class EmbeddedSet:
             failed_ids=[coll.image_ids[i] for i in failed],
             failed_reasons=[str(coll.statuses[i]) for i in failed],
             failed_identities=[coll.identities[i] for i in failed],
+            embedding_dim=None if coll.embeddings.shape[1] else coll.manifest.dim,
         )
 
     @classmethod
@@ -274,6 +278,8 @@ class EmbeddedSet:
 
     @property
     def dim(self) -> int:
+        if self.embedding_dim is not None:
+            return self.embedding_dim
         return int(self.embeddings.shape[1]) if self.embeddings.ndim == 2 else 0
 
     def take(self, rows: np.ndarray) -> EmbeddedSet:
@@ -290,6 +296,7 @@ class EmbeddedSet:
             failed_ids=list(self.failed_ids),
             failed_reasons=list(self.failed_reasons),
             failed_identities=list(self.failed_identities),
+            embedding_dim=self.embedding_dim,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -455,6 +462,8 @@ class SearchBase:
     """One side of an attack's searches (T or H), prepared once for all of them.
 
     ``exact``: the vectors themselves, searched with :mod:`raylead.exact` (blocked, exact).
+    With a persisted ``index`` the index serves every search, and ``base`` may be a set's
+    ``[rows, 0]`` placeholder (loaded without vectors): only its row count is used.
     ``approximate``: an IVF-PQ index (:mod:`raylead.search`) built in memory, or a persisted
     index built by ``raylead index build`` (shard searchers on Ray); candidates are re-ranked
     by exact score, so every score an attack reports is exact.
@@ -488,6 +497,8 @@ class SearchBase:
             return cls(
                 b, "approximate" if engine != "exact" else "exact", f"persisted index {index}", searcher
             )
+        if b.shape[0] and b.shape[1] == 0:  # a set loaded with vectors=False needs its index
+            raise ValueError("these vectors were not loaded (vectors=False): search them through their index")
         if engine == "exact" or b.shape[0] == 0 or n_queries == 0:
             return cls(b, "exact", f"engine={engine} requested" if engine == "exact" else "empty input")
         reason = "engine=approximate requested"
@@ -587,6 +598,7 @@ def load_set(
     *,
     actors: int = 1,
     batch_size: int = 32,
+    vectors: bool = True,
 ) -> EmbeddedSet:
     """An attack input: an embedding collection as is, or an image folder embedded with ``matcher``.
 
@@ -595,7 +607,8 @@ def load_set(
     need in one attack); (3) an image folder. A folder is embedded with the embed pipeline into
     ``EMBEDDINGS_DIR/<role>-<matcher label>-<hash of the source>``, reusing what is already there
     for the same matcher (so a second attack over the same folders embeds nothing). A collection
-    made with another matcher is a :class:`ConfigError`.
+    made with another matcher is a :class:`ConfigError`. ``vectors=False`` loads every row but
+    no embeddings: for a side a persisted index serves (its vectors never reach this process).
     """
     from raylead import catalog
 
@@ -603,7 +616,7 @@ def load_set(
     if not catalog.is_collection(loc) and catalog.is_collection(loc.child(matcher.label)):
         loc = loc.child(matcher.label)
     if catalog.is_collection(loc):
-        coll = catalog.read_collection(loc)
+        coll = catalog.read_collection(loc, vectors=vectors)
         version = _expected_version(matcher)
         m = coll.manifest
         if m.matcher != matcher.name or (version is not None and m.matcher_version != version):
@@ -633,7 +646,7 @@ def load_set(
         batch_size=batch_size,
         s3=s3,
     )
-    coll = ensure_collection(cfg)
+    coll = ensure_collection(cfg, vectors=vectors)
     return EmbeddedSet.from_collection(coll, loc.uri)
 
 

@@ -352,7 +352,10 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     out = out_location(cfg.out, cfg.s3)
     spec = MatcherSpec.parse(cfg.matcher)
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
-    train = load_set(cfg.train, spec, "train", emb_dir, cfg.s3, actors=cfg.actors)
+    # with --train-index the index serves T's vectors: only T's ids and identities are loaded here
+    train = load_set(
+        cfg.train, spec, "train", emb_dir, cfg.s3, actors=cfg.actors, vectors=cfg.train_index is None
+    )
     synthetic_all = load_set(cfg.synthetic, spec, "synthetic", emb_dir, cfg.s3, actors=cfg.actors)
     matcher, version = check_same_matcher({"train": train, "synthetic": synthetic_all})
     threshold = resolve_threshold(cfg.threshold, cfg.threshold_from, matcher, version, cfg.s3)
