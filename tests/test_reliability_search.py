@@ -199,6 +199,12 @@ def test_rerun_skips_finished_parts_and_rejects_other_settings(
 
     done = run_search(job)
     assert done["already_complete"] and done["sha256"] == want["sha256"]
+    # finished results damaged afterwards: the search is done again (its parts are gone)
+    results = out / "results.parquet"
+    results.write_bytes(results.read_bytes()[:-5])
+    redone = run_search(job)
+    assert not redone["already_complete"] and redone["parts_reused"] == 0 and redone["sha256"] == want["sha256"]
+    _assert_complete(out, ref, 95, 5, 10)
 
     # other settings into the same --out: a one-line ConfigError, finished or not
     for other in (SearchConfig(k=6, engine="exact", query_block=10), SearchConfig(k=5, engine="exact", query_block=10)):
@@ -207,6 +213,10 @@ def test_rerun_skips_finished_parts_and_rejects_other_settings(
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="choose another --out"):
         run_search(SearchJob(q, small_indexes[1], str(out), cfg, use_ray=False))  # another index
+    (out / "search.json").unlink()  # results whose search is unknown are never overwritten
+    with pytest.raises(ConfigError, match="without their search.json"):
+        run_search(SearchJob(q, small_indexes[4], str(out), SearchConfig(k=6, query_block=10), use_ray=False))
+    assert _results(out).equals(_results(ref))
     unfinished = tmp_path / "unfinished"
     stop_search_after(SearchJob(q, small_indexes[4], str(unfinished), cfg, use_ray=False), 2)
     with pytest.raises(ConfigError, match="unfinished search"):
