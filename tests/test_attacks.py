@@ -664,6 +664,12 @@ def test_run_idiap_with_a_train_index_never_loads_train_vectors(
     assert {v for u, v in reads if u.endswith("/T")} == {False}, reads  # T: ids only, both runs
     assert {v for u, v in reads if u.endswith("/S")} == {True}
 
+    # an index of another collection (same vectors, other image ids) is refused before any search
+    other = write_collection(tmp_path / "T2", [f"x{j}.jpg" for j in range(200)], [None] * 200, t)
+    build_index(source_from_collection(other), str(tmp_path / "idx2"), IndexBuildConfig(shards=1, executor="local"))
+    with pytest.raises(ConfigError, match="was not built from the training collection"):
+        run_idiap(IdiapConfig(out=str(tmp_path / "o2"), train_index=str(tmp_path / "idx2"), **common))
+
     # a set loaded without its vectors can only be searched through an index
     ids_only = EmbeddedSet.from_collection(real(train, vectors=False))
     assert ids_only.embeddings.shape == (200, 0) and ids_only.dim == 32 and ids_only.ids[:2] == ["p0/0.jpg", "p0/1.jpg"]

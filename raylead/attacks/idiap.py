@@ -363,9 +363,11 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     if len(train) == 0:
         raise ConfigError(f"the training set {cfg.train} has no usable face embeddings; check its images")
     if cfg.train_index is not None:
+        import pyarrow as pa
+
         from raylead.search import open_index
 
-        if open_index(cfg.train_index).target_ids() != train.ids:
+        if not open_index(cfg.train_index).target_id_array().equals(pa.array(train.ids, pa.large_string())):
             raise ConfigError(
                 f"index {cfg.train_index} was not built from the training collection {cfg.train} "
                 "(its rows differ); build it with `raylead index build` on that collection"
