@@ -1311,7 +1311,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         if not isinstance(d, dict) or d.get("kind") != RUN_KIND or d.get("fingerprint") != fp:
             raise _other_results(out, "an unfinished search")
         choice = SearchChoice.from_json(d.get("choice"), run_loc.uri)
-    elif done_summary is None and not out.child(SUMMARY_FILE).exists() and out.child(RESULTS_FILE).exists():
+    elif not out.child(SUMMARY_FILE).exists() and out.child(RESULTS_FILE).exists():
         raise ConfigError(
             f"{out.uri} holds search results without their search.json (which search made them is "
             "unknown): choose another --out, or delete that folder to start over"
