@@ -530,7 +530,7 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
     """Sample, embed, search and score one checkpoint; returns its history row (not yet appended)."""
     from raylead.attacks import ResultWriter
     from raylead.embed import ensure_collection, identity_of
-    from raylead.search import IndexSearcher, SearchConfig, search
+    from raylead.search import IndexSearcher, SearchConfig, search, take_ids
 
     cfg = prep.cfg
     t0 = time.monotonic()
@@ -561,7 +561,7 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
         engine = f"{res.engine}: {res.reason}"
     else:
         best, best_idx, engine = np.zeros(0, np.float32), np.zeros(0, np.int64), "none (no usable face)"
-    found = target_ids.take(pa.array(np.maximum(best_idx, 0), pa.int64())).to_pylist() if best_idx.size else []
+    found = take_ids(target_ids, np.maximum(best_idx, 0)).to_pylist()
     best_ids = [t if i >= 0 else None for i, t in zip(best_idx.tolist(), found, strict=True)]
     best_ident = [identity_of(t) if t else None for t in best_ids]
     theta = float(prep.threshold.value)

@@ -580,7 +580,8 @@ def encode_shard(
     return entry
 
 
-def _valid_file(loc: Location, entry: FileEntry) -> bool:
+def file_matches(loc: Location, entry: FileEntry) -> bool:
+    """``loc`` exists with the size and SHA-256 that ``entry`` records (False on any read error)."""
     try:
         if not loc.exists() or loc.size() != entry.bytes:
             return False
@@ -605,7 +606,7 @@ def _finished_shard(
     if (entry.row_start, entry.row_start + entry.rows) != row_range:
         return None
     for f in (entry.index, entry.vectors, entry.ids):
-        if not _valid_file(out.child(f.path), f):
+        if not file_matches(out.child(f.path), f):
             log.warning("shard %d: %s failed its checksum; rebuilding the shard", shard, f.path)
             return None
     return entry

@@ -38,6 +38,7 @@ from raylead.index import (
     MemoryIndex,
     ShardEntry,
     build_memory_index,
+    file_matches,
     read_checked,
     read_ids,
     read_index_manifest,
@@ -171,9 +172,7 @@ def _open_vectors(root: Location, shard: ShardEntry, dim: int, dtype: str, verif
     try:
         if loc.is_s3:
             loc.download(path)
-        if (loc.is_s3 or verify) and (
-            os.path.getsize(path) != shard.vectors.bytes or Location.parse(path).sha256() != shard.vectors.sha256
-        ):
+        if (loc.is_s3 or verify) and not file_matches(Location.parse(path), shard.vectors):
             raise CorruptDataError(f"{loc.uri} failed its checksum (truncated or corrupted); rebuild the index")
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -1092,14 +1091,14 @@ def _results_table(
         {
             "query_id": pa.array([query_ids[j] for j in qi.tolist()], pa.string()),
             "rank": pa.array(rank.astype(np.int32), pa.int32()),
-            "target_id": _take_ids(target_ids, rows),
+            "target_id": take_ids(target_ids, rows),
             "score": pa.array(scores[valid].astype(np.float32), pa.float32()),
             "approx_score": pa.array(approx_scores[valid].astype(np.float32), pa.float32()),
         }
     )
 
 
-def _take_ids(ids: Sequence[str] | pa.Array, rows: np.ndarray) -> pa.Array:
+def take_ids(ids: Sequence[str] | pa.Array, rows: np.ndarray) -> pa.Array:
     """The ids at ``rows`` as Arrow strings (O(len(rows)), whatever the number of ids)."""
     if isinstance(ids, pa.Array):
         return ids.take(pa.array(rows, pa.int64())).cast(pa.string())
@@ -1329,6 +1328,21 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     target_ids = idx.target_id_array()
     files = {"results": RESULTS_FILE}
     sha256: dict[str, str] = {}  # of each file written, as written (not read back from storage)
+
+    def write_pairs(key: str, name: str, s: np.ndarray, qi: np.ndarray, bi: np.ndarray, **first: pa.Array) -> None:
+        """A (query, target, score) table: ``--pairs`` or ``--threshold``'s."""
+        table = pa.table(
+            {
+                **first,
+                "query_id": pa.array(_ids_of(q, qi), pa.string()),
+                "target_id": take_ids(target_ids, bi),
+                "score": pa.array(s, pa.float32()),
+            }
+        )
+        data = table_to_parquet_bytes(table)
+        out.child(name).write_bytes(data)
+        files[key], sha256[name] = name, sha256_bytes(data)
+
     with IndexSearcher(idx, use_ray=job.use_ray) as searcher:
         if choice is None:
             choice = choose_search(q, searcher, cfg)
@@ -1384,32 +1398,12 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
                 k_factor=choice.k_factor,
                 first=(top_s, top_i),
             )
-            table = pa.table(
-                {
-                    "rank": pa.array(np.arange(s.size, dtype=np.int32)),
-                    "query_id": pa.array(_ids_of(q, qi), pa.string()),
-                    "target_id": _take_ids(target_ids, bi),
-                    "score": pa.array(s, pa.float32()),
-                }
-            )
-            data = table_to_parquet_bytes(table)
-            out.child(PAIRS_FILE).write_bytes(data)
-            files["pairs"], sha256[PAIRS_FILE] = PAIRS_FILE, sha256_bytes(data)
+            write_pairs("pairs", PAIRS_FILE, s, qi, bi, rank=pa.array(np.arange(s.size, dtype=np.int32)))
         if job.threshold is not None:
             lims, s, bi = searcher.range_search(
                 q, float(job.threshold), nprobe=choice.nprobe, query_block=cfg.query_block
             )
-            qi = np.repeat(np.arange(q.n), np.diff(lims))
-            table = pa.table(
-                {
-                    "query_id": pa.array(_ids_of(q, qi), pa.string()),
-                    "target_id": _take_ids(target_ids, bi),
-                    "score": pa.array(s, pa.float32()),
-                }
-            )
-            data = table_to_parquet_bytes(table)
-            out.child(RANGE_FILE).write_bytes(data)
-            files["range"], sha256[RANGE_FILE] = RANGE_FILE, sha256_bytes(data)
+            write_pairs("range", RANGE_FILE, s, np.repeat(np.arange(q.n), np.diff(lims)), bi)
     summary: dict[str, Any] = {
         "kind": "raylead.search",
         "format_version": SEARCH_FORMAT_VERSION,
