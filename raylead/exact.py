@@ -2,7 +2,8 @@
 
 All functions take float arrays of L2-normalised embeddings, so inner product = cosine
 similarity. The base is read one block of ``block_size`` rows at a time (it may be a
-float16 ``np.memmap``; each block is converted to float32), so memory stays bounded.
+float16 ``np.memmap``, or any :class:`Rows` such as vectors read in place from object storage;
+each block is converted to float32), so memory stays bounded.
 
 Devices: ``"auto"`` uses torch on a CUDA GPU when one is visible, else FAISS GPU when
 faiss-gpu sees a GPU, else FAISS / BLAS on the CPU. ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,9 +32,24 @@ INT64_MAX = np.iinfo(np.int64).max
 MAX_BLOCK_ELEMENTS = 1 << 26
 
 
+class Rows(Protocol):
+    """A 2-D store of base rows read by slices (``np.memmap``, :class:`raylead.vectors.RangedVectors`)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def ndim(self) -> int: ...
+
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+
+    def __getitem__(self, key: slice) -> np.ndarray: ...
+
+
 # -- validation ---------------------------------------------------------------------------------
-def _check_matrix(name: str, x: Any, *, finite: bool) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
+def _check_matrix(name: str, x: Any, *, finite: bool) -> Any:
+    if not isinstance(x, np.ndarray) and not (hasattr(x, "shape") and hasattr(x, "dtype")):
         x = np.asarray(x)
     if x.ndim != 2:
         raise ConfigError(f"{name} has shape {x.shape}: give a 2-D array [rows, dim] of embeddings")
@@ -44,7 +60,7 @@ def _check_matrix(name: str, x: Any, *, finite: bool) -> np.ndarray:
     return x
 
 
-def _check_pair(queries: Any, base: Any) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(queries: Any, base: Any) -> tuple[np.ndarray, np.ndarray | Rows]:
     q = np.ascontiguousarray(_check_matrix("queries", queries, finite=True), dtype=np.float32)
     b = _check_matrix("base", base, finite=False)
     if q.shape[1] != b.shape[1]:
@@ -62,7 +78,7 @@ def _check_block_size(block_size: Any) -> int:
     return block_size
 
 
-def _block(base: np.ndarray, a: int, b: int) -> np.ndarray:
+def _block(base: np.ndarray | Rows, a: int, b: int) -> np.ndarray:
     return np.ascontiguousarray(base[a:b], dtype=np.float32)
 
 
@@ -131,7 +147,7 @@ def _empty_topk(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 # -- exact k-NN ---------------------------------------------------------------------------------
 def exact_search(
-    queries: np.ndarray, base: np.ndarray, k: int, *, block_size: int = 16384, device: str = "auto"
+    queries: np.ndarray, base: np.ndarray | Rows, k: int, *, block_size: int = 16384, device: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` highest inner products of each query over ``base``.
 
@@ -167,7 +183,7 @@ def _blas_for_small_batches() -> Iterator[None]:
 
 
 def _exact_search_faiss(
-    q: np.ndarray, base: np.ndarray, k: int, block_size: int, gpu: bool = False
+    q: np.ndarray, base: np.ndarray | Rows, k: int, block_size: int, gpu: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     if gpu:
         return _exact_search_faiss_blocks(q, base, k, block_size, gpu)
@@ -176,7 +192,7 @@ def _exact_search_faiss(
 
 
 def _exact_search_faiss_blocks(
-    q: np.ndarray, base: np.ndarray, k: int, block_size: int, gpu: bool
+    q: np.ndarray, base: np.ndarray | Rows, k: int, block_size: int, gpu: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
@@ -216,7 +232,7 @@ def _torch_precision() -> Any:
 
 
 def _exact_search_torch(
-    q: np.ndarray, base: np.ndarray, k: int, block_size: int, device: str
+    q: np.ndarray, base: np.ndarray | Rows, k: int, block_size: int, device: str
 ) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
@@ -246,7 +262,7 @@ def _exact_search_torch(
 
 
 # -- blocked score matrices (range search, top-K pairs) ----------------------------------------
-def _score_blocks(q: np.ndarray, base: np.ndarray, block_size: int, device: str) -> Any:
+def _score_blocks(q: np.ndarray, base: np.ndarray | Rows, block_size: int, device: str) -> Any:
     """Yield ``(q0, b0, scores)`` for every (query chunk × base block), as numpy float32."""
     nq, nb = q.shape[0], base.shape[0]
     chunk = _query_chunk(min(block_size, nb))
@@ -268,7 +284,7 @@ def _score_blocks(q: np.ndarray, base: np.ndarray, block_size: int, device: str)
 
 
 def range_search(
-    queries: np.ndarray, base: np.ndarray, threshold: float, *, block_size: int = 16384, device: str = "auto"
+    queries: np.ndarray, base: np.ndarray | Rows, threshold: float, *, block_size: int = 16384, device: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every (query, base) pair with inner product ≥ ``threshold``.
 

@@ -8,8 +8,10 @@ Layout of an index folder (``OUT``)::
     OUT/shards/shard-00000.faissindex   the shard's IVF-PQ index (trained parameters + codes + ids)
     OUT/shards/shard-00000.vectors.npy  exact vectors of the shard for re-ranking (float16/32,
                                         np.load(mmap_mode="r")-able)
+    OUT/shards/shard-00000.rowdigests.npy  one uint64 digest per row of the vectors (see
+                                        :mod:`raylead.vectors`: rows read in place are checked by it)
     OUT/shards/shard-00000.ids.parquet  row (int64, global row number) → image_id (string)
-    OUT/shards/shard-00000.done.json    completion marker, written after the three files
+    OUT/shards/shard-00000.done.json    completion marker, written after the four files
     OUT/index.json                      the index manifest, written LAST, with every checksum
 
 Built from a collection, the driver reads only its manifest: the training sample is gathered
@@ -22,9 +24,6 @@ it again: the trained index and every shard whose marker matches the build finge
 whose files pass their checksums are kept. Nothing read from storage is ever unpickled: FAISS
 files are read with ``faiss.deserialize_index``, vectors with ``np.load(allow_pickle=False)``,
 ids with Parquet, manifests as JSON.
-
-Reading only the re-rank candidates' rows from S3 (range requests) instead of downloading a
-shard's vector file is a later optimisation; today a searcher on S3 downloads it once.
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ from raylead.plan import (
 from raylead.progress import progress_bar
 from raylead.runtime import ensure_ray
 from raylead.storage import Location, safe_relpath
+from raylead.vectors import row_digests
 
 log = logging.getLogger(__name__)
 
@@ -327,9 +327,14 @@ class ShardEntry:
     vectors: FileEntry
     ids: FileEntry
     resident_bytes: int
+    row_digests: FileEntry | None = None  # absent in indexes built before digests were stored
+
+    def files(self) -> tuple[FileEntry, ...]:
+        digests = () if self.row_digests is None else (self.row_digests,)
+        return (self.index, self.vectors, self.ids, *digests)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "shard": self.shard,
             "row_start": self.row_start,
             "rows": self.rows,
@@ -338,6 +343,9 @@ class ShardEntry:
             "ids": self.ids.to_json(),
             "resident_bytes": self.resident_bytes,
         }
+        if self.row_digests is not None:
+            d["row_digests"] = self.row_digests.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: Any) -> ShardEntry:
@@ -349,6 +357,7 @@ class ShardEntry:
             vectors=FileEntry.from_json(d["vectors"]),
             ids=FileEntry.from_json(d["ids"]),
             resident_bytes=int(d["resident_bytes"]),
+            row_digests=FileEntry.from_json(d["row_digests"]) if d.get("row_digests") is not None else None,
         )
 
 
@@ -511,9 +520,16 @@ def resident_bytes_of(index: Any) -> int:
 
 
 # -- shards -------------------------------------------------------------------------------------
-def shard_names(shard: int) -> tuple[str, str, str, str]:
+def shard_names(shard: int) -> tuple[str, str, str, str, str]:
+    """The index, vectors, row digests, ids and marker files of one shard."""
     stem = f"shards/shard-{shard:05d}"
-    return f"{stem}.faissindex", f"{stem}.vectors.npy", f"{stem}.ids.parquet", f"{stem}.done.json"
+    return (
+        f"{stem}.faissindex",
+        f"{stem}.vectors.npy",
+        f"{stem}.rowdigests.npy",
+        f"{stem}.ids.parquet",
+        f"{stem}.done.json",
+    )
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -556,15 +572,18 @@ def encode_shard(
         )
     index = deserialize(trained)
     add_vectors(index, vectors, row_start)
-    idx_path, vec_path, ids_path, marker_path = shard_names(shard)
+    idx_path, vec_path, digests_path, ids_path, marker_path = shard_names(shard)
     idx_bytes = serialize(index)
     out.child(idx_path).write_bytes(idx_bytes)
     if die_midway is not None:  # fault injection (see FAULT_ENV): half written, no marker
         log.warning("fault injection: %s in the middle of shard %d", die_midway.name, shard)
         os.kill(os.getpid(), die_midway)
         time.sleep(60)  # the signal's handler (KeyboardInterrupt for SIGINT) ends this
-    vec_bytes = _npy_bytes(np.ascontiguousarray(vectors, dtype=np.dtype(vector_dtype)))
+    stored = np.ascontiguousarray(vectors, dtype=np.dtype(vector_dtype))
+    vec_bytes = _npy_bytes(stored)
     out.child(vec_path).write_bytes(vec_bytes)
+    digest_bytes = _npy_bytes(row_digests(stored))
+    out.child(digests_path).write_bytes(digest_bytes)
     id_bytes = _ids_bytes(np.arange(row_start, row_start + vectors.shape[0], dtype=np.int64), ids)
     out.child(ids_path).write_bytes(id_bytes)
     entry = ShardEntry(
@@ -575,6 +594,7 @@ def encode_shard(
         vectors=FileEntry(vec_path, sha256_bytes(vec_bytes), len(vec_bytes)),
         ids=FileEntry(ids_path, sha256_bytes(id_bytes), len(id_bytes)),
         resident_bytes=len(idx_bytes),
+        row_digests=FileEntry(digests_path, sha256_bytes(digest_bytes), len(digest_bytes)),
     ).to_json()
     out.child(marker_path).write_json({"fingerprint": fingerprint, "shard": entry})
     return entry
@@ -593,7 +613,7 @@ def file_matches(loc: Location, entry: FileEntry) -> bool:
 def _finished_shard(
     out: Location, shard: int, fingerprint: str, row_range: tuple[int, int]
 ) -> ShardEntry | None:
-    marker = out.child(shard_names(shard)[3])
+    marker = out.child(shard_names(shard)[-1])
     if not marker.exists():
         return None
     try:
@@ -605,7 +625,7 @@ def _finished_shard(
         return None
     if (entry.row_start, entry.row_start + entry.rows) != row_range:
         return None
-    for f in (entry.index, entry.vectors, entry.ids):
+    for f in entry.files():
         if not file_matches(out.child(f.path), f):
             log.warning("shard %d: %s failed its checksum; rebuilding the shard", shard, f.path)
             return None

@@ -346,6 +346,52 @@ def searcher_cpus(node_cpus: list[float], shards: int) -> float:
     return math.floor(min(nodes) / shards * 10_000) / 10_000  # unreachable: n / shards always fits
 
 
+# -- where the re-rank reads its exact vectors ---------------------------------------------------
+RERANK_VECTORS = ("auto", "download", "ranged")
+DOWNLOAD_DISK_SHARE = 0.5  # "auto" downloads a shard's vectors when they take ≤ this share of free disk
+
+
+def rerank_vectors_mode(
+    requested: str, object_store: bool, shard_bytes: int, free_disk_bytes: int, row_digests: bool
+) -> tuple[str, str]:
+    """How a shard searcher reads the exact vectors it re-ranks with, and why.
+
+    ``local``: the index is on a filesystem; its vectors file is memory-mapped in place.
+    ``download``: copied from object storage to local disk (verified whole), then memory-mapped.
+    ``ranged``: left in object storage; each re-rank reads only its candidates' rows with range
+    requests, each row checked against its stored digest (needs an index with row digests).
+    ``auto`` downloads when the shard's vectors take at most ``DOWNLOAD_DISK_SHARE`` of the free
+    local disk, and reads them in place otherwise.
+    """
+    if requested not in RERANK_VECTORS:
+        raise ConfigError(f"--rerank-vectors={requested!r} is invalid: use {', '.join(RERANK_VECTORS)}")
+    if not object_store:
+        return "local", "the index is on a filesystem: its vectors are memory-mapped in place"
+    need, free = f"{shard_bytes / 2**30:.3g} GiB", f"{free_disk_bytes / 2**30:.3g} GiB"
+    if requested == "ranged" or (
+        requested == "auto" and shard_bytes > DOWNLOAD_DISK_SHARE * free_disk_bytes and row_digests
+    ):
+        if not row_digests:
+            raise ConfigError(
+                "--rerank-vectors ranged needs an index whose shards store row digests (this index was "
+                "built before they were added): rebuild it, or use --rerank-vectors download"
+            )
+        why = (
+            "asked for"
+            if requested == "ranged"
+            else f"a shard's vectors ({need}) exceed {DOWNLOAD_DISK_SHARE:.0%} of the free disk ({free})"
+        )
+        return "ranged", f"{why}: candidates' rows are read from object storage, each checked by its digest"
+    if shard_bytes > free_disk_bytes:
+        fix = (
+            "use --rerank-vectors ranged (or auto) to read them in place"
+            if row_digests
+            else "free disk space, or rebuild the index (with row digests) to read them in place"
+        )
+        raise ConfigError(f"a shard's vectors ({need}) do not fit on this node's free disk ({free}): {fix}")
+    return "download", f"a shard's vectors ({need}) are downloaded to local disk ({free} free) and memory-mapped"
+
+
 # -- onnxruntime execution providers -------------------------------------------------------------
 ONNX_PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
 import json
 import logging
 import math
@@ -44,9 +45,10 @@ from raylead.index import (
     read_index_manifest,
     source_from_collection,
 )
-from raylead.plan import choose_engine
+from raylead.plan import RERANK_VECTORS, choose_engine, rerank_vectors_mode
 from raylead.progress import progress_bar
 from raylead.storage import Location, S3Options
+from raylead.vectors import RangedVectors
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +164,25 @@ def _set_threads(n: int) -> None:
     faiss.omp_set_num_threads(max(1, int(n)))
 
 
-def _open_vectors(root: Location, shard: ShardEntry, dim: int, dtype: str, verify: bool) -> np.ndarray:
+def _open_vectors(
+    root: Location, shard: ShardEntry, dim: int, dtype: str, verify: bool, mode: str
+) -> np.ndarray | RangedVectors:
+    """The shard's exact vectors: memory-mapped (``local``, ``download``) or read in place (``ranged``)."""
     loc = root.child(shard.vectors.path)
+    if mode == "ranged":
+        assert shard.row_digests is not None  # rerank_vectors_mode refuses ranged without them
+        data = read_checked(root.child(shard.row_digests.path), shard.row_digests)
+        try:
+            digests = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise CorruptDataError(
+                f"{root.child(shard.row_digests.path).uri} is not a plain .npy array ({str(exc)[:120]}); "
+                "rebuild the index"
+            ) from None
+        return RangedVectors.open(loc, shard.rows, dim, dtype, shard.vectors.bytes, digests)
     path = loc.path
     if loc.is_s3:
-        # streamed to local disk to be memory-mapped (later: fetch only the candidates' rows with
-        # range requests); always verified, since it crossed the network
+        # streamed to local disk to be memory-mapped; always verified, since it crossed the network
         path = os.path.join(tempfile.mkdtemp(prefix="raylead-vectors-"), os.path.basename(shard.vectors.path))
     try:
         if loc.is_s3:
@@ -195,13 +210,20 @@ class ShardSearcherCore:
     """Searches one shard: IVF-PQ candidates, exact re-rank from the shard's stored vectors."""
 
     def __init__(
-        self, index: Any, vectors: np.ndarray, row_start: int, resident_bytes: int, threads: int = 1
+        self,
+        index: Any,
+        vectors: np.ndarray | RangedVectors,
+        row_start: int,
+        resident_bytes: int,
+        threads: int = 1,
+        vectors_mode: str = "local",
     ):
         import faiss
 
         self.index = index
         self.ivf = faiss.extract_index_ivf(index)
         self.vectors = vectors
+        self.vectors_mode = vectors_mode
         self.row_start = int(row_start)
         self.rows = int(vectors.shape[0])
         self.resident_bytes = int(resident_bytes)
@@ -217,10 +239,19 @@ class ShardSearcherCore:
         dtype: str,
         threads: int = 1,
         verify: bool = True,
+        rerank_vectors: str = "auto",
     ) -> ShardSearcherCore:
         from raylead.index import deserialize
 
         shard = ShardEntry.from_json(entry)
+        mode, why = rerank_vectors_mode(
+            rerank_vectors,
+            root.is_s3,
+            shard.vectors.bytes,
+            shutil.disk_usage(tempfile.gettempdir()).free,
+            shard.row_digests is not None,
+        )
+        log.info("shard %d vectors: %s (%s)", shard.shard, mode, why)
         data = read_checked(root.child(shard.index.path), shard.index)
         try:
             index = deserialize(data)
@@ -228,8 +259,9 @@ class ShardSearcherCore:
             raise CorruptDataError(f"{root.child(shard.index.path).uri}: {exc}") from None
         if index.ntotal != shard.rows or index.d != dim:
             raise CorruptDataError(f"shard {shard.shard} of {root.uri} disagrees with its manifest; rebuild")
-        vectors = _open_vectors(root, shard, dim, dtype, verify)
-        return cls(index, vectors, shard.row_start, len(data), threads)
+        vectors = _open_vectors(root, shard, dim, dtype, verify, mode)
+        resident = len(data) + (vectors.digests.nbytes if isinstance(vectors, RangedVectors) else 0)
+        return cls(index, vectors, shard.row_start, resident, threads, mode)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -238,6 +270,8 @@ class ShardSearcherCore:
             "resident_bytes": self.resident_bytes,
             "nlist": int(self.ivf.nlist),
             "pid": os.getpid(),
+            "vectors": self.vectors_mode,
+            "vectors_bytes_read": self.vectors.bytes_read if isinstance(self.vectors, RangedVectors) else None,
         }
 
     # exact scores of given global rows (−1 → −inf)
@@ -251,8 +285,14 @@ class ShardSearcherCore:
         order = np.argsort(ids, axis=1)
         local = np.take_along_axis(ids, order, 1)
         local = np.ascontiguousarray(np.where(local >= 0, local - self.row_start, -1), dtype=np.int64)
+        if isinstance(self.vectors, RangedVectors):  # fetch each candidate row once, score from memory
+            uniq, inverse = np.unique(local[local >= 0], return_inverse=True)
+            base = self.vectors.take(uniq)
+            local[local >= 0] = inverse
+        else:
+            base = self.vectors
         scores = np.empty((nq, kp), np.float32)
-        if self.vectors.dtype == np.float32 and self.vectors.flags.c_contiguous:
+        if base.dtype == np.float32 and base.flags.c_contiguous:
             import faiss
 
             _set_threads(self.threads)
@@ -260,18 +300,18 @@ class ShardSearcherCore:
             by_idx(
                 faiss.swig_ptr(scores),
                 faiss.swig_ptr(q),
-                faiss.swig_ptr(self.vectors),
+                faiss.swig_ptr(base),
                 faiss.swig_ptr(local),
-                self.vectors.shape[1],
+                base.shape[1],
                 nq,
                 kp,
             )
         else:
-            dim = self.vectors.shape[1]
+            dim = base.shape[1]
             chunk = max(1, RERANK_BLOCK_ELEMENTS // (kp * dim))
             for c in range(0, nq, chunk):
                 li = local[c : c + chunk]
-                v = np.asarray(self.vectors[np.maximum(li, 0).ravel()], dtype=np.float32)
+                v = np.asarray(base[np.maximum(li, 0).ravel()], dtype=np.float32)
                 scores[c : c + chunk] = np.matmul(v.reshape(li.shape[0], kp, dim), q[c : c + chunk, :, None])[
                     :, :, 0
                 ]
@@ -482,6 +522,7 @@ class IndexSearcher:
         cpus_per_shard: float | None = None,
         verify_vectors: bool = True,
         max_restarts: int = 3,
+        rerank_vectors: str = "auto",
     ):
         self._actors: list[Any] = []
         self._cores: list[ShardSearcherCore] = []
@@ -498,6 +539,8 @@ class IndexSearcher:
             self.use_ray = False
             return
         m = index.manifest
+        # an impossible request is refused here, before any searcher starts (disk space is each node's)
+        rerank_vectors_mode(rerank_vectors, index.root.is_s3, 0, 1, all(s.row_digests is not None for s in m.shards))
         self.plan = m.plan
         self.ntotal, self.dim, self.nshards = m.ntotal, m.dim, len(m.shards)
         self.use_ray = True if use_ray is None else use_ray
@@ -506,7 +549,7 @@ class IndexSearcher:
             threads = os.cpu_count() or 1
             self._cores = [
                 ShardSearcherCore.from_storage(
-                    index.root, s.to_json(), m.dim, m.vector_dtype, threads, verify_vectors
+                    index.root, s.to_json(), m.dim, m.vector_dtype, threads, verify_vectors, rerank_vectors
                 )
                 for s in m.shards
             ]
@@ -530,7 +573,13 @@ class IndexSearcher:
             )
             self._actors = [
                 actor_cls.remote(
-                    index.root, s.to_json(), m.dim, m.vector_dtype, max(1, math.floor(cpus)), verify_vectors
+                    index.root,
+                    s.to_json(),
+                    m.dim,
+                    m.vector_dtype,
+                    max(1, math.floor(cpus)),
+                    verify_vectors,
+                    rerank_vectors,
                 )
                 for s in m.shards
             ]
@@ -714,9 +763,16 @@ class ShardSearcherActor:
     """Ray actor body: a :class:`ShardSearcherCore` loaded from storage inside the actor."""
 
     def __init__(
-        self, root: Location, entry: dict[str, Any], dim: int, dtype: str, threads: int, verify: bool
+        self,
+        root: Location,
+        entry: dict[str, Any],
+        dim: int,
+        dtype: str,
+        threads: int,
+        verify: bool,
+        rerank_vectors: str = "auto",
     ):
-        self.core = ShardSearcherCore.from_storage(root, entry, dim, dtype, threads, verify)
+        self.core = ShardSearcherCore.from_storage(root, entry, dim, dtype, threads, verify, rerank_vectors)
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -1145,9 +1201,14 @@ class SearchJob:
     pairs: int = 0
     threshold: float | None = None
     use_ray: bool = True
+    rerank_vectors: str = "auto"  # where the re-rank reads exact vectors: see plan.rerank_vectors_mode
     s3: S3Options | None = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
+        if self.rerank_vectors not in RERANK_VECTORS:
+            raise ConfigError(
+                f"--rerank-vectors={self.rerank_vectors!r} is invalid: use {', '.join(RERANK_VECTORS)}"
+            )
         if isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 0:
             raise ConfigError(
                 f"--pairs={self.pairs!r} is invalid: give a number of pairs ≥ 0 (0 turns them off)"
@@ -1343,7 +1404,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         out.child(name).write_bytes(data)
         files[key], sha256[name] = name, sha256_bytes(data)
 
-    with IndexSearcher(idx, use_ray=job.use_ray) as searcher:
+    with IndexSearcher(idx, use_ray=job.use_ray, rerank_vectors=job.rerank_vectors) as searcher:
         if choice is None:
             choice = choose_search(q, searcher, cfg)
             run_loc.write_json(

@@ -301,6 +301,22 @@ class Location:
 
         return retry_io(_read, f"reading {self.uri}")
 
+    def read_ranges(self, starts: list[int], ends: list[int]) -> list[bytes]:
+        """The byte ranges ``[start, end)`` of this file (concurrent range requests on S3)."""
+
+        def _read() -> list[bytes]:
+            if self.is_s3:
+                got = self.fs.cat_ranges([self.path] * len(starts), starts, ends, on_error="raise")
+                return [bytes(g) for g in got]
+            out = []
+            with open(self.path, "rb") as fh:
+                for a, b in zip(starts, ends, strict=True):
+                    fh.seek(a)
+                    out.append(fh.read(b - a))
+            return out
+
+        return retry_io(_read, f"reading {self.uri}") if starts else []
+
     def sha256(self) -> str:
         """The SHA-256 of this file, read in 16 MiB pieces (never held whole in memory)."""
 

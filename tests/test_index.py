@@ -28,6 +28,7 @@ from raylead.index import (
 )
 from raylead.search import IndexSearcher, open_index
 from raylead.storage import Location
+from raylead.vectors import row_digests
 
 
 def _files(root: str) -> dict[str, str]:
@@ -55,7 +56,8 @@ def test_layout_and_manifest(small_indexes, clustered_small):
     assert files[m.trained.path] == m.trained.sha256
     rows = 0
     for s in m.shards:
-        for entry in (s.index, s.vectors, s.ids):
+        assert s.row_digests is not None
+        for entry in s.files():
             assert files[entry.path] == entry.sha256
             assert os.path.getsize(os.path.join(root, entry.path)) == entry.bytes
         idx = deserialize(Path(root, s.index.path).read_bytes())
@@ -63,6 +65,8 @@ def test_layout_and_manifest(small_indexes, clustered_small):
         vec = np.load(os.path.join(root, s.vectors.path), mmap_mode="r", allow_pickle=False)
         assert isinstance(vec, np.memmap) and vec.dtype == np.float32 and vec.shape == (s.rows, 32)
         np.testing.assert_array_equal(vec, clustered_small.base[s.row_start : s.row_start + s.rows])
+        digests = np.load(os.path.join(root, s.row_digests.path), allow_pickle=False)
+        np.testing.assert_array_equal(digests, row_digests(vec))
         ids = pq.read_table(os.path.join(root, s.ids.path), use_threads=False)
         assert ids.column("row").to_pylist()[0] == s.row_start == rows
         assert ids.column("image_id").to_pylist()[0] == f"img{rows:05d}"

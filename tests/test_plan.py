@@ -17,6 +17,7 @@ from raylead.plan import (
     estimate_exact_seconds,
     onnx_providers,
     plan_index,
+    rerank_vectors_mode,
     resident_bytes_per_vector,
     searcher_cpus,
 )
@@ -214,6 +215,43 @@ def test_searcher_cpus_always_place_every_shard(nodes: list[float], shards: int)
     live = [n for n in nodes if n > 0] or [1.0]
     assert c > 0
     assert sum(math.floor(n / c + 1e-9) for n in live) >= shards
+
+
+# -- where the re-rank reads its vectors ----------------------------------------------------------
+# requested, index on object storage, shard vector bytes, free local disk, row digests → mode
+RERANK_VECTOR_CASES = [
+    ("auto", False, 200 * GiB, 1 * GiB, False, "local"),  # a filesystem index is memory-mapped in place
+    ("ranged", False, 1 * GiB, 100 * GiB, True, "local"),
+    ("download", False, 1 * GiB, 100 * GiB, True, "local"),
+    ("auto", True, 10 * GiB, 100 * GiB, True, "download"),  # fits easily: one sequential copy
+    ("auto", True, 50 * GiB, 100 * GiB, True, "download"),  # exactly half the free disk still downloads
+    ("auto", True, 60 * GiB, 100 * GiB, True, "ranged"),  # more than half: read in place
+    ("auto", True, 160 * GiB, 100 * GiB, True, "ranged"),  # the scale plan: larger than the disk
+    ("auto", True, 60 * GiB, 100 * GiB, False, "download"),  # no digests: download while it fits
+    ("download", True, 60 * GiB, 100 * GiB, True, "download"),
+    ("ranged", True, 1 * GiB, 100 * GiB, True, "ranged"),
+]
+
+
+@pytest.mark.parametrize(("requested", "s3", "shard", "free", "digests", "mode"), RERANK_VECTOR_CASES)
+def test_rerank_vectors_mode(requested, s3, shard, free, digests, mode) -> None:
+    got, why = rerank_vectors_mode(requested, s3, shard, free, digests)
+    assert got == mode and why
+
+
+@pytest.mark.parametrize(
+    ("requested", "shard", "free", "digests", "needle"),
+    [
+        ("fast", 1, 2, True, "--rerank-vectors='fast' is invalid: use auto, download, ranged"),
+        ("ranged", 1, 2, False, "needs an index whose shards store row digests"),
+        ("auto", 200 * GiB, 100 * GiB, False, "do not fit on this node's free disk (100 GiB): free disk space"),
+        ("download", 200 * GiB, 100 * GiB, True, "do not fit on this node's free disk (100 GiB): use --rerank-vectors"),
+    ],
+)
+def test_rerank_vectors_mode_refusals(requested, shard, free, digests, needle) -> None:
+    with pytest.raises(ConfigError) as err:
+        rerank_vectors_mode(requested, True, shard, free, digests)
+    assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 # -- onnxruntime providers -----------------------------------------------------------------------

@@ -37,6 +37,14 @@ def search_cmd(
     local: Annotated[
         bool, typer.Option("--local", help="Search in this process instead of Ray actors.")
     ] = False,
+    rerank_vectors: Annotated[
+        str,
+        typer.Option(
+            "--rerank-vectors",
+            help="Index on S3: 'download' each shard's exact vectors to local disk, or read only the "
+            "re-rank candidates' rows in place ('ranged'); 'auto' downloads when they fit.",
+        ),
+    ] = "auto",
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
@@ -63,6 +71,7 @@ def search_cmd(
         pairs=pairs,
         threshold=threshold,
         use_ray=not local,
+        rerank_vectors=rerank_vectors,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     job.validate()
