@@ -63,11 +63,16 @@ def _check_matrix(name: str, x: Any, *, finite: bool) -> Any:
 def _check_pair(queries: Any, base: Any) -> tuple[np.ndarray, np.ndarray | Rows]:
     q = np.ascontiguousarray(_check_matrix("queries", queries, finite=True), dtype=np.float32)
     b = _check_matrix("base", base, finite=False)
-    if q.shape[1] != b.shape[1]:
-        raise ConfigError(
-            f"queries have dimension {q.shape[1]} but base has {b.shape[1]}: embed both with the same matcher"
-        )
+    check_same_dim(q.shape[1], b.shape[1])
     return q, b
+
+
+def check_same_dim(query_dim: int, base_dim: int, base: str = "base") -> None:
+    """Queries and base must come from the same matcher (one-line ``ConfigError`` otherwise)."""
+    if query_dim != base_dim:
+        raise ConfigError(
+            f"queries have dimension {query_dim} but {base} has {base_dim}: embed both with the same matcher"
+        )
 
 
 def _check_block_size(block_size: Any) -> int:

@@ -272,6 +272,7 @@ class ShardSearcherCore:
             "pid": os.getpid(),
             "vectors": self.vectors_mode,
             "vectors_bytes_read": self.vectors.bytes_read if isinstance(self.vectors, RangedVectors) else None,
+            "vectors_requests": self.vectors.requests if isinstance(self.vectors, RangedVectors) else None,
         }
 
     # exact scores of given global rows (−1 → −inf)
@@ -952,11 +953,8 @@ def search(
         else IndexSearcher(index_or_base, use_ray=use_ray)
     )
     try:
-        if q.shape[0] and q.shape[1] != searcher.dim:
-            raise ConfigError(
-                f"queries have dimension {q.shape[1]} but the index has {searcher.dim}: "
-                "embed both with the same matcher"
-            )
+        if q.shape[0]:
+            exact_mod.check_same_dim(q.shape[1], searcher.dim, "the index")
         return _search_index(q, searcher, cfg, t0, index_built=True)
     finally:
         if owned:
@@ -965,10 +963,8 @@ def search(
 
 def _search_base(q: np.ndarray, base: np.ndarray, cfg: SearchConfig, t0: float) -> SearchResult:
     b = exact_mod._check_matrix("base", base, finite=False)
-    if q.shape[0] and q.shape[1] != b.shape[1]:
-        raise ConfigError(
-            f"queries have dimension {q.shape[1]} but base has {b.shape[1]}: embed both with the same matcher"
-        )
+    if q.shape[0]:
+        exact_mod.check_same_dim(q.shape[1], b.shape[1])
     engine, reason = cfg.engine, f"engine={cfg.engine} requested"
     dev = exact_mod.resolve_device(cfg.device)
     if engine == "auto":
@@ -1350,11 +1346,8 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     _check_shards_present(source)
     q = CollectionQueries(source)
     idx = open_index(job.location(job.index))
-    if q.n and q.dim != idx.manifest.dim:
-        raise ConfigError(
-            f"queries have dimension {q.dim} but the index has {idx.manifest.dim}: "
-            "embed both with the same matcher"
-        )
+    if q.n:
+        exact_mod.check_same_dim(q.dim, idx.manifest.dim, "the index")
     fp = _job_fingerprint(
         job, qroot.child(COLLECTION_MANIFEST).read_bytes(), idx.root.child(INDEX_MANIFEST).read_bytes()
     )

@@ -149,3 +149,15 @@ class SeaweedS3:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self.proc = None
+
+
+if __name__ == "__main__":  # a server for benchmarks by hand: `python tests/s3server.py DIR`
+    server = SeaweedS3(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/raylead-s3"))
+    server.start()
+    print(" ".join(f"{k}={v}" for k, v in server.env().items()), flush=True)
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        signal.sigwait(stop)
+    finally:
+        server.stop()

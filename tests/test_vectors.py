@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from raylead.bench.vectors import RerankVectorsBenchConfig
 from raylead.catalog import sha256_bytes
 from raylead.cli import app
 from raylead.errors import ConfigError, CorruptDataError
 from raylead.exact import exact_search, range_search
-from raylead.index import INDEX_MANIFEST, IndexBuildConfig, build_index, source_from_arrays
+from raylead.index import INDEX_MANIFEST, IndexBuildConfig, build_index, read_index_manifest, source_from_arrays
 from raylead.search import IndexSearcher
 from raylead.storage import Location
 from raylead.vectors import MAX_GAP_BYTES, MAX_REQUEST_BYTES, RangedVectors, plan_requests, row_digests
@@ -168,6 +169,18 @@ def test_search_an_s3_index_reading_only_candidate_rows(
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "--rerank-vectors='fast' is invalid: use auto, download, ranged" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+    # `raylead bench rerank-vectors`: a generated index, both ways on the same queries, identical
+    args = ["bench", "rerank-vectors", "--out", "s3://raylead/bench-rv", "--vectors", "3000", "--queries", "16"]
+    r = CliRunner().invoke(app, [*args, "--dim", "64", "--shards", "2", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["identical"] is True and b["queries"] == 16 and b["shards"] == 2
+    assert b["vectors_bytes"] == sum(s.vectors.bytes for s in read_index_manifest(Location.parse(b["index"])).shards)
+    assert 0 < b["ranged_bytes_read"] <= b["vectors_bytes"] and b["ranged_requests"] >= 2
+    assert b["ranged_over_download"] == pytest.approx(b["ranged_seconds"] / b["download_seconds"], rel=0.05)
+    with pytest.raises(ConfigError, match="a filesystem index is always memory-mapped in place"):
+        RerankVectorsBenchConfig(out=str(tmp_path / "idx"))
 
     # one row of shard 1 damaged on S3 (same size): named when a search reads it
     shard = m.shards[1]

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from raylead.cli import app
+from raylead.cli.common import S3Endpoint, S3Key, S3Secret, s3_options
 
 bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -81,3 +82,27 @@ def bench_search_cmd(
         target_recall=target_recall, vector_dtype=vector_dtype, nprobe=nprobe, k_factor=k_factor, seed=seed,
     )
     _write_json(bench_search(cfg), json_out)
+
+
+@bench_app.command("rerank-vectors")
+def bench_rerank_vectors_cmd(
+    out: Annotated[str, typer.Option("--out", help="s3:// prefix for the generated index (reused on a rerun).")],
+    vectors: Annotated[int, typer.Option("--vectors", help="Indexed vectors (N).")] = 200_000,
+    queries: Annotated[int, typer.Option("--queries", help="Query vectors.")] = 2000,
+    dim: Annotated[int, typer.Option("--dim", help="Dimension (D).")] = 512,
+    shards: Annotated[int, typer.Option("--shards", help="Index shards.")] = 1,
+    k_factor: Annotated[int, typer.Option("--k-factor", help="Re-rank multiplier.")] = 8,
+    nprobe: Annotated[int, typer.Option("--nprobe", help="Inverted lists visited per query.")] = 64,
+    s3_endpoint: S3Endpoint = None,
+    s3_key: S3Key = None,
+    s3_secret: S3Secret = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON result here too.")] = None,
+) -> None:
+    """An S3 index's exact vectors downloaded vs read in place (candidates' rows only), same queries."""
+    from raylead.bench.vectors import RerankVectorsBenchConfig, bench_rerank_vectors
+
+    cfg = RerankVectorsBenchConfig(
+        out=out, vectors=vectors, queries=queries, dim=dim, shards=shards, k_factor=k_factor, nprobe=nprobe,
+        s3=s3_options(s3_endpoint, s3_key, s3_secret),
+    )
+    _write_json(bench_rerank_vectors(cfg), json_out)
