@@ -39,10 +39,10 @@ HEADER_BYTES = 4096  # a .npy header written by numpy fits (it pads to 64 bytes;
 def _words(rows: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(rows)
     width = a.shape[1] * a.dtype.itemsize if a.ndim == 2 else 0
-    word = np.uint32 if width % 4 == 0 else np.uint16
+    word = np.dtype(np.uint32 if width % 4 == 0 else np.uint16)
     if a.ndim != 2 or width % 2:
         raise ValueError(f"row digests need a 2-D array of 16- or 32-bit values, got {a.dtype}{list(a.shape)}")
-    return a.view(word).reshape(a.shape[0], -1)
+    return a.view(word).reshape(a.shape[0], width // word.itemsize)
 
 
 def _weights(n: int) -> np.ndarray:

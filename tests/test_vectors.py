@@ -39,6 +39,10 @@ def test_a_single_bit_flip_anywhere_changes_the_row_digest(dtype, dim):
     assert (row_digests(twice) == base).all() and row_digests(row)[0] == base
 
 
+def test_row_digests_of_no_rows():
+    assert row_digests(np.zeros((0, 8), np.float32)).shape == (0,)
+
+
 def test_row_digests_refuse_odd_byte_rows():
     with pytest.raises(ValueError, match="16- or 32-bit"):
         row_digests(np.zeros((2, 3), np.uint8))
@@ -80,6 +84,7 @@ def test_ranged_rows_equal_the_file(stored):
     rows = np.array([4999, 3, 3, 17, 2500, 0, 17])
     np.testing.assert_array_equal(rv.take(rows), v[rows])
     np.testing.assert_array_equal(rv[10:20], v[10:20])
+    assert rv.take(np.zeros(0, np.int64)).shape == (0, 24) and rv[7:7].shape == (0, 24)
     runs = plan_requests(np.unique(rows), 48)
     assert rv.requests == len(runs) + 1  # the slice is one more
     assert rv.bytes_read == (sum(b - a for a, b in runs) + 10) * 48
@@ -124,6 +129,8 @@ def test_search_an_s3_index_reading_only_candidate_rows(
     nprobe, k_factor = 4, 4
     with IndexSearcher(uri, use_ray=False, rerank_vectors="download") as dl:
         want = dl.search(q, 10, k_factor, nprobe)
+        padded = dl.search(q[:4], 10, 64, 1)  # 640 candidates from one list: padded with -1 rows
+        assert (dl.candidates(q[:4], 640, 1)[0][0] < 0).any()
         assert {i["vectors"] for i in dl.shard_info()} == {"download"}
     with IndexSearcher(uri, use_ray=False, rerank_vectors="ranged") as rg:
         with monkeypatch.context() as mp:  # rows here are 128 bytes: no reading through gaps
@@ -136,6 +143,8 @@ def test_search_an_s3_index_reading_only_candidate_rows(
         assert 0 < fetched <= 8 * 10 * k_factor * 2 * 32 * 4 < sum(s.vectors.bytes for s in m.shards) / 12
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b[:8])
+        for a, b in zip(rg.search(q[:4], 10, 64, 1), padded, strict=True):
+            np.testing.assert_array_equal(a, b)
         got = rg.search(q, 10, k_factor, nprobe)  # all 40 queries, gaps read through
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
