@@ -537,6 +537,7 @@ class IndexSearcher:
             self._cores = [
                 ShardSearcherCore(index.index, index.base, 0, _resident(index.index), os.cpu_count() or 1)
             ]
+            self._ranges: list[tuple[int, int]] = [(0, self.ntotal)]
             self.use_ray = False
             return
         m = index.manifest
@@ -544,6 +545,7 @@ class IndexSearcher:
         rerank_vectors_mode(rerank_vectors, index.root.is_s3, 0, 1, all(s.row_digests is not None for s in m.shards))
         self.plan = m.plan
         self.ntotal, self.dim, self.nshards = m.ntotal, m.dim, len(m.shards)
+        self._ranges = [(s.row_start, s.rows) for s in m.shards]
         self.use_ray = True if use_ray is None else use_ray
         t = time.monotonic()
         if not self.use_ray:
@@ -638,6 +640,29 @@ class IndexSearcher:
 
     def resident_bytes(self) -> int:
         return int(sum(i["resident_bytes"] for i in self._map("info")))
+
+    def pair_scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The exact score of each pair (``queries[i]``, stored row ``rows[i]``), from the shard
+        that holds the row."""
+        q = _query_vectors(queries)
+        rows = np.asarray(rows, np.int64)
+        if rows.shape != (q.shape[0],) or (rows.size and (rows.min() < 0 or rows.max() >= self.ntotal)):
+            raise ValueError(f"pair_scores needs one row in 0..{self.ntotal - 1} per query")
+        out = np.full(rows.shape[0], np.nan, np.float32)
+        calls: list[tuple[np.ndarray, Any]] = []  # (pairs, their scores or a Ray ref to them)
+        for shard, (start, n) in enumerate(self._ranges):
+            sel = np.flatnonzero((rows >= start) & (rows < start + n))
+            if sel.size:
+                args = (q[sel], rows[sel, None])
+                on = self._actors[shard].rescore.remote(*args) if self._actors else self._cores[shard].rescore(*args)
+                calls.append((sel, on))
+        if self._actors:
+            import ray
+
+            calls = [(sel, ray.get(ref)) for sel, ref in calls]
+        for sel, scores in calls:
+            out[sel] = scores[:, 0]
+        return out
 
     def shard_info(self) -> list[dict[str, Any]]:
         return list(self._map("info"))
@@ -785,6 +810,9 @@ class ShardSearcherActor:
 
     def candidates(self, q: np.ndarray, kprime: int, nprobe: int) -> tuple[np.ndarray, ...]:
         return self.core.candidates(q, kprime, nprobe)
+
+    def rescore(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self.core.rescore(q, ids)
 
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.core.exact(q, k)

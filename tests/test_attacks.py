@@ -454,6 +454,106 @@ def test_run_tinsley_two_matchers(tmp_path: Path, small_sets) -> None:
         )
 
 
+def test_run_tinsley_with_a_train_index_never_loads_train_vectors(
+    tmp_path: Path, write_collection, ray_local, monkeypatch
+) -> None:
+    """--train-index MATCHER=URI: T's index serves its best matches, the flagged pairs (exact range
+    search over the stored vectors) and the pair scores; the tables equal those of the run on
+    T's vectors, and T's embedding column is never read."""
+    from raylead import catalog
+    from raylead.attacks.tinsley import parse_index_pairs
+    from raylead.index import IndexBuildConfig, build_index, source_from_collection
+
+    t, t_lab, centres = clustered(40, 5, seed=70, noise=0.5)
+    h, h_lab, _ = clustered(40, 5, seed=71, noise=0.5)
+    g, _, _ = clustered(12, 2, seed=72, centres=centres[:12], noise=0.6)
+    train = write_collection(
+        tmp_path / "T", [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)], [f"p{i}" for i in t_lab], t, shard_size=64
+    )
+    holdout = write_collection(tmp_path / "H", [f"h{i}/{j}.jpg" for j, i in enumerate(h_lab)], [None] * len(h), h)
+    syn = write_collection(tmp_path / "S", [f"s{j:03d}.jpg" for j in range(len(g))], [None] * len(g), g)
+    index = str(tmp_path / "idx")
+    build_index(source_from_collection(train), index, IndexBuildConfig(shards=2, executor="local"))
+    common = {"train": train, "holdout": holdout, "synthetic": syn, "thresholds": {"dlib": 0.8}, "engine": "exact"}
+    plain = run_tinsley(TinsleyConfig(out=str(tmp_path / "plain"), **common))
+
+    reads: list[tuple[str, bool]] = []
+    real = catalog.read_collection
+
+    def recording(uri, *, vectors=True):
+        reads.append((str(uri), vectors))
+        return real(uri, vectors=vectors)
+
+    monkeypatch.setattr(catalog, "read_collection", recording)
+    cfg = TinsleyConfig(out=str(tmp_path / "indexed"), train_index=parse_index_pairs(f"dlib={index}"), **common)
+    indexed = run_tinsley(cfg)
+    assert {v for u, v in reads if u.endswith("/T")} == {False}, reads
+    assert {v for u, v in reads if u.endswith(("/H", "/S"))} == {True}
+    p, i = plain["matchers"]["dlib"], indexed["matchers"]["dlib"]
+    assert i["train_index"] == index and p["train_index"] is None
+    for key in ("auc_train_vs_holdout", "ks_statistic", "fraction_above_threshold_train"):
+        assert i[key] == pytest.approx(p[key], abs=1e-6)
+    assert indexed["consensus"]["pairs_flagged"] == plain["consensus"]["pairs_flagged"] >= 12
+    for name in ("best_matches.parquet", "consensus.parquet"):
+        got = pq.read_table(tmp_path / "indexed" / name, use_threads=False).to_pydict()
+        want = pq.read_table(tmp_path / "plain" / name, use_threads=False).to_pydict()
+        scores = [c for c in want if "score" in c]
+        assert {c: v for c, v in got.items() if c not in scores} == {c: v for c, v in want.items() if c not in scores}
+        for c in scores:
+            np.testing.assert_allclose(np.array(got[c], float), np.array(want[c], float), atol=1e-6)
+
+    with pytest.raises(ConfigError, match="--train-index names matcher 'onnx', which is not in --matchers"):
+        run_tinsley(TinsleyConfig(out=str(tmp_path / "o"), train_index={"onnx": index}, **common))
+    with pytest.raises(ConfigError, match="cannot read --train-index 'dlib=': use MATCHER=VALUE"):
+        parse_index_pairs("dlib=")
+    other = write_collection(tmp_path / "T2", [f"x{j}.jpg" for j in range(200)], [None] * 200, t)
+    build_index(source_from_collection(other), str(tmp_path / "idx2"), IndexBuildConfig(shards=1, executor="local"))
+    with pytest.raises(ConfigError, match="was not built from the training collection"):
+        run_tinsley(TinsleyConfig(out=str(tmp_path / "o2"), train_index={"dlib": str(tmp_path / "idx2")}, **common))
+
+
+def test_train_index_on_s3_is_read_with_the_s3_flags(
+    s3_server, ray_local, tmp_path: Path, write_collection, monkeypatch
+) -> None:
+    """An index on S3 given with --train-index is read with the attack's --s3-* flags (the
+    environment holding no credentials), by the driver and by the shard searcher actors."""
+    from s3server import ACCESS_KEY, SECRET_KEY
+
+    from raylead.errors import RayleadError
+    from raylead.index import IndexBuildConfig, build_index, source_from_collection
+    from raylead.storage import S3Options
+
+    t, t_lab, centres = clustered(20, 5, seed=80, noise=0.5)
+    g, _, _ = clustered(6, 2, seed=81, centres=centres[:6], noise=0.6)
+    ids = [f"p{i}/{j}.jpg" for j, i in enumerate(t_lab)]
+    train = write_collection(tmp_path / "T", ids, [f"p{i}" for i in t_lab], t)
+    syn = write_collection(tmp_path / "S", [f"s{j:02d}.jpg" for j in range(len(g))], [None] * len(g), g)
+    uri = "s3://raylead/attack-train-index"
+    build_index(source_from_collection(train), uri, IndexBuildConfig(shards=2, executor="local"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    flags = S3Options.from_env(access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    common = {"train": train, "synthetic": syn, "train_index": uri, "top_k": 5, "engine": "exact"}
+    with monkeypatch.context() as mp, pytest.raises(RayleadError):  # without the flags: refused
+        mp.setenv("RAYLEAD_IO_RETRY_SECONDS", "1")
+        run_idiap(IdiapConfig(out=str(tmp_path / "anon"), **common))
+    m = run_idiap(IdiapConfig(out=str(tmp_path / "idiap"), s3=flags, **common))
+    assert m["pairs_returned"] == 5 and m["engine"]["train_index"] == uri
+    holdout = write_collection(tmp_path / "H", [f"h{j}.jpg" for j in range(len(t))], [None] * len(t), t[::-1])
+    tm = run_tinsley(
+        TinsleyConfig(
+            train=train,
+            holdout=holdout,
+            synthetic=syn,
+            out=str(tmp_path / "tinsley"),
+            thresholds={"dlib": 0.8},
+            train_index={"dlib": uri},
+            s3=flags,
+        )
+    )
+    assert tm["matchers"]["dlib"]["train_index"] == uri and tm["consensus"]["pairs_flagged"] >= 6
+
+
 def test_run_webster_and_cli(tmp_path: Path, small_sets) -> None:
     from typer.testing import CliRunner
 

@@ -475,28 +475,31 @@ class SearchBase:
     searcher: Any | None = None
     nprobe: int | None = None
     k_factor: int | None = None
+    owns_searcher: bool = True  # False: a caller's open searcher, closed by that caller
 
     @classmethod
     def prepare(
-        cls, base: np.ndarray, n_queries: int, engine: str = "auto", k: int = 1, index: str | None = None
+        cls, base: np.ndarray, n_queries: int, engine: str = "auto", k: int = 1, index: Any | None = None
     ) -> SearchBase:
-        """Choose the engine (``auto``: by the cost estimate of :func:`raylead.plan.choose_engine`)."""
+        """Choose the engine (``auto``: by the cost estimate of :func:`raylead.plan.choose_engine`).
+        ``index``: a persisted index's URI, or an open :class:`raylead.search.IndexSearcher` of one."""
         if engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         b = np.ascontiguousarray(base, dtype=np.float32)
         if index is not None:
             from raylead.search import IndexSearcher
 
-            searcher = IndexSearcher(index)
+            owned = not isinstance(index, IndexSearcher)
+            searcher = IndexSearcher(index) if owned else index
             if searcher.ntotal != b.shape[0]:
-                searcher.close()
+                if owned:
+                    searcher.close()
                 raise ConfigError(
                     f"index {index} holds {searcher.ntotal} vectors but the training set has {b.shape[0]} "
                     "usable embeddings; build the index from the training collection (`raylead index build`)"
                 )
-            return cls(
-                b, "approximate" if engine != "exact" else "exact", f"persisted index {index}", searcher
-            )
+            engine_used = "approximate" if engine != "exact" else "exact"
+            return cls(b, engine_used, f"persisted index {index}", searcher, owns_searcher=owned)
         if b.shape[0] and b.shape[1] == 0:  # a set loaded with vectors=False needs its index
             raise ValueError("these vectors were not loaded (vectors=False): search them through their index")
         if engine == "exact" or b.shape[0] == 0 or n_queries == 0:
@@ -526,8 +529,21 @@ class SearchBase:
         return cls(b, "approximate", reason, IndexSearcher(mem))
 
     def close(self) -> None:
-        if self.searcher is not None:
+        if self.searcher is not None and self.owns_searcher:
             self.searcher.close()
+
+
+def check_index_of(index: str | Location, train: EmbeddedSet, source: str) -> None:
+    """Refuse an index that was not built from the training collection ``source`` (other rows)."""
+    import pyarrow as pa
+
+    from raylead.search import open_index
+
+    if not open_index(index).target_id_array().equals(pa.array(train.ids, pa.large_string())):
+        raise ConfigError(
+            f"index {index} was not built from the training collection {source} "
+            "(its rows differ); build it with `raylead index build` on that collection"
+        )
 
 
 def _cpus() -> int:

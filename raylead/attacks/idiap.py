@@ -32,6 +32,7 @@ from raylead.attacks import (
     SetAside,
     Threshold,
     best_match,
+    check_index_of,
     check_same_matcher,
     fmt,
     groups_of,
@@ -45,7 +46,7 @@ from raylead.attacks import (
     summary,
 )
 from raylead.errors import ConfigError
-from raylead.storage import S3Options
+from raylead.storage import Location, S3Options
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def idiap_attack(
     no_identity_twice: bool = False,
     engine: str = "auto",
     bins: int = DEFAULT_BINS,
-    train_index: str | None = None,
+    train_index: str | Location | None = None,
 ) -> IdiapResult:
     """The attack on already set-aside inputs (every synthetic row is scored).
 
@@ -362,16 +363,10 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     synthetic, aside = set_aside(synthetic_all, cfg.det_score_floor)
     if len(train) == 0:
         raise ConfigError(f"the training set {cfg.train} has no usable face embeddings; check its images")
-    if cfg.train_index is not None:
-        import pyarrow as pa
-
-        from raylead.search import open_index
-
-        if not open_index(cfg.train_index).target_id_array().equals(pa.array(train.ids, pa.large_string())):
-            raise ConfigError(
-                f"index {cfg.train_index} was not built from the training collection {cfg.train} "
-                "(its rows differ); build it with `raylead index build` on that collection"
-            )
+    # the index is read with the same S3 endpoint and credentials (flags) as the sets
+    index = None if cfg.train_index is None else Location.parse(cfg.train_index, cfg.s3)
+    if index is not None:
+        check_index_of(index, train, cfg.train)
     result = idiap_attack(
         train,
         synthetic,
@@ -380,7 +375,7 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
         no_identity_twice=cfg.no_identity_twice,
         engine=cfg.engine,
         bins=cfg.bins,
-        train_index=cfg.train_index,
+        train_index=index,
     )
     result.set_aside = aside
     metrics = write_idiap(out, cfg, train, synthetic_all, synthetic, result)

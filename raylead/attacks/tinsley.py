@@ -19,6 +19,7 @@ matchers by image id). A matcher without a threshold does not vote.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from raylead.attacks import (
     Threshold,
     auc_mann_whitney,
     best_match,
+    check_index_of,
     check_same_matcher,
     fmt,
     histogram,
@@ -47,7 +49,7 @@ from raylead.attacks import (
     summary,
 )
 from raylead.errors import ConfigError
-from raylead.storage import S3Options
+from raylead.storage import Location, S3Options
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +127,15 @@ def matcher_leakage(
     threshold: Threshold | None = None,
     engine: str = "auto",
     bins: int = DEFAULT_BINS,
+    train_index: Any | None = None,
 ) -> MatcherLeakage:
-    """Best matches of ``generated`` in T and in H under one matcher, and the statistics."""
-    bases = [SearchBase.prepare(x.embeddings, len(generated), engine) for x in (train, holdout)]
+    """Best matches of ``generated`` in T and in H under one matcher, and the statistics.
+    ``train_index``: T's persisted index (URI or open searcher), which then serves T's vectors."""
+    n = len(generated)
+    bases = [
+        SearchBase.prepare(train.embeddings, n, engine, index=train_index),
+        SearchBase.prepare(holdout.embeddings, n, engine),
+    ]
     try:
         bt = best_match(generated.embeddings, bases[0])
         bh = best_match(generated.embeddings, bases[1])
@@ -178,32 +186,41 @@ class Consensus:
 
 
 def flagged_pairs(
-    generated: EmbeddedSet, train: EmbeddedSet, threshold: float
+    generated: EmbeddedSet, train: EmbeddedSet, threshold: float, searcher: Any | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every (generated row, train row) with score ≥ ``threshold`` (exact, blocked)."""
+    """Every (generated row, train row) with score ≥ ``threshold`` (exact, blocked; through
+    ``searcher``, T's index, over its stored vectors when given)."""
     g = np.ascontiguousarray(generated.embeddings, np.float32)
-    t = np.ascontiguousarray(train.embeddings, np.float32)
-    if g.shape[0] == 0 or t.shape[0] == 0:
+    if g.shape[0] == 0 or len(train) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    from raylead.exact import range_search
+    if searcher is not None:
+        lims, _scores, idx = searcher.range_search(g, float(np.float32(threshold)))
+    else:
+        from raylead.exact import range_search
 
-    lims, _scores, idx = range_search(g, t, float(np.float32(threshold)))
+        t = np.ascontiguousarray(train.embeddings, np.float32)
+        lims, _scores, idx = range_search(g, t, float(np.float32(threshold)))
     lims = np.asarray(lims, dtype=np.int64)
     q = np.repeat(np.arange(g.shape[0], dtype=np.int64), np.diff(lims))
     return q, np.asarray(idx, dtype=np.int64)
 
 
 def consensus(
-    generated: dict[str, EmbeddedSet], train: dict[str, EmbeddedSet], thresholds: dict[str, Threshold | None]
+    generated: dict[str, EmbeddedSet],
+    train: dict[str, EmbeddedSet],
+    thresholds: dict[str, Threshold | None],
+    searchers: dict[str, Any] | None = None,
 ) -> Consensus:
-    """Join the flagged pairs of every matcher by image ids and count the matchers per pair."""
+    """Join the flagged pairs of every matcher by image ids and count the matchers per pair.
+    ``searchers``: per matcher, T's open index searcher (T's vectors were not loaded)."""
+    searchers = searchers or {}
     labels = list(generated)
     voters = [m for m in labels if thresholds.get(m) is not None]
     flagged_keys: dict[str, set[tuple[str, str]]] = {}
     for m in voters:
         th = thresholds[m]
         assert th is not None
-        q, t = flagged_pairs(generated[m], train[m], th.value)
+        q, t = flagged_pairs(generated[m], train[m], th.value, searchers.get(m))
         flagged_keys[m] = {(generated[m].ids[a], train[m].ids[b]) for a, b in zip(q, t, strict=True)}
     keys = sorted(set().union(*flagged_keys.values())) if flagged_keys else []
     scores: dict[str, np.ndarray] = {}
@@ -218,7 +235,12 @@ def consensus(
             kk = np.array([r[0] for r in rows], np.int64)
             aa = np.array([r[1] for r in rows], np.int64)
             bb = np.array([r[2] for r in rows], np.int64)
-            sc[kk] = np.einsum("ij,ij->i", generated[m].embeddings[aa], train[m].embeddings[bb])
+            g = generated[m].embeddings[aa]
+            sc[kk] = (
+                searchers[m].pair_scores(g, bb)
+                if m in searchers
+                else np.einsum("ij,ij->i", g, train[m].embeddings[bb])
+            )
         scores[m] = sc
         flags[m] = np.array([k in flagged_keys.get(m, set()) for k in keys], dtype=bool)
     n = np.zeros(len(keys), np.int64)
@@ -249,6 +271,7 @@ class TinsleyConfig:
     threshold_from: tuple[str, ...] = ()
     det_score_floor: float = 0.0
     engine: str = "auto"
+    train_index: dict[str, str] = field(default_factory=dict)  # matcher → persisted index of T's collection
     bins: int = DEFAULT_BINS
     embeddings_dir: str | None = None
     actors: int = 1
@@ -257,6 +280,11 @@ class TinsleyConfig:
     def validate(self) -> None:
         specs = parse_matchers(self.matchers)
         labels = {s.label for s in specs} | {s.name for s in specs}
+        for label in self.train_index:
+            if label not in labels:
+                raise ConfigError(
+                    f"--train-index names matcher {label!r}, which is not in --matchers ({self.matchers})"
+                )
         for label, value in self.thresholds.items():
             if label not in labels:
                 raise ConfigError(
@@ -272,20 +300,29 @@ class TinsleyConfig:
             raise ConfigError(f"--bins must be ≥ 1, got {self.bins}")
 
 
-def parse_threshold_pairs(text: str | None) -> dict[str, float]:
-    """``dlib=0.93,onnx-mobilefacenet=0.41`` → {label: value}."""
+def _label_pairs(text: str | None, flag: str, convert: Any) -> dict[str, Any]:
     if not text:
         return {}
     out = []
     for part in text.split(","):
         label, sep, value = part.partition("=")
         try:
-            out.append((label.strip(), float(value)))
+            out.append((label.strip(), convert(value.strip())))
         except ValueError:
             sep = ""
-        if not sep or not label.strip():
-            raise ConfigError(f"cannot read --threshold {text!r}: use MATCHER=VALUE[,MATCHER=VALUE]")
+        if not sep or not label.strip() or not value.strip():
+            raise ConfigError(f"cannot read {flag} {text!r}: use MATCHER=VALUE[,MATCHER=VALUE]")
     return dict(out)
+
+
+def parse_threshold_pairs(text: str | None) -> dict[str, float]:
+    """``dlib=0.93,onnx-mobilefacenet=0.41`` → {label: value}."""
+    return _label_pairs(text, "--threshold", float)
+
+
+def parse_index_pairs(text: str | None) -> dict[str, str]:
+    """``dlib=idx/train-dlib,onnx=s3://b/idx`` → {label: index URI}."""
+    return _label_pairs(text, "--train-index", str)
 
 
 @dataclass
@@ -296,6 +333,7 @@ class TinsleyInputs:
     synthetic: EmbeddedSet
     aside: SetAside
     threshold: Threshold | None
+    train_index: str | None = None  # T's persisted index, which served T's vectors
 
 
 def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
@@ -312,8 +350,18 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
     explicit = cfg.thresholds
     per: dict[str, TinsleyInputs] = {}
     files_by_matcher: dict[str, str] = {}
+    indexes = {
+        label: index
+        for label, spec in by_label.items()
+        if (index := cfg.train_index.get(label, cfg.train_index.get(spec.name))) is not None
+    }
     for label, spec in by_label.items():
-        train = load_set(cfg.train, spec, "train", emb_dir, cfg.s3, actors=cfg.actors)
+        # with --train-index the index serves T's vectors: only T's ids and identities are loaded
+        train = load_set(
+            cfg.train, spec, "train", emb_dir, cfg.s3, actors=cfg.actors, vectors=label not in indexes
+        )
+        if label in indexes:
+            check_index_of(Location.parse(indexes[label], cfg.s3), train, cfg.train)
         holdout = load_set(cfg.holdout, spec, "holdout", emb_dir, cfg.s3, actors=cfg.actors)
         syn_all = load_set(cfg.synthetic, spec, "synthetic", emb_dir, cfg.s3, actors=cfg.actors)
         name, version = check_same_matcher({"train": train, "holdout": holdout, "synthetic": syn_all})
@@ -337,7 +385,7 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
         if from_file:
             files_by_matcher[label] = from_file
         syn, aside = set_aside(syn_all, cfg.det_score_floor)
-        per[label] = TinsleyInputs(train, holdout, syn_all, syn, aside, threshold)
+        per[label] = TinsleyInputs(train, holdout, syn_all, syn, aside, threshold, indexes.get(label))
     matched = {f for f in files_by_matcher.values()}
     unused = [f for f in cfg.threshold_from if f not in matched]
     if unused:
@@ -345,15 +393,24 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
             f"--threshold-from {unused[0]} is for none of the matchers in --matchers ({cfg.matchers})"
         )
 
-    results = {
-        label: matcher_leakage(x.synthetic, x.train, x.holdout, x.threshold, cfg.engine, cfg.bins)
-        for label, x in per.items()
-    }
-    cons = consensus(
-        {m: x.synthetic for m, x in per.items()},
-        {m: x.train for m, x in per.items()},
-        {m: x.threshold for m, x in per.items()},
-    )
+    with contextlib.ExitStack() as stack:
+        from raylead.search import IndexSearcher
+
+        searchers = {
+            m: stack.enter_context(IndexSearcher(Location.parse(uri, cfg.s3))) for m, uri in indexes.items()
+        }
+        results = {
+            label: matcher_leakage(
+                x.synthetic, x.train, x.holdout, x.threshold, cfg.engine, cfg.bins, searchers.get(label)
+            )
+            for label, x in per.items()
+        }
+        cons = consensus(
+            {m: x.synthetic for m, x in per.items()},
+            {m: x.train for m, x in per.items()},
+            {m: x.threshold for m, x in per.items()},
+            searchers,
+        )
     return write_tinsley(out, cfg, per, results, cons)
 
 
@@ -436,6 +493,7 @@ def write_tinsley(
                 },
                 "synthetic_scored": len(per[m].synthetic),
                 "set_aside": per[m].aside.to_json(),
+                "train_index": per[m].train_index,
             }
             for m, r in results.items()
         },

@@ -140,6 +140,10 @@ def tinsley(
     ] = None,
     det_score_floor: FloorOpt = 0.0,
     engine: EngineOpt = "auto",
+    train_index: Annotated[
+        str | None,
+        typer.Option(help="Persisted indexes of T's collections, for huge T: MATCHER=URI[,MATCHER=URI]."),
+    ] = None,
     bins: BinsOpt = 50,
     embeddings_dir: EmbeddingsDirOpt = None,
     actors: ActorsOpt = 1,
@@ -151,7 +155,13 @@ def tinsley(
 ) -> None:
     """Per matcher: generated images' best matches in T vs H (AUC, KS, above θ); consensus per pair."""
     _check_report_flags(report, redact)
-    from raylead.attacks.tinsley import TinsleyConfig, headline, parse_threshold_pairs, run_tinsley
+    from raylead.attacks.tinsley import (
+        TinsleyConfig,
+        headline,
+        parse_index_pairs,
+        parse_threshold_pairs,
+        run_tinsley,
+    )
 
     cfg = TinsleyConfig(
         train=train,
@@ -163,6 +173,7 @@ def tinsley(
         threshold_from=tuple(threshold_from or ()),
         det_score_floor=det_score_floor,
         engine=engine,
+        train_index=parse_index_pairs(train_index),
         bins=bins,
         embeddings_dir=embeddings_dir,
         actors=actors,
