@@ -491,15 +491,16 @@ class SearchBase:
 
             owned = not isinstance(index, IndexSearcher)
             searcher = IndexSearcher(index) if owned else index
+            name = index if owned else getattr(getattr(searcher.index, "root", None), "uri", "(in memory)")
             if searcher.ntotal != b.shape[0]:
                 if owned:
                     searcher.close()
                 raise ConfigError(
-                    f"index {index} holds {searcher.ntotal} vectors but the training set has {b.shape[0]} "
+                    f"index {name} holds {searcher.ntotal} vectors but the training set has {b.shape[0]} "
                     "usable embeddings; build the index from the training collection (`raylead index build`)"
                 )
             engine_used = "approximate" if engine != "exact" else "exact"
-            return cls(b, engine_used, f"persisted index {index}", searcher, owns_searcher=owned)
+            return cls(b, engine_used, f"persisted index {name}", searcher, owns_searcher=owned)
         if b.shape[0] and b.shape[1] == 0:  # a set loaded with vectors=False needs its index
             raise ValueError("these vectors were not loaded (vectors=False): search them through their index")
         if engine == "exact" or b.shape[0] == 0 or n_queries == 0:

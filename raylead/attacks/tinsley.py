@@ -280,16 +280,13 @@ class TinsleyConfig:
     def validate(self) -> None:
         specs = parse_matchers(self.matchers)
         labels = {s.label for s in specs} | {s.name for s in specs}
-        for label in self.train_index:
-            if label not in labels:
+        for flag, named in (("--train-index", self.train_index), ("--threshold", self.thresholds)):
+            unknown = [label for label in named if label not in labels]
+            if unknown:
                 raise ConfigError(
-                    f"--train-index names matcher {label!r}, which is not in --matchers ({self.matchers})"
+                    f"{flag} names matcher {unknown[0]!r}, which is not in --matchers ({self.matchers})"
                 )
         for label, value in self.thresholds.items():
-            if label not in labels:
-                raise ConfigError(
-                    f"--threshold names matcher {label!r}, which is not in --matchers ({self.matchers})"
-                )
             if not (math.isfinite(value) and -1.0 <= value <= 1.0):
                 raise ConfigError(
                     f"--threshold for {label} must be a cosine similarity in [-1, 1], got {value}"
