@@ -156,6 +156,11 @@ def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
         except (ValueError, TypeError, AttributeError, KeyError):
             raise  # programming errors
         except Exception as exc:  # botocore/aiohttp raise many types for a dead or flaky endpoint
+            if type(exc).__name__ == "NoCredentialsError":  # permanent: waiting cannot bring them
+                raise StorageError(
+                    f"{what} failed: no S3 credentials were found; set AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY or pass --s3-key / --s3-secret"
+                ) from None
             if time.monotonic() + delay > deadline:
                 raise StorageError(
                     f"{what} failed after {attempt} attempts over {budget:.0f}s: "

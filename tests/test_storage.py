@@ -93,6 +93,20 @@ def test_secrets_hidden_from_repr_and_env_pickles() -> None:
     assert b"PLANTED" not in pickle.dumps(env_opts)
 
 
+def test_missing_s3_credentials_fail_at_once(s3_server, monkeypatch, caplog) -> None:
+    """No credentials anywhere is permanent: one clear error, no retries with backoff."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")  # nor a profile on this machine
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    loc = Location.parse("s3://raylead/storage-test/a.jpg", S3Options(endpoint_url=s3_server.endpoint))
+    with caplog.at_level("WARNING", logger="raylead.storage"), pytest.raises(StorageError) as info:
+        loc.exists()
+    assert "no S3 credentials were found; set AWS_ACCESS_KEY_ID" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
 def test_s3_roundtrip_listing_and_errors(s3_server, tmp_path) -> None:
     root = Location.parse("s3://raylead/storage-test")
     root.check_reachable(write=True)
