@@ -351,6 +351,11 @@ RERANK_VECTORS = ("auto", "download", "ranged")
 DOWNLOAD_DISK_SHARE = 0.5  # "auto" downloads a shard's vectors when they take ≤ this share of free disk
 
 
+def check_rerank_vectors(requested: str) -> None:
+    if requested not in RERANK_VECTORS:
+        raise ConfigError(f"--rerank-vectors={requested!r} is invalid: use {', '.join(RERANK_VECTORS)}")
+
+
 def rerank_vectors_mode(
     requested: str, object_store: bool, shard_bytes: int, free_disk_bytes: int, row_digests: bool
 ) -> tuple[str, str]:
@@ -363,8 +368,7 @@ def rerank_vectors_mode(
     ``auto`` downloads when the shard's vectors take at most ``DOWNLOAD_DISK_SHARE`` of the free
     local disk, and reads them in place otherwise.
     """
-    if requested not in RERANK_VECTORS:
-        raise ConfigError(f"--rerank-vectors={requested!r} is invalid: use {', '.join(RERANK_VECTORS)}")
+    check_rerank_vectors(requested)
     if not object_store:
         return "local", "the index is on a filesystem: its vectors are memory-mapped in place"
     need, free = f"{shard_bytes / 2**30:.3g} GiB", f"{free_disk_bytes / 2**30:.3g} GiB"

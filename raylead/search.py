@@ -45,7 +45,7 @@ from raylead.index import (
     read_index_manifest,
     source_from_collection,
 )
-from raylead.plan import RERANK_VECTORS, choose_engine, rerank_vectors_mode
+from raylead.plan import check_rerank_vectors, choose_engine, rerank_vectors_mode
 from raylead.progress import progress_bar
 from raylead.storage import Location, S3Options
 from raylead.vectors import RangedVectors
@@ -164,6 +164,13 @@ def _set_threads(n: int) -> None:
     faiss.omp_set_num_threads(max(1, int(n)))
 
 
+def _plain_npy(src: Any, uri: str, what: str, mmap_mode: Literal["r"] | None = None) -> np.ndarray:
+    try:
+        return np.load(src, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # e.g. a pickled object array: never unpickled
+        raise CorruptDataError(f"{uri} is not a plain .npy array{what} ({str(exc)[:120]}); rebuild the index") from None
+
+
 def _open_vectors(
     root: Location, shard: ShardEntry, dim: int, dtype: str, verify: bool, mode: str
 ) -> np.ndarray | RangedVectors:
@@ -171,14 +178,8 @@ def _open_vectors(
     loc = root.child(shard.vectors.path)
     if mode == "ranged":
         assert shard.row_digests is not None  # rerank_vectors_mode refuses ranged without them
-        data = read_checked(root.child(shard.row_digests.path), shard.row_digests)
-        try:
-            digests = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise CorruptDataError(
-                f"{root.child(shard.row_digests.path).uri} is not a plain .npy array ({str(exc)[:120]}); "
-                "rebuild the index"
-            ) from None
+        digests_loc = root.child(shard.row_digests.path)
+        digests = _plain_npy(io.BytesIO(read_checked(digests_loc, shard.row_digests)), digests_loc.uri, "")
         return RangedVectors.open(loc, shard.rows, dim, dtype, shard.vectors.bytes, digests)
     path = loc.path
     if loc.is_s3:
@@ -189,12 +190,7 @@ def _open_vectors(
             loc.download(path)
         if (loc.is_s3 or verify) and not file_matches(Location.parse(path), shard.vectors):
             raise CorruptDataError(f"{loc.uri} failed its checksum (truncated or corrupted); rebuild the index")
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:  # e.g. a pickled object array: never unpickled
-            raise CorruptDataError(
-                f"{loc.uri} is not a plain .npy array of vectors ({str(exc)[:120]}); rebuild the index"
-            ) from None
+        arr = _plain_npy(path, loc.uri, " of vectors", mmap_mode="r")
     finally:
         if loc.is_s3:  # the mapping keeps the downloaded data alive; nothing is left behind on disk
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
@@ -288,7 +284,7 @@ class ShardSearcherCore:
         local = np.ascontiguousarray(np.where(local >= 0, local - self.row_start, -1), dtype=np.int64)
         if isinstance(self.vectors, RangedVectors):  # fetch each candidate row once, score from memory
             uniq, inverse = np.unique(local[local >= 0], return_inverse=True)
-            base = self.vectors.take(uniq)
+            base = self.vectors.take_unique(uniq)
             local[local >= 0] = inverse
         else:
             base = self.vectors
@@ -1229,10 +1225,7 @@ class SearchJob:
     s3: S3Options | None = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
-        if self.rerank_vectors not in RERANK_VECTORS:
-            raise ConfigError(
-                f"--rerank-vectors={self.rerank_vectors!r} is invalid: use {', '.join(RERANK_VECTORS)}"
-            )
+        check_rerank_vectors(self.rerank_vectors)
         if isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 0:
             raise ConfigError(
                 f"--pairs={self.pairs!r} is invalid: give a number of pairs ≥ 0 (0 turns them off)"

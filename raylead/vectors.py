@@ -145,10 +145,13 @@ class RangedVectors:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The given rows (any order, repeats allowed), verified, as ``dtype[len(rows), dim]``."""
-        rows = np.asarray(rows, dtype=np.int64).ravel()
-        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+        uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64).ravel(), return_inverse=True)
+        return self.take_unique(uniq)[inverse]
+
+    def take_unique(self, uniq: np.ndarray) -> np.ndarray:
+        """Rows given ascending without repeats, verified, as ``dtype[len(uniq), dim]``."""
+        if uniq.size and (uniq[0] < 0 or uniq[-1] >= self.shape[0]):
             raise IndexError(f"rows outside 0..{self.shape[0] - 1} of {self.loc.uri}")
-        uniq, inverse = np.unique(rows, return_inverse=True)
         runs = plan_requests(uniq, self.row_bytes)
         pieces = self.loc.read_ranges(
             [self.offset + a * self.row_bytes for a, _ in runs], [self.offset + b * self.row_bytes for _, b in runs]
@@ -168,4 +171,4 @@ class RangedVectors:
                 f"{self.loc.uri}: row {int(uniq[bad[0]])} (and {bad.size - 1} more) does not match its digest "
                 "(damaged or replaced since the build); rebuild the index"
             )
-        return got[inverse]
+        return got

@@ -63,6 +63,21 @@ def clustered(n_ids: int, per_id: int, dim: int = 32, noise: float = 0.7, seed: 
     return x, labels, centres
 
 
+def record_collection_reads(monkeypatch) -> list[tuple[str, bool]]:
+    """From now on, every ``catalog.read_collection`` call is recorded as (uri, vectors)."""
+    from raylead import catalog
+
+    reads: list[tuple[str, bool]] = []
+    real = catalog.read_collection
+
+    def recording(uri, *, vectors=True):
+        reads.append((str(uri), vectors))
+        return real(uri, vectors=vectors)
+
+    monkeypatch.setattr(catalog, "read_collection", recording)
+    return reads
+
+
 # ------------------------------------------------------------------------------------------
 # shared statistics
 # ------------------------------------------------------------------------------------------
@@ -460,7 +475,6 @@ def test_run_tinsley_with_a_train_index_never_loads_train_vectors(
     """--train-index MATCHER=URI: T's index serves its best matches, the flagged pairs (exact range
     search over the stored vectors) and the pair scores; the tables equal those of the run on
     T's vectors, and T's embedding column is never read."""
-    from raylead import catalog
     from raylead.attacks.tinsley import parse_index_pairs
     from raylead.index import IndexBuildConfig, build_index, source_from_collection
 
@@ -477,14 +491,7 @@ def test_run_tinsley_with_a_train_index_never_loads_train_vectors(
     common = {"train": train, "holdout": holdout, "synthetic": syn, "thresholds": {"dlib": 0.8}, "engine": "exact"}
     plain = run_tinsley(TinsleyConfig(out=str(tmp_path / "plain"), **common))
 
-    reads: list[tuple[str, bool]] = []
-    real = catalog.read_collection
-
-    def recording(uri, *, vectors=True):
-        reads.append((str(uri), vectors))
-        return real(uri, vectors=vectors)
-
-    monkeypatch.setattr(catalog, "read_collection", recording)
+    reads = record_collection_reads(monkeypatch)
     cfg = TinsleyConfig(out=str(tmp_path / "indexed"), train_index=parse_index_pairs(f"dlib={index}"), **common)
     indexed = run_tinsley(cfg)
     assert {v for u, v in reads if u.endswith("/T")} == {False}, reads
@@ -737,14 +744,9 @@ def test_run_idiap_with_a_train_index_never_loads_train_vectors(
     common = {"train": train, "synthetic": syn, "top_k": 20, "threshold": 0.8, "no_identity_twice": True}
     run_idiap(IdiapConfig(out=str(tmp_path / "plain"), engine="exact", **common))
 
-    reads: list[tuple[str, bool]] = []
     real = catalog.read_collection
+    reads = record_collection_reads(monkeypatch)
 
-    def recording(uri, *, vectors=True):
-        reads.append((str(uri), vectors))
-        return real(uri, vectors=vectors)
-
-    monkeypatch.setattr(catalog, "read_collection", recording)
     def table(path: Path, above_only: bool = False) -> dict[str, list]:
         t = pq.read_table(path, use_threads=False)
         return (t.filter(t.column("above_threshold")) if above_only else t).to_pydict()
