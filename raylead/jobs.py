@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,10 +27,15 @@ def run_job(
     transform: Callable[[Any], Any] | None = None,
 ) -> int:
     """Parse ``--config``, build ``config_cls`` from the YAML (after ``transform``), run ``stage``;
-    returns the exit code."""
+    returns the exit code, whatever happened, so the entrypoint can end through
+    :func:`raylead.runtime.exit_process`: 2 (or the error's own code) for a :class:`RayleadError`,
+    argparse's code for bad arguments, 130 for an interrupt, 1 with the traceback for a bug."""
     parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=f"raylead {name} as a Ray job")
     parser.add_argument("--config", required=True, help="YAML file with the stage's options")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         data: Any = load_yaml(args.config) or {}
@@ -40,4 +46,12 @@ def run_job(
     except RayleadError as exc:
         print(f"raylead {name}: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"raylead {name}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:  # a bug: the traceback for the report, then one line a job log shows last
+        traceback.print_exc()
+        print(f"raylead {name}: internal error: {type(exc).__name__}: {exc} (traceback above)",
+              file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -65,6 +65,13 @@ if entry == "raylead":
 elif entry == "plain-exit":
     print("plain", flush=True)
     sys.exit(0)
+elif entry == "buggy-job":  # a job entrypoint whose stage has a bug
+    from dataclasses import make_dataclass
+    from raylead.jobs import run_job
+    from raylead.runtime import exit_process
+    def stage(job):
+        raise RuntimeError("a bug")
+    exit_process(run_job("buggy", make_dataclass("Job", [("source", str), ("out", str)]), stage, argv))
 else:
     runpy.run_path(entry, run_name="__main__")
 """
@@ -79,6 +86,8 @@ else:
          "has no manifest.json"),
         ("raylead", ["index", "build", "--no-such-option"], 2, "No such option"),
         ("jobs/embed.py", ["--config", "{tmp}/embed.yaml"], 2, "raylead embed: error:"),
+        ("jobs/embed.py", [], 2, "the following arguments are required: --config"),
+        ("buggy-job", ["--config", "{tmp}/embed.yaml"], 1, "raylead buggy: internal error: RuntimeError: a bug"),
     ],
 )
 def test_a_native_abort_at_exit_cannot_change_the_exit_code(tmp_path, entry, argv, code, says) -> None:
@@ -97,3 +106,32 @@ def test_a_native_abort_at_exit_cannot_change_the_exit_code(tmp_path, entry, arg
     assert done.returncode == code, done.stderr[-1000:]
     assert says in done.stdout + done.stderr
     assert marker.read_text() == "atexit ran"
+
+
+def test_a_bug_in_a_job_stage_is_exit_1_with_its_traceback_and_one_last_line(tmp_path, capsys) -> None:
+    """A job's unexpected exception is not a RayleadError: the traceback (for the bug report) and a
+    last line saying what failed, exit code 1 returned to the entrypoint (which then ends through
+    exit_process) instead of an exception escaping into the interpreter's teardown."""
+    from dataclasses import dataclass
+
+    from raylead.jobs import run_job
+
+    @dataclass
+    class Job:
+        size: int
+
+    def stage(job: Job) -> str:
+        return str(1 // (job.size - 3))
+
+    config = tmp_path / "job.yaml"
+    config.write_text("size: 3\n")
+    assert run_job("demo", Job, stage, ["--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    says = "ZeroDivisionError: integer division or modulo by zero"
+    assert "Traceback (most recent call last):" in err and says in err
+    assert err[-1] == f"raylead demo: internal error: {says} (traceback above)"
+    config.write_text("size: 4\n")
+    assert run_job("demo", Job, stage, ["--config", str(config)]) == 0
+    assert capsys.readouterr().out == "1\n"
+    assert run_job("demo", Job, stage, ["--help"]) == 0
+    assert "--config CONFIG" in capsys.readouterr().out
