@@ -215,13 +215,19 @@ def write_manifest(root: Location, manifest: CollectionManifest) -> None:
 
 
 def read_manifest(root: Location) -> CollectionManifest:
+    return read_manifest_and_sha256(root)[0]
+
+
+def read_manifest_and_sha256(root: Location) -> tuple[CollectionManifest, str]:
+    """The collection's manifest and the SHA-256 of its bytes (the collection's fingerprint), from one read."""
     loc = root.child(MANIFEST)
     if not loc.exists():
         raise ConfigError(
             f"{root.uri} has no {MANIFEST}: it is not a finished embedding collection "
             "(run `raylead embed` to create or finish it)"
         )
-    return CollectionManifest.from_json(loc.read_json(), loc.uri)
+    data, digest = loc.read_json_and_sha256()
+    return CollectionManifest.from_json(data, loc.uri), digest
 
 
 def is_collection(root: Location) -> bool:

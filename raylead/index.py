@@ -44,8 +44,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
-from raylead.catalog import ShardInfo, ok_rows, parquet_from_bytes, read_manifest, read_parquet_checked, sha256_bytes
+from raylead.catalog import (
+    CollectionManifest,
+    ShardInfo,
+    ok_rows,
+    parquet_from_bytes,
+    read_manifest_and_sha256,
+    read_parquet_checked,
+    sha256_bytes,
+)
 from raylead.errors import ConfigError, CorruptDataError
 from raylead.plan import (
     DEFAULT_SHARD_MAX_BYTES,
@@ -235,9 +242,10 @@ class CollectionSource(VectorSource):
     the collection shards under its rows, and the training sample is gathered by tasks too."""
 
     root: Location = field(default_factory=lambda: Location.parse("."))
-    shards: tuple[ShardInfo, ...] = ()
+    manifest: CollectionManifest | None = None  # its shards are the ones read
 
     def __post_init__(self) -> None:
+        self.shards: tuple[ShardInfo, ...] = () if self.manifest is None else tuple(self.manifest.shards)
         # starts[i]: ok-row number of shard i's first ok row; starts[-1] == n
         self.starts = np.concatenate([[0], np.cumsum([s.ok for s in self.shards])]).astype(np.int64)
 
@@ -272,15 +280,14 @@ class CollectionSource(VectorSource):
 def source_from_collection(uri: str | Location) -> CollectionSource:
     """The ``ok`` embeddings of a finished embedding collection; only its manifest is read now."""
     root = uri if isinstance(uri, Location) else Location.parse(uri)
-    manifest = read_manifest(root)
-    fp = sha256_bytes(root.child(COLLECTION_MANIFEST).read_bytes())
+    manifest, fp = read_manifest_and_sha256(root)
     return CollectionSource(
         n=manifest.ok,
         dim=manifest.dim,
         fingerprint=fp,
         description=root.uri,
         root=root,
-        shards=tuple(manifest.shards),
+        manifest=manifest,
     )
 
 
@@ -428,13 +435,19 @@ class IndexManifest:
 
 
 def read_index_manifest(root: Location) -> IndexManifest:
+    return read_index_manifest_and_sha256(root)[0]
+
+
+def read_index_manifest_and_sha256(root: Location) -> tuple[IndexManifest, str]:
+    """The index manifest and the SHA-256 of its bytes, from one read."""
     loc = root.child(INDEX_MANIFEST)
     if not loc.exists():
         raise ConfigError(
             f"{root.uri} has no {INDEX_MANIFEST}: it is not a finished index "
             "(run `raylead index build EMBEDDINGS --out URI` to create or finish it)"
         )
-    return IndexManifest.from_json(loc.read_json(), loc.uri)
+    data, digest = loc.read_json_and_sha256()
+    return IndexManifest.from_json(data, loc.uri), digest
 
 
 def read_checked(loc: Location, entry: FileEntry) -> bytes:

@@ -42,7 +42,7 @@ from raylead.index import (
     file_matches,
     read_checked,
     read_ids,
-    read_index_manifest,
+    read_index_manifest_and_sha256,
     source_from_collection,
 )
 from raylead.plan import check_rerank_vectors, choose_engine, rerank_vectors_mode
@@ -402,6 +402,7 @@ def merge_shards(
 class PersistedIndex:
     root: Location
     manifest: IndexManifest
+    manifest_sha256: str  # of the manifest's bytes as read: names this index in a search's fingerprint
 
     def target_ids(self) -> list[str]:
         """image_id of every row, in row order (loads all shards' id files)."""
@@ -423,7 +424,7 @@ class PersistedIndex:
 
 def open_index(uri: str | Location) -> PersistedIndex:
     root = uri if isinstance(uri, Location) else Location.parse(uri)
-    return PersistedIndex(root, read_index_manifest(root))
+    return PersistedIndex(root, *read_index_manifest_and_sha256(root))
 
 
 # -- queries -------------------------------------------------------------------------------------
@@ -1237,13 +1238,13 @@ class SearchJob:
         return Location.parse(uri, self.s3 if uri.startswith("s3://") else None)
 
 
-def _job_fingerprint(job: SearchJob, queries_manifest: bytes, index_manifest: bytes) -> str:
+def _job_fingerprint(job: SearchJob, queries_manifest_sha256: str, index_manifest_sha256: str) -> str:
     cfg = asdict(job.config)
     cfg.pop("device", None)  # where it runs, not what it computes
     key = {
         "format": SEARCH_FORMAT_VERSION,
-        "queries": sha256_bytes(queries_manifest),
-        "index": sha256_bytes(index_manifest),
+        "queries": queries_manifest_sha256,
+        "index": index_manifest_sha256,
         "config": cfg,
         "pairs": job.pairs,
         "threshold": job.threshold,
@@ -1353,9 +1354,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     with ``parts_reused`` (parts a previous, interrupted run had finished) and ``already_complete``;
     ``on_part(parts done, parts)`` is called after each part is written.
     """
-    from raylead.catalog import MANIFEST as COLLECTION_MANIFEST
-    from raylead.catalog import read_manifest, table_to_parquet_bytes
-    from raylead.index import INDEX_MANIFEST
+    from raylead.catalog import table_to_parquet_bytes
 
     job.validate()
     cfg = job.config
@@ -1369,9 +1368,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     idx = open_index(job.location(job.index))
     if q.n:
         exact_mod.check_same_dim(q.dim, idx.manifest.dim, "the index")
-    fp = _job_fingerprint(
-        job, qroot.child(COLLECTION_MANIFEST).read_bytes(), idx.root.child(INDEX_MANIFEST).read_bytes()
-    )
+    fp = _job_fingerprint(job, source.fingerprint, idx.manifest_sha256)
     done_summary = _finished_summary(out, fp)
     if done_summary is not None:
         log.info("%s already holds these search results; nothing to do", out.uri)
@@ -1493,7 +1490,7 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
         "tuning": choice.tuning.to_json() if choice.tuning else None,
         "seconds": choice.seconds | {"search": round(search_seconds, 3)},
         "index": idx.root.uri,
-        "queries_source": read_manifest(qroot).source,
+        "queries_source": source.manifest.source if source.manifest else "",
         "files": files,
         "sha256": sha256,
         "parts": [{k: markers[n][k] for k in ("queries", "rows")} for n in order],  # results' row groups

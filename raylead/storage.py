@@ -342,9 +342,14 @@ class Location:
         retry_io(lambda: self.fs.get_file(self.path, local_path), f"reading {self.uri}")
 
     def read_json(self) -> Any:
+        return self.read_json_and_sha256()[0]
+
+    def read_json_and_sha256(self) -> tuple[Any, str]:
+        """The JSON value and the SHA-256 (hex) of the bytes it was parsed from: one read, so the
+        digest always describes the value (a manifest rewritten between two reads cannot split them)."""
         data = self.read_bytes()
         try:
-            return json.loads(data.decode("utf-8"))
+            return json.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             from raylead.errors import CorruptDataError
 

@@ -392,9 +392,12 @@ def test_run_search_reads_queries_block_by_block(
     small_indexes, write_collection, clustered_small, tmp_path, monkeypatch
 ):
     """The driver never loads the whole query collection: each block (and the rows the pairs and
-    ranges need) is read when used; results, pairs and ranges equal brute force, ids included."""
+    ranges need) is read when used, and each manifest once (so the fingerprint and the work are of
+    the same manifest); results, pairs and ranges equal brute force, ids included."""
     import raylead.catalog
+    from raylead.catalog import read_manifest
     from raylead.search import CollectionQueries, SearchJob, run_search
+    from raylead.storage import Location
 
     c = clustered_small
     coll, ok, ids = _multi_shard_queries(write_collection, c.queries[:150], tmp_path / "q")
@@ -408,12 +411,24 @@ def test_run_search_reads_queries_block_by_block(
     def no_whole_collection(*_a, **_k):
         raise AssertionError("the whole query collection was loaded")
 
+    files_read: list[str] = []
+    read_bytes = Location.read_bytes
+
+    def recording_read_bytes(self):
+        files_read.append(self.uri)
+        return read_bytes(self)
+
     monkeypatch.setattr(CollectionQueries, "read", counting_read)
     monkeypatch.setattr(raylead.catalog, "read_collection", no_whole_collection)
+    monkeypatch.setattr(Location, "read_bytes", recording_read_bytes)
     cfg = SearchConfig(k=5, engine="exact", query_block=25)
     out = tmp_path / "out"
     summary = run_search(SearchJob(coll, small_indexes[4], str(out), cfg, pairs=50, threshold=0.6, use_ray=False))
     assert summary["queries"] == len(ok) and max(reads) <= 25
+    manifests = [Location.parse(coll).child("manifest.json").uri,
+                 Location.parse(small_indexes[4]).child("index.json").uri]
+    assert [files_read.count(uri) for uri in manifests] == [1, 1], files_read
+    assert summary["queries_source"] == read_manifest(Location.parse(coll)).source != ""
     # results.parquet is gathered part by part: one row group each
     assert pq.ParquetFile(out / "results.parquet").metadata.num_row_groups == len(summary["parts"]) == 6
 
