@@ -135,3 +135,25 @@ def test_a_bug_in_a_job_stage_is_exit_1_with_its_traceback_and_one_last_line(tmp
     assert capsys.readouterr().out == "1\n"
     assert run_job("demo", Job, stage, ["--help"]) == 0
     assert "--config CONFIG" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["embed", "./x"], "raylead embed: error: Missing option '--out' / '-o'. (see 'raylead embed --help')"),
+        (["index", "build", "e", "--no-such-option"],
+         "raylead index build: error: No such option: --no-such-option (see 'raylead index build --help')"),
+        (["nosuch"], "raylead: error: No such command 'nosuch'. (see 'raylead --help')"),
+        (["bench", "embed", "--matcher", "onnx"],
+         "raylead bench embed: error: Missing option '--images'. (see 'raylead bench embed --help')"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_naming_the_help(monkeypatch, capsys, argv, line) -> None:
+    """A bad option or argument is one line on stderr (the README's promise), exit code 2, naming
+    the command whose --help explains it; nothing on stdout."""
+    from raylead.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["raylead", *argv])
+    assert run() == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [line] and out == ""

@@ -54,22 +54,27 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return (click.ClickException,) + ((vendored,) if vendored is not None else ())
 
 
+def _usage_line(exc: Exception) -> str:
+    """``raylead index build: error: No such option: --x (see 'raylead index build --help')``."""
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "raylead"
+    fmt = getattr(exc, "format_message", None)
+    message = " ".join(str(fmt() if fmt is not None else exc).split())  # click may wrap it over lines
+    return f"{command}: error: {message} (see '{command} --help')"
+
+
 def run() -> int:
     """Run the command in ``sys.argv``; returns its exit code."""
     try:
         # standalone_mode=False: typer returns the exit code of typer.Exit (130 for Ctrl-C)
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="raylead")
     except RayleadError as exc:
         typer.echo(f"raylead: error: {exc}", err=True)
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         rc = 130
-    except _usage_errors() as exc:  # a bad option or argument
-        show = getattr(exc, "show", None)
-        if show is not None:
-            show()
-        else:
-            typer.echo(f"raylead: error: {exc}", err=True)
+    except _usage_errors() as exc:  # a bad option or argument: one line, naming the command's --help
+        typer.echo(_usage_line(exc), err=True)
         return int(getattr(exc, "exit_code", 2))
     if rc == 130:
         typer.echo("raylead: interrupted; rerun the same command to resume from finished shards", err=True)
