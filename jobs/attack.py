@@ -1,14 +1,18 @@
 """Ray job: one leakage attack. ``python jobs/attack.py --config attack.yaml``
 
 Keys: ``attack: idiap|tinsley|webster`` plus the options of ``raylead attack <name>``
-(``--top-k`` → ``top_k``). Credentials come from the AWS_* environment, never the file.
+(``--top-k`` → ``top_k``), spelled as the flags (``model: F.onnx``, ``detector: D.onnx``;
+tinsley's ``threshold: dlib=0.93,onnx=0.41``; webster's ``alpha: 1,2``) or as the fields of the
+attack's config (``matcher: onnx:model=F.onnx:detector=D.onnx``, ``thresholds: {dlib: 0.93}``,
+``alphas: [1, 2]``). ``report: FILE.html`` (and ``redact: true``) also writes the evidence
+report, as ``--report``/``--redact`` do. Credentials come from the AWS_* environment, never the file.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylead.jobs import run_job
+from raylead.jobs import Spellings, cli_spellings, run_job, text_of, with_matcher_flags
 from raylead.runtime import exit_process
 
 
@@ -19,6 +23,19 @@ class AttackJob:
 
 
 def main(job: AttackJob) -> str:
+    cfg, run, headline, report, redact = prepare(job)
+    lines = headline(run(cfg))
+    if report is not None:
+        from raylead.report import ReportConfig, build_report
+
+        res = build_report(ReportConfig(results=cfg.out, out=report, redact=redact))
+        lines.append(f"report: {res.path} ({res.thumbnails} thumbnails, {len(res.plots)} plots as PNG beside it)")
+    return "\n".join(lines)
+
+
+def prepare(job: AttackJob) -> tuple[Any, Callable[[Any], Any], Callable[[Any], list[str]], str | None, bool]:
+    """The attack's validated config, its run and headline functions, and the report file
+    (``report``) and ``redact`` options: everything checked before any work."""
     from raylead.attacks import idiap, tinsley, webster
     from raylead.config import from_mapping
     from raylead.errors import ConfigError
@@ -31,8 +48,32 @@ def main(job: AttackJob) -> str:
     if job.attack not in kinds:
         raise ConfigError(f"attack: {job.attack!r} is not one of {', '.join(kinds)}")
     config_cls, run, headline = kinds[job.attack]
-    metrics = run(from_mapping(config_cls, job.options, where=f"attack {job.attack}"))
-    return "\n".join(headline(metrics))
+    where = f"attack {job.attack}"
+    options = cli_spellings(job.options, _spellings(job.attack), where)
+    if job.attack != "tinsley":
+        options = with_matcher_flags(options, config_cls)
+    report, redact = options.pop("report", None), options.pop("redact", False)
+    if not isinstance(redact, bool) or (redact and report is None):
+        raise ConfigError(f"{where}: redact applies to the report: add report: FILE.html, or drop redact")
+    cfg = from_mapping(config_cls, options, where=where)
+    return cfg, run, headline, None if report is None else str(report), redact
+
+
+def _spellings(attack: str) -> Spellings:
+    from raylead.attacks.tinsley import parse_index_pairs, parse_threshold_pairs
+    from raylead.attacks.webster import parse_alphas
+
+    def pairs(parse: Callable[[str], dict[str, Any]]) -> Callable[[Any], Any]:
+        return lambda v: dict(v) if isinstance(v, Mapping) else parse(text_of(v))
+
+    if attack == "tinsley":
+        return {
+            "threshold": ("thresholds", pairs(parse_threshold_pairs)),
+            "train_index": ("train_index", pairs(parse_index_pairs)),
+        }
+    if attack == "webster":
+        return {"alpha": ("alphas", lambda v: parse_alphas(text_of(v)))}
+    return {}
 
 
 def from_yaml(data: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,10 @@ audited checkpoint; exits 10 with one verdict line when leakage rose beyond ``to
 Credentials come from the AWS_* environment, never the file.
 """
 
+from typing import Any
+
 from raylead.audit import AuditConfig, run
-from raylead.jobs import run_job
+from raylead.jobs import cli_spellings, run_job
 from raylead.runtime import exit_process
 
 
@@ -16,5 +18,15 @@ def main(cfg: AuditConfig) -> str:
     return run(cfg)
 
 
+def from_yaml(data: dict[str, Any]) -> dict[str, Any]:
+    """``option: [KEY=VALUE, ...]`` (the CLI's ``--option``) or ``generator_options: {KEY: VALUE}``."""
+    from raylead.audit import parse_generator_options
+
+    def options(v: Any) -> Any:
+        return v if isinstance(v, dict) else parse_generator_options(v if isinstance(v, list) else [v])
+
+    return cli_spellings(data, {"option": ("generator_options", options)}, "audit config")
+
+
 if __name__ == "__main__":
-    exit_process(run_job("audit", AuditConfig, main))
+    exit_process(run_job("audit", AuditConfig, main, transform=from_yaml))

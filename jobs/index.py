@@ -1,13 +1,15 @@
 """Ray job: build a sharded IVF-PQ index of a collection. ``python jobs/index.py --config index.yaml``
 
 Keys: ``embeddings`` (collection URI), ``out`` (index URI) and the options of
-``raylead index build`` (shards, memory_budget_bytes, target_recall, vector_dtype, ...).
+``raylead index build`` (shards, memory_budget, target_recall, vector_dtype, ...), spelled as
+the flags (``memory_budget: 8GiB``, ``shard_max: 2GiB``, ``local: true``) or as the fields of
+:class:`raylead.index.IndexBuildConfig` (``memory_budget_bytes: 8589934592``, ``executor: local``).
 """
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylead.jobs import run_job
+from raylead.jobs import cli_spellings, run_job, text_of
 from raylead.runtime import exit_process
 
 
@@ -30,9 +32,28 @@ def main(job: IndexJob) -> str:
     )
 
 
+def _executor(local: Any) -> str:
+    from raylead.errors import ConfigError
+
+    if not isinstance(local, bool):
+        raise ConfigError(f"index options: local must be true or false, got {local!r}")
+    return "local" if local else "ray"
+
+
 def from_yaml(data: dict[str, Any]) -> dict[str, Any]:
+    from raylead.config import parse_size
+
     data = dict(data)
-    return {"embeddings": data.pop("embeddings", None), "out": data.pop("out", None), "options": data}
+    spellings = {
+        "memory_budget": ("memory_budget_bytes", lambda v: parse_size(text_of(v), "memory_budget")),
+        "shard_max": ("shard_max_bytes", lambda v: parse_size(text_of(v), "shard_max")),
+        "local": ("executor", _executor),
+    }
+    return {
+        "embeddings": data.pop("embeddings", None),
+        "out": data.pop("out", None),
+        "options": cli_spellings(data, spellings, "index options"),
+    }
 
 
 if __name__ == "__main__":

@@ -159,6 +159,22 @@ class AuditConfig:
 # ----------------------------------------------------------------------------------------------
 # pure helpers
 # ----------------------------------------------------------------------------------------------
+def parse_generator_options(items: list[str] | None) -> dict[str, Any]:
+    """``--option KEY=VALUE`` items (VALUE read as YAML) → the plug-in's options."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
 def natural_key(name: str) -> tuple[Any, ...]:
     """Sort key that orders numbers by value: ckpt-2 < ckpt-10 < ckpt-10a."""
     parts = re.split(r"(\d+)", name.rstrip("/").lower())

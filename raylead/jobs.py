@@ -1,7 +1,9 @@
 """Shared runner of the Ray job entrypoints in ``jobs/``: ``--config FILE.yaml`` → config object → stage.
 
 The YAML keys are the options of the matching ``raylead`` command (``--top-k`` → ``top_k``),
-validated by the same config dataclasses as the CLI, so a bad key fails before any work.
+validated by the same config dataclasses as the CLI, so a bad key fails before any work. Where
+a flag and its config field differ (``--memory-budget 8GiB`` → ``memory_budget_bytes``), either
+spelling is accepted: :func:`cli_spellings` converts the flag's value as the CLI does.
 """
 
 from __future__ import annotations
@@ -10,13 +12,53 @@ import argparse
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from raylead.config import from_mapping, load_yaml
-from raylead.errors import RayleadError
+from raylead.errors import ConfigError, RayleadError
 
 C = TypeVar("C")
+
+# a flag's key in a job YAML → (the config field, how the CLI turns the flag's value into it)
+Spellings = Mapping[str, tuple[str, Callable[[Any], Any]]]
+
+
+def cli_spellings(data: Mapping[str, Any], spellings: Spellings, where: str) -> dict[str, Any]:
+    """``data`` with each key spelled as the command's flag (``alpha: 1,2``) replaced by its
+    config field (``alphas``), the value converted as the CLI converts the flag's; giving both
+    spellings of one option is a ConfigError."""
+    out = dict(data)
+    for flag, (name, convert) in spellings.items():
+        if flag not in out:
+            continue
+        if name != flag and name in out:
+            raise ConfigError(f"{where}: give {flag} or {name}, not both (they are one option)")
+        out[name] = convert(out.pop(flag))
+    return out
+
+
+MATCHER_FLAGS = ("model", "detector", "model_root", "pack")  # --model ... of commands taking --matcher
+
+
+def with_matcher_flags(options: dict[str, Any], config_cls: Any) -> dict[str, Any]:
+    """``model``/``detector``/``model_root``/``pack`` folded into the ``matcher`` spec, as the CLI does."""
+    import dataclasses
+
+    from raylead.attacks import MatcherSpec
+
+    flags = {k: str(options.pop(k)) for k in MATCHER_FLAGS if options.get(k) is not None}
+    if flags:
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "matcher")
+        options["matcher"] = MatcherSpec.parse(str(options.get("matcher", default))).with_options(**flags).text
+    return options
+
+
+def text_of(value: Any) -> str:
+    """A YAML value given where the CLI takes text: a list is comma-joined (``[1, 2]`` → ``1,2``)."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def run_job(

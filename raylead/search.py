@@ -1223,7 +1223,7 @@ class SearchJob:
     threshold: float | None = None
     use_ray: bool = True
     rerank_vectors: str = "auto"  # where the re-rank reads exact vectors: see plan.rerank_vectors_mode
-    s3: S3Options | None = field(default=None, compare=False, repr=False)
+    s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
         check_rerank_vectors(self.rerank_vectors)
@@ -1499,6 +1499,18 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     out.child(SUMMARY_FILE).write_json(summary)
     _drop_run_state(out)
     return summary | {"already_complete": False, "parts_reused": reused}
+
+
+def summary_lines(summary: dict[str, Any], out: str) -> list[str]:
+    """What `raylead search` (and its Ray job) prints about a finished :func:`run_search`."""
+    lines = []
+    if summary["already_complete"]:
+        lines.append(f"{out} already holds these results: nothing to do")
+    elif summary["parts_reused"]:
+        lines.append(f"resumed: {summary['parts_reused']} of {len(summary['parts'])} result parts already complete")
+    lines.append(f"engine: {summary['engine']}\n  why: {summary['reason']}")
+    lines.append(f"results: {out} ({', '.join(summary['files'].values())})")
+    return lines
 
 
 def _drop_run_state(out: Location) -> None:

@@ -36,10 +36,14 @@ def test_embed_then_attack_jobs(tmp_path, lfw_dir, ray_local) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "12 images → 12 embedded" in done.stdout
     attack = {"attack": "idiap", "train": str(tmp_path / "emb"), "synthetic": str(tmp_path / "synthetic"),
-              "out": str(tmp_path / "idiap"), "top_k": 8}
+              "out": str(tmp_path / "idiap"), "top_k": 8, "report": str(tmp_path / "report.html"), "redact": True}
     done = _run("attack", attack, tmp_path, env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "idiap" / "metrics.json").exists() and "idiap" in done.stdout
+    # report: FILE.html (as --report): the evidence report of these results, redacted as asked
+    assert f"report: {tmp_path / 'report.html'}" in done.stdout
+    html = (tmp_path / "report.html").read_text()
+    assert "idiap" in html and "Faces are redacted (pixelated and blurred)" in html
 
 
 def test_job_config_errors_are_one_line(tmp_path) -> None:
@@ -157,3 +161,135 @@ def test_cli_usage_errors_are_one_line_naming_the_help(monkeypatch, capsys, argv
     assert run() == 2
     out, err = capsys.readouterr()
     assert err.splitlines() == [line] and out == ""
+
+
+def _job_module(kind: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"raylead_job_{kind}", REPO / "jobs" / f"{kind}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+M = "../shared/data/models"
+
+
+@pytest.mark.parametrize(
+    ("kind", "flags", "fields"),
+    [
+        ("index",
+         {"embeddings": "e", "out": "o", "memory_budget": "8GiB", "shard_max": "500MB", "local": True, "shards": 4},
+         {"embeddings": "e", "out": "o", "memory_budget_bytes": 8 * 2**30, "shard_max_bytes": 500 * 10**6,
+          "executor": "local", "shards": 4}),
+        ("index", {"embeddings": "e", "out": "o", "memory_budget": 1000000, "local": False},
+         {"embeddings": "e", "out": "o", "memory_budget_bytes": 1000000, "executor": "ray"}),
+        ("attack",
+         {"attack": "idiap", "train": "t", "synthetic": "s", "out": "o", "matcher": "onnx",
+          "model": f"{M}/m.onnx", "detector": f"{M}/d.onnx", "top_k": 7},
+         {"attack": "idiap", "train": "t", "synthetic": "s", "out": "o",
+          "matcher": f"onnx:model={M}/m.onnx:detector={M}/d.onnx", "top_k": 7}),
+        ("attack", {"attack": "webster", "queries": "q", "samples": "s", "out": "o", "alpha": "1,3",
+                    "matcher": "onnx", "model_root": "/models", "pack": "buffalo_l"},
+         {"attack": "webster", "queries": "q", "samples": "s", "out": "o", "alphas": [1, 3],
+          "matcher": "onnx:model_root=/models:pack=buffalo_l"}),
+        ("attack", {"attack": "webster", "queries": "q", "samples": "s", "out": "o", "alpha": [2, 4.5]},
+         {"attack": "webster", "queries": "q", "samples": "s", "out": "o", "alphas": [2, 4.5]}),
+        ("attack",
+         {"attack": "tinsley", "train": "t", "holdout": "h", "synthetic": "s", "out": "o", "matchers": "dlib,onnx",
+          "threshold": "dlib=0.6,onnx=0.4", "train_index": "dlib=s3://b/idx"},
+         {"attack": "tinsley", "train": "t", "holdout": "h", "synthetic": "s", "out": "o", "matchers": "dlib,onnx",
+          "thresholds": {"dlib": 0.6, "onnx": 0.4}, "train_index": {"dlib": "s3://b/idx"}}),
+        ("audit", {"generator": "folder", "train_index": "i", "out": "o", "checkpoint": "c", "threshold": 0.5,
+                   "option": ["steps=10", "name=x"]},
+         {"generator": "folder", "train_index": "i", "out": "o", "checkpoint": "c", "threshold": 0.5,
+          "generator_options": {"steps": 10, "name": "x"}}),
+    ],
+)
+def test_job_yaml_takes_the_flag_spellings_of_the_cli(kind, flags, fields) -> None:
+    """The docs promise "keys are the options of the matching raylead command": a job YAML that
+    spells an option as the CLI flag (memory_budget: 8GiB, model: F.onnx, alpha: 1,3,
+    threshold: dlib=0.6) builds the same validated config as one spelled as the config's fields."""
+    module = _job_module(kind)
+
+    def config(data):
+        if kind == "attack":
+            return module.prepare(module.AttackJob(**module.from_yaml(data)))[0]
+        if kind == "index":
+            from raylead.config import from_mapping
+            from raylead.index import IndexBuildConfig
+
+            return from_mapping(IndexBuildConfig, module.from_yaml(data)["options"])
+        from raylead.audit import AuditConfig
+        from raylead.config import from_mapping
+
+        return from_mapping(AuditConfig, module.from_yaml(data))
+
+    assert config(flags) == config(fields)
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "says"),
+    [
+        ("index", {"embeddings": "e", "out": "o", "memory_budget": "8GiB", "memory_budget_bytes": 9},
+         "give memory_budget or memory_budget_bytes, not both"),
+        ("index", {"embeddings": "e", "out": "o", "memory_budget": "lots"}, "memory_budget='lots' is not a size"),
+        ("index", {"embeddings": "e", "out": "o", "local": "yes"}, "local must be true or false"),
+        ("attack", {"attack": "webster", "queries": "q", "samples": "s", "out": "o", "alpha": "x"},
+         "cannot read --alpha 'x'"),
+        ("attack", {"attack": "tinsley", "train": "t", "holdout": "h", "synthetic": "s", "out": "o",
+                    "threshold": "dlib=0.6", "thresholds": {"dlib": 0.6}}, "give threshold or thresholds, not both"),
+        ("attack", {"attack": "idiap", "train": "t", "synthetic": "s", "out": "o", "redact": True},
+         "redact applies to the report"),
+        ("audit", {"generator": "folder", "train_index": "i", "out": "o", "option": ["steps"]},
+         "--option 'steps' is not KEY=VALUE"),
+    ],
+)
+def test_job_yaml_flag_spellings_are_checked(tmp_path, kind, data, says) -> None:
+    done = _run(kind, data, tmp_path)
+    assert done.returncode == 2, done.stderr[-1000:]
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and says in done.stderr
+
+
+def test_search_and_calibrate_jobs(tmp_path, write_collection, small_indexes, clustered_small) -> None:
+    """jobs/search.py and jobs/calibrate.py run their commands from YAML (flag spellings accepted):
+    the search's results equal exact brute force, the calibration equals the CLI's on the same set;
+    a rerun of the search finds its results complete; credentials in the file are refused."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from raylead import exact
+    from raylead.cli import app
+
+    c = clustered_small
+    q = c.queries[:60]
+    coll = write_collection(tmp_path / "q", [f"q{i}" for i in range(60)], [None] * 60, q)
+    search = {"queries": coll, "index": small_indexes[4], "out": str(tmp_path / "s"), "k": 5,
+              "engine": "exact", "local": True, "query_block": 25, "pairs": 20}
+    done = _run("search", search, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"results: {tmp_path / 's'} (results.parquet, pairs.parquet)" in done.stdout
+    _, i = exact.exact_search(q, c.base, 5)
+    t = pq.read_table(tmp_path / "s" / "results.parquet")
+    assert t.column("target_id").to_pylist() == [f"img{j:05d}" for j in i.ravel().tolist()]
+    done = _run("search", search, tmp_path)
+    assert done.returncode == 0 and "already holds these results: nothing to do" in done.stdout
+    done = _run("search", {**search, "s3": {"secret_key": "k"}}, tmp_path)
+    assert done.returncode == 2 and "unknown option(s) 's3'" in done.stderr
+
+    rows = np.flatnonzero(np.isin(c.labels, np.unique(c.labels)[:4]))[:40]  # 4 identities, several images each
+    x, labels = c.base[rows], [f"p{lab}" for lab in c.labels[rows]]
+    labelled = write_collection(tmp_path / "l", [f"{k}.jpg" for k in range(40)], labels, x)
+    done = _run("calibrate", {"labelled": labelled, "out": str(tmp_path / "job.json"), "fmr": 0.01,
+                              "impostor_pairs": "all", "detector": "dlib"}, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"calibration: {tmp_path / 'job.json'}" in done.stdout
+    res = CliRunner().invoke(app, ["calibrate", labelled, "--fmr", "0.01", "--out", str(tmp_path / "cli.json")])
+    assert res.exit_code == 0, res.output
+    job_cal, cli_cal = (json.loads((tmp_path / f).read_text()) for f in ("job.json", "cli.json"))
+    for d in (job_cal, cli_cal):
+        d.pop("created", None)
+    assert job_cal == cli_cal and job_cal["impostor_sampling"]["mode"] == "all"

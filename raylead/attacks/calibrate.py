@@ -361,6 +361,19 @@ class CalibrateConfig:
         MatcherSpec.parse(self.matcher)
 
 
+def parse_impostor_pairs(text: str) -> int | None:
+    """``--impostor-pairs``: ``all`` (None) or a number of sampled pairs."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise ConfigError(f"--impostor-pairs must be 'all' or a number of pairs, got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"--impostor-pairs must be 'all' or a positive number, got {text!r}")
+    return value
+
+
 def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     """Embed (or load) the labelled set, calibrate, write the JSON file; returns its content."""
     cfg.validate()

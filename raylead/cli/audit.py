@@ -60,28 +60,11 @@ TopKOpt = Annotated[int, typer.Option("--top-k", help="Highest best-match scores
 EngineOpt = Annotated[str, typer.Option("--engine", help="Search engine: auto, exact or approximate.")]
 
 
-def generator_options(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    from raylead.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option {item!r} is not KEY=VALUE")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
-
-
 def _config(**kwargs: Any) -> Any:
-    from raylead.audit import AuditConfig
+    from raylead.audit import AuditConfig, parse_generator_options
 
     s3 = s3_options(kwargs.pop("s3_endpoint"), kwargs.pop("s3_key"), kwargs.pop("s3_secret"))
-    kwargs["generator_options"] = generator_options(kwargs.pop("option"))
+    kwargs["generator_options"] = parse_generator_options(kwargs.pop("option"))
     cfg = AuditConfig(**kwargs)
     cfg = replace(cfg, s3=s3)
     cfg.validate()

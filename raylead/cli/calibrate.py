@@ -8,7 +8,6 @@ import typer
 
 from raylead.cli import app
 from raylead.cli.common import S3Endpoint, S3Key, S3Secret, s3_options
-from raylead.errors import ConfigError
 
 MatcherOpt = Annotated[
     str,
@@ -39,18 +38,6 @@ def matcher_text(
     return MatcherSpec.parse(matcher).with_options(model, detector, model_root, pack).text
 
 
-def parse_pairs(text: str) -> int | None:
-    if text.strip().lower() == "all":
-        return None
-    try:
-        value = int(float(text))
-    except ValueError:
-        raise ConfigError(f"--impostor-pairs must be 'all' or a number of pairs, got {text!r}") from None
-    if value < 1:
-        raise ConfigError(f"--impostor-pairs must be 'all' or a positive number, got {text!r}")
-    return value
-
-
 @app.command()
 def calibrate(
     labelled: Annotated[
@@ -76,14 +63,14 @@ def calibrate(
     s3_secret: S3Secret = None,
 ) -> None:
     """Genuine/impostor scores of LABELLED → the threshold at --fmr, the EER, histograms (JSON)."""
-    from raylead.attacks.calibrate import CalibrateConfig, headline, run_calibrate
+    from raylead.attacks.calibrate import CalibrateConfig, headline, parse_impostor_pairs, run_calibrate
 
     cfg = CalibrateConfig(
         labelled=labelled,
         out=out,
         matcher=matcher_text(matcher, model, detector, model_root, pack),
         fmr=fmr,
-        impostor_pairs=parse_pairs(impostor_pairs),
+        impostor_pairs=parse_impostor_pairs(impostor_pairs),
         seed=seed,
         bins=bins,
         embeddings_dir=embeddings_dir,

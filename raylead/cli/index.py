@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Annotated
 
 import typer
 
 from raylead.cli import app
 from raylead.cli.common import S3Endpoint, S3Key, S3Secret, location, s3_options
-from raylead.errors import ConfigError
+from raylead.config import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -19,36 +18,6 @@ index_app = typer.Typer(
     help="Build and inspect vector indexes (IVF-PQ shards + exact vectors).", no_args_is_help=True
 )
 app.add_typer(index_app, name="index")
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(text: str, what: str) -> int:
-    """``8GiB``, ``500MB``, ``1e9`` or a plain number of bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise ConfigError(f"{what}={text!r} is not a size: write e.g. 8GiB, 500MB or 1000000")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value < 1:
-        raise ConfigError(f"{what}={text!r} is not positive: give a size such as 8GiB")
-    return value
-
 
 @index_app.command("build")
 def build(

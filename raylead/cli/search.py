@@ -53,7 +53,7 @@ def search_cmd(
 
     Results are written one query block at a time; an interrupted search resumes from the
     finished blocks when rerun with the same arguments."""
-    from raylead.search import SearchConfig, SearchJob, run_search
+    from raylead.search import SearchConfig, SearchJob, run_search, summary_lines
 
     cfg = SearchConfig(
         k=k,
@@ -75,10 +75,5 @@ def search_cmd(
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     job.validate()
-    summary = run_search(job)
-    if summary["already_complete"]:
-        typer.echo(f"{out} already holds these results: nothing to do")
-    elif summary["parts_reused"]:
-        typer.echo(f"resumed: {summary['parts_reused']} of {len(summary['parts'])} result parts already complete")
-    typer.echo(f"engine: {summary['engine']}\n  why: {summary['reason']}")
-    typer.echo(f"results: {out} ({', '.join(summary['files'].values())})")
+    for line in summary_lines(run_search(job), out):
+        typer.echo(line)

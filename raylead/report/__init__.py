@@ -62,7 +62,7 @@ class ReportConfig:
     samples_per_identity: int = 8
     thumb_size: int = 112
     title: str = "raylead evidence report"
-    s3: S3Options | None = field(default=None, compare=False, repr=False)
+    s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
         if not self.out.lower().endswith((".html", ".htm")):
