@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from raylead.errors import ConfigError
-from raylead.storage import Location
+from raylead.storage import Location, S3Options
 
 
 class TinyGenerator(nn.Module):
@@ -87,10 +87,16 @@ class TorchGenerator:
 
 
 def load(
-    checkpoint_uri: str, latent_dim: int = 128, size: int = 64, width: int = 64, device: str = "auto"
+    checkpoint_uri: str,
+    latent_dim: int = 128,
+    size: int = 64,
+    width: int = 64,
+    device: str = "auto",
+    s3: S3Options | None = None,
 ) -> TorchGenerator:
-    """The raylead factory: ``load(checkpoint_uri, **options)`` → a generator object."""
-    data = Location.parse(checkpoint_uri).read_bytes()  # local path, file:// or s3://
+    """The raylead factory: ``load(checkpoint_uri, **options)`` → a generator object. ``s3``: the
+    audit's --s3-* settings (None: the environment's), passed because this factory declares it."""
+    data = Location.parse(checkpoint_uri, s3).read_bytes()  # local path, file:// or s3://
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # an UnpicklingError for anything that is not plain tensors

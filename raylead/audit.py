@@ -145,6 +145,7 @@ class AuditConfig:
             raise ConfigError("--checkpoint-glob is empty: give a pattern such as '*' or 'ckpt-*'")
         MatcherSpec.parse(self.matcher)
         generators.resolve(generators.parse(self.generator))
+        generators.check_options(self.generator_options)
 
     def loc(self, uri: str) -> Location:
         return Location.parse(uri, self.s3 if uri.startswith("s3://") else None)
@@ -362,8 +363,10 @@ def encode_png(img: np.ndarray) -> bytes:
 class SamplerActor:
     """Ray Data actor: loads the generator once (``__init__``), samples and writes PNGs per batch."""
 
-    def __init__(self, spec: str, checkpoint: str, options: dict[str, Any], out: Location) -> None:
-        self.gen = generators.load(spec, checkpoint, options)
+    def __init__(
+        self, spec: str, checkpoint: str, options: dict[str, Any], out: Location, s3: S3Options | None = None
+    ) -> None:
+        self.gen = generators.load(spec, checkpoint, options, s3)
         self.label = spec
         self.out = out
 
@@ -432,6 +435,7 @@ def sample_checkpoint(cfg: AuditConfig, checkpoint: Location, folder: Location, 
             "checkpoint": checkpoint.uri,
             "options": dict(cfg.generator_options),
             "out": samples,
+            "s3": cfg.s3,
         },
         batch_size=cfg.sample_batch_size,
         batch_format="numpy",
@@ -552,7 +556,7 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
     t0 = time.monotonic()
     factory = generators.resolve(cfg.generator)
     n = cfg.samples
-    cap = generators.available(factory, checkpoint.uri, dict(cfg.generator_options))
+    cap = generators.available(factory, checkpoint.uri, dict(cfg.generator_options), cfg.s3)
     if cap is not None:
         if cap < 1:
             raise ConfigError(f"checkpoint {checkpoint.uri} holds no samples for generator {cfg.generator}")

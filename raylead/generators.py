@@ -15,6 +15,11 @@ The callable is a factory: ``callable(checkpoint_uri, **options)`` returns an ob
   the same image for the same seed on every call and every machine (a list of ``[H, W, 3]`` arrays
   is accepted too, for sources whose images differ in size such as ``folder``).
 
+A factory (and its ``available``) that declares a parameter named ``s3`` also gets the run's S3
+settings (``--s3-endpoint/--s3-key/--s3-secret``) as a :class:`~raylead.storage.S3Options`, or
+``None`` for the environment's: open the checkpoint with ``Location.parse(checkpoint_uri, s3)``.
+``s3`` is therefore not a generator option of its own.
+
 Optional attributes of the **factory** (read on the driver, before any work):
 
 * ``uses_gpu = False`` — never ask Ray for GPUs for the sampler actors (default: one GPU per
@@ -36,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import sys
@@ -46,7 +52,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from raylead.errors import ConfigError
-from raylead.storage import IMAGE_EXTENSIONS, Location
+from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
 
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -76,8 +82,8 @@ class FolderGenerator:
 
     uses_gpu = False
 
-    def __init__(self, checkpoint_uri: str, max_pixels: int = 40_000_000) -> None:
-        self.root = Location.parse(checkpoint_uri)
+    def __init__(self, checkpoint_uri: str, max_pixels: int = 40_000_000, s3: S3Options | None = None) -> None:
+        self.root = Location.parse(checkpoint_uri, s3)
         if not self.root.is_dir():
             raise ConfigError(
                 f"generator folder: {self.root.uri} is not a folder of images; give the folder "
@@ -92,8 +98,8 @@ class FolderGenerator:
         self.version = f"{len(self.files)}-images-{digest[:12]}"
 
     @classmethod
-    def available(cls, checkpoint_uri: str, **options: Any) -> int:
-        root = Location.parse(checkpoint_uri)
+    def available(cls, checkpoint_uri: str, s3: S3Options | None = None, **options: Any) -> int:
+        root = Location.parse(checkpoint_uri, s3)
         if not root.exists() or not root.is_dir():
             raise ConfigError(f"generator folder: {root.uri} is not a folder of images")
         return len(root.list_files(IMAGE_EXTENSIONS))
@@ -112,8 +118,8 @@ class FolderGenerator:
         return out
 
 
-def folder(checkpoint_uri: str, **options: Any) -> FolderGenerator:
-    return FolderGenerator(checkpoint_uri, **options)
+def folder(checkpoint_uri: str, s3: S3Options | None = None, **options: Any) -> FolderGenerator:
+    return FolderGenerator(checkpoint_uri, s3=s3, **options)
 
 
 folder.uses_gpu = False  # type: ignore[attr-defined]
@@ -224,15 +230,43 @@ def uses_gpu(factory: Callable[..., Any]) -> bool:
     return bool(getattr(factory, "uses_gpu", True))
 
 
-def available(factory: Callable[..., Any], checkpoint_uri: str, options: dict[str, Any]) -> int | None:
+def check_options(options: dict[str, Any]) -> None:
+    """Generator options a user may give (``s3`` is raylead's: the run's S3 settings)."""
+    if "s3" in options:
+        raise ConfigError(
+            "generator option 's3' is reserved: raylead passes the --s3-* settings to generators "
+            "that declare an s3 parameter; drop that option"
+        )
+
+
+def _with_s3(fn: Callable[..., Any], options: dict[str, Any], s3: S3Options | None) -> dict[str, Any]:
+    """``options`` plus ``s3`` when ``fn`` declares a parameter of that name."""
+    check_options(options)
+    try:
+        declared = "s3" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a readable signature (a C builtin)
+        declared = False
+    return {**options, "s3": s3} if declared else options
+
+
+def available(
+    factory: Callable[..., Any], checkpoint_uri: str, options: dict[str, Any], s3: S3Options | None = None
+) -> int | None:
     fn = getattr(factory, "available", None)
-    return int(fn(checkpoint_uri, **options)) if callable(fn) else None
+    return int(fn(checkpoint_uri, **_with_s3(fn, options, s3))) if callable(fn) else None
 
 
-def load(spec: GeneratorSpec | str, checkpoint_uri: str, options: dict[str, Any] | None = None) -> Any:
-    """Resolve the spec and call the factory; checks the returned object's protocol."""
+def load(
+    spec: GeneratorSpec | str,
+    checkpoint_uri: str,
+    options: dict[str, Any] | None = None,
+    s3: S3Options | None = None,
+) -> Any:
+    """Resolve the spec and call the factory (with ``s3`` when it declares it); checks the
+    returned object's protocol."""
     s = parse(spec) if isinstance(spec, str) else spec
-    gen = resolve(s)(checkpoint_uri, **(options or {}))
+    factory = resolve(s)
+    gen = factory(checkpoint_uri, **_with_s3(factory, dict(options or {}), s3))
     missing = [a for a in ("name", "version", "sample") if not hasattr(gen, a)]
     if gen is None or missing:
         raise ConfigError(

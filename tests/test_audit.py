@@ -94,6 +94,67 @@ def test_folder_generator_samples_sorted_indices(tmp_path: Path, lfw_dir: Path) 
         generators.load("folder", str(tmp_path / "nothing-here"))
 
 
+PLUGIN = """
+class G:
+    name, version = "plug", "1"
+
+    def __init__(self, s3):
+        self.s3 = s3
+
+    def sample(self, seeds):
+        import numpy as np
+        return np.zeros((len(seeds), 8, 8, 3), np.uint8)
+
+def plain(checkpoint_uri, size=8):  # declares no s3: called exactly as before
+    return G(None)
+
+def with_s3(checkpoint_uri, s3=None):
+    return G(s3)
+"""
+
+
+def test_generators_open_s3_checkpoints_with_the_s3_flags(
+    s3_server, lfw_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The audit's --s3-* settings reach the generator (the environment holding no credentials):
+    the folder generator counts and samples an S3 checkpoint with them, in the sampler actor too;
+    a plug-in factory declaring ``s3`` gets them, one that does not is called as before; ``s3``
+    is not a generator option a user may give."""
+    from PIL import Image
+    from s3server import ACCESS_KEY, SECRET_KEY
+
+    from raylead.audit import SamplerActor, sample_file
+    from raylead.errors import RayleadError
+    from raylead.storage import S3Options
+
+    photos = sorted(lfw_dir.rglob("*.jpg"))[:3]
+    uri = "s3://raylead/generator-flags/step-1"
+    for k, photo in enumerate(photos):
+        Location.parse(f"{uri}/{k}.jpg").write_bytes(photo.read_bytes())
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    flags = S3Options.from_env(access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    folder = generators.resolve("folder")
+    with pytest.raises(RayleadError, match="no S3 credentials were found"):  # without the flags
+        generators.available(folder, uri, {})
+    assert generators.available(folder, uri, {}, flags) == 3
+    actor = SamplerActor("folder", uri, {}, Location.parse(str(tmp_path / "samples")), flags)
+    actor({"seed": np.array([2, 0])})
+    for seed in (2, 0):
+        got = np.asarray(Image.open(tmp_path / "samples" / sample_file(seed)))
+        assert np.array_equal(got, np.asarray(Image.open(photos[seed]).convert("RGB")))
+
+    plugin = tmp_path / "plug.py"
+    plugin.write_text(PLUGIN)
+    assert generators.load(f"{plugin}:with_s3", uri, {}, flags).s3 is flags
+    assert generators.load(f"{plugin}:plain", uri, {"size": 4}, flags).s3 is None
+    with pytest.raises(ConfigError, match="generator option 's3' is reserved"):
+        generators.load(f"{plugin}:with_s3", uri, {"s3": {"key": "k"}}, flags)
+    with pytest.raises(ConfigError, match="generator option 's3' is reserved"):
+        from_mapping(AuditConfig, {"generator": "folder", "train_index": "i", "out": "o", "checkpoint": "c",
+                                   "threshold": 0.5, "generator_options": {"s3": {}}})
+
+
 def test_torch_example_is_deterministic_and_refuses_pickles(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     sys.path.insert(0, str(REPO / "examples"))

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from raylead.errors import ConfigError
-from raylead.storage import IMAGE_EXTENSIONS, Location
+from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
 
 log = logging.getLogger(__name__)
 
@@ -492,6 +492,7 @@ class ScenarioBuildConfig:
     copy: bool = False
     pairs: PairsScenarioConfig = field(default_factory=PairsScenarioConfig)
     membership: MembershipScenarioConfig = field(default_factory=MembershipScenarioConfig)
+    s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -506,8 +507,8 @@ def build_scenario(cfg: ScenarioBuildConfig) -> tuple[Scenario, dict[str, str]]:
     from raylead.embed import identity_of
 
     cfg.validate()
-    src = Location.parse(cfg.labelled)
-    out = Location.parse(cfg.out)
+    src = Location.parse(cfg.labelled, cfg.s3)
+    out = Location.parse(cfg.out, cfg.s3)
     if src.contains(out) or out.contains(src):
         raise ConfigError(f"--out {out.uri} and the labelled set {src.uri} must not contain each other")
     if catalog.is_collection(src):

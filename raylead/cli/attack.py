@@ -262,6 +262,9 @@ def scenario_build(
         int | None, typer.Option(help="membership: samples of people in neither Q nor T.")
     ] = None,
     copy: Annotated[bool, typer.Option(help="Copy files instead of symlinking them.")] = False,
+    s3_endpoint: S3Endpoint = None,
+    s3_key: S3Key = None,
+    s3_secret: S3Secret = None,
 ) -> None:
     """Build T/H/S (pairs) or Q/T/samples (membership) with ground truth from a labelled face set."""
     from dataclasses import replace
@@ -286,7 +289,13 @@ def scenario_build(
         **{k: v for k, v in given_membership.items() if v is not None},
     )
     cfg = ScenarioBuildConfig(
-        labelled=labelled, out=out, kind=kind, copy=copy, pairs=pairs, membership=membership
+        labelled=labelled,
+        out=out,
+        kind=kind,
+        copy=copy,
+        pairs=pairs,
+        membership=membership,
+        s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     sc, written = build_scenario(cfg)
     for role, uri in written.items():
