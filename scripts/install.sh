@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install raylead into ./.venv.  Usage: bash scripts/install.sh [test]
-#   CPU machines get the CPU build of torch (torch==2.13.0; set RAYLEAD_TORCH to change it);
-#   machines with an NVIDIA GPU keep pip's CUDA torch and get faiss-gpu + onnxruntime-gpu.
+#   CPU machines get the CPU build of torch (torch==2.13.0; set RAYLEAD_TORCH to change it). That
+#   pin resolves to a CPU wheel on indexes that serve one under it (as here); where pip's index is
+#   plain PyPI, whose Linux torch is the CUDA build, set RAYLEAD_TORCH_INDEX to PyTorch's CPU index
+#   (https://download.pytorch.org/whl/cpu) and torch comes from there.
+#   Machines with an NVIDIA GPU keep pip's CUDA torch and get faiss-gpu + onnxruntime-gpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -14,7 +17,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   $pip uninstall -q -y faiss-cpu onnxruntime
   $pip install -q "faiss-gpu-cu12>=1.8" "onnxruntime-gpu>=1.17"
 else
-  $pip install -q "${RAYLEAD_TORCH:-torch==2.13.0}"
+  $pip install -q ${RAYLEAD_TORCH_INDEX:+--index-url "$RAYLEAD_TORCH_INDEX"} "${RAYLEAD_TORCH:-torch==2.13.0}"
   # constraints.txt pins the tested versions: a fast, reproducible resolve
   $pip install -q -c constraints.txt -e ".${extras:+[$extras]}"
 fi
