@@ -495,8 +495,7 @@ def prepare(cfg: AuditConfig) -> Prepared:
 
     cfg.validate()
     spec = MatcherSpec.parse(cfg.matcher)
-    opts = {"model": spec.model, "model_root": spec.model_root, "pack": spec.pack}
-    matcher = make_matcher(spec.name, **{k: v for k, v in opts.items() if v is not None})
+    matcher = make_matcher(spec.name, **spec.matcher_options())
     matcher.check()
     index_loc = cfg.loc(cfg.train_index)
     if not index_loc.exists():
@@ -531,11 +530,7 @@ def _embed_config(prep: Prepared, samples: Location, emb: Location) -> Any:
     return EmbedConfig(
         source=samples.uri,
         out=emb.uri,
-        matcher=spec.name,
-        model=spec.model,
-        model_root=spec.model_root,
-        pack=spec.pack,
-        detector=spec.detector,
+        **spec.embed_options(),
         aligned=cfg.aligned,
         batch_size=cfg.batch_size,
         actors=cfg.actors,

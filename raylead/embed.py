@@ -57,6 +57,9 @@ class EmbedConfig:
     det_size: int | None = None  # SCRFD input side (default 320); smaller is faster on big faces
     providers: str | None = None  # onnx matcher: "tensorrt,cuda,cpu" order (default: best present)
     fp16: bool = False  # onnx matcher: fp16 through TensorRT
+    channels: str | None = None  # onnx matcher input: rgb (default) or bgr
+    input_mean: float | None = None  # onnx matcher input: (x - mean) / std, default 127.5 / 127.5
+    input_std: float | None = None
     max_pixels: int = 40_000_000
     s3: S3Options | None = field(default=None, compare=False, metadata={"config": False})
 
@@ -70,6 +73,7 @@ class EmbedConfig:
                 raise ConfigError(f"{flag} must be a positive whole number, got {value!r}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError(f"--gpus-per-actor must be ≥ 0, got {self.gpus_per_actor!r}")
+        self.input_options()  # checks --channels / --input-mean / --input-std
         if self.det_size is not None:
             if self.aligned or not self.detector.lower().endswith(".onnx"):
                 raise ConfigError(
@@ -91,8 +95,17 @@ class EmbedConfig:
         size = "" if self.det_size in (None, SCRFD_DET_SIZE) else f"@{self.det_size}"
         return f"detect:{self.detector}{size}:{crop}"
 
+    def input_options(self) -> dict[str, Any]:
+        """The onnx matcher's input convention as its options (checked)."""
+        from raylead.attacks import check_input_options
+
+        return check_input_options(
+            self.matcher, self.channels, self.input_mean, self.input_std, ("--channels", "--input-mean", "--input-std")
+        )
+
     def matcher_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"model": self.model, "model_root": self.model_root, "pack": self.pack}
+        opts.update(self.input_options())
         if self.providers:
             opts["providers"] = [p.strip() for p in self.providers.split(",") if p.strip()]
         if self.fp16:

@@ -324,7 +324,12 @@ class OnnxMatcher:
 
     @property
     def version(self) -> str:
-        return str(self._header()["version"])
+        """``FILE@sha256[:12]``, plus ``+bgr/MEAN/STD`` when the input convention is not the
+        default (RGB, 127.5, 127.5): embeddings of one model fed differently never compare as one."""
+        base = str(self._header()["version"])
+        if (self.bgr, self.mean, self.std) == (False, 127.5, 127.5):
+            return base
+        return f"{base}+{'bgr' if self.bgr else 'rgb'}/{self.mean:g}/{self.std:g}"
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_session": None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,30 @@ def test_matcher_spec_parse() -> None:
         parse_matchers("dlib,dlib")
     with pytest.raises(ConfigError, match="cannot read matcher spec"):
         MatcherSpec.parse("onnx:colour=red")
+
+
+def test_matcher_spec_input_convention() -> None:
+    """channels/mean/std in a spec (AdaFace: BGR) reach the matcher's options and the embed
+    config, survive the text round trip and CLI flags; bad values are one-line errors."""
+    s = MatcherSpec.parse("onnx:model=ada.onnx:channels=bgr:mean=127.5:std=128")
+    assert MatcherSpec.parse(s.text) == s and s.text == "onnx:model=ada.onnx:channels=bgr:mean=127.5:std=128"
+    assert s.matcher_options() == {"model": "ada.onnx", "bgr": True, "mean": 127.5, "std": 128.0}
+    assert s.with_options(detector="d.onnx").matcher_options() == s.matcher_options()
+    emb = s.embed_options()
+    assert (emb["channels"], emb["input_mean"], emb["input_std"], emb["model"]) == ("bgr", 127.5, 128.0, "ada.onnx")
+    assert MatcherSpec.parse("onnx:model=a.onnx").matcher_options() == {"model": "a.onnx"}
+    assert s.label == "onnx-ada-bgr-mean127.5-std128" and MatcherSpec.parse("onnx:model=ada.onnx").label == "onnx-ada"
+    assert [m.label for m in parse_matchers("onnx:model=ada.onnx,onnx:model=ada.onnx:channels=bgr")] == [
+        "onnx-ada", "onnx-ada-bgr"]
+    for bad, says in [
+        ("onnx:model=a.onnx:channels=rbg", "channels='rbg' is not one of rgb, bgr"),
+        ("onnx:model=a.onnx:std=0", "std=0.0 must be a finite number ≠ 0"),
+        ("onnx:model=a.onnx:mean=nan", "mean=nan must be a finite number"),
+        ("onnx:model=a.onnx:mean=grey", "matcher mean='grey' is not a number"),
+        ("dlib:channels=bgr", "set the input of onnx models; matcher 'dlib' has its own"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            MatcherSpec.parse(bad)
 
 
 def test_set_aside_failures_and_floor() -> None:

@@ -137,6 +137,9 @@ def test_killed_embed_resumes_with_every_image_once(tmp_path, lfw_dir, lfw_dlib,
         (["--det-size", "160"], "applies to SCRFD"),
         (["--fp16"], "does not accept option(s) fp16"),
         (["--matcher", "onnx", "--model", "m.onnx", "--providers", "gpu"], "unknown onnx provider"),
+        (["--channels", "bgr"], "--channels/--input-mean/--input-std set the input of onnx models"),
+        (["--matcher", "onnx", "--model", "m.onnx", "--channels", "BGR"], "--channels='BGR' is not one of rgb, bgr"),
+        (["--matcher", "onnx", "--model", "m.onnx", "--input-std", "0"], "--input-std=0.0 must be a finite number"),
     ],
 )
 def test_bad_arguments_fail_before_work(tmp_path, lfw_dir, extra, expect) -> None:
@@ -151,6 +154,25 @@ def test_bad_arguments_fail_before_work(tmp_path, lfw_dir, extra, expect) -> Non
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], proc.stderr
     assert not (out / "shards").exists()
+
+
+def test_channels_bgr_feeds_the_model_bgr_and_names_it(tmp_path, lfw_dir, mbf_model, scrfd_model, ray_local) -> None:
+    """`--channels bgr` (AdaFace-style models): the pipeline's embeddings are the model's on the
+    same aligned crops fed BGR, and the collection's matcher version says so (never mixed with RGB)."""
+    from raylead.faces import Preprocessor
+    from raylead.matchers import OnnxMatcher
+
+    src = tmp_path / "in"
+    _subset(lfw_dir, src, identities=2, per=2)
+    cfg = EmbedConfig(source=str(src), out=str(tmp_path / "out"), matcher="onnx", model=str(mbf_model),
+                      detector=str(scrfd_model), channels="bgr", actors=1)
+    embed_collection(cfg)
+    col = read_collection(str(tmp_path / "out"))
+    assert col.manifest.ok == 4 and col.manifest.matcher_version == "mobilefacenet.onnx@f055d9c9a4d8+bgr/127.5/127.5"
+    prep = Preprocessor(str(scrfd_model), "arcface112", aligned=False)
+    crops = np.stack([prep.process((src / i).read_bytes())[0] for i in col.ok_ids])
+    np.testing.assert_allclose(col.embeddings, OnnxMatcher(model=str(mbf_model), bgr=True).embed(crops), atol=1e-5)
+    assert not np.allclose(col.embeddings, OnnxMatcher(model=str(mbf_model)).embed(crops), atol=1e-2)
 
 
 def test_fp16_without_gpu_workers_fails_before_work(tmp_path, lfw_dir, mbf_model, scrfd_model) -> None:

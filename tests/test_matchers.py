@@ -135,6 +135,10 @@ def test_bgr_option_changes_the_input(mbf_model: Path, arcface_crops: tuple[np.n
     bgr = OnnxMatcher(model=str(mbf_model), bgr=True).embed(crops)
     assert np.allclose(bgr, OnnxMatcher(model=str(mbf_model)).embed(crops[..., ::-1].copy()), atol=1e-5)
     assert not np.allclose(rgb, bgr)
+    # the version names a non-default input convention: such embeddings never compare as the default's
+    assert OnnxMatcher(model=str(mbf_model)).version == "mobilefacenet.onnx@f055d9c9a4d8"
+    assert OnnxMatcher(model=str(mbf_model), bgr=True).version == "mobilefacenet.onnx@f055d9c9a4d8+bgr/127.5/127.5"
+    assert OnnxMatcher(model=str(mbf_model), mean=0, std=255).version == "mobilefacenet.onnx@f055d9c9a4d8+rgb/0/255"
 
 
 def test_registry_errors() -> None:

@@ -18,6 +18,7 @@ helpers and result writing. Every similarity is the cosine of L2-normalised embe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -110,7 +111,30 @@ def summary(values: np.ndarray) -> dict[str, float | int | None]:
 # ------------------------------------------------------------------------------------------
 # matchers
 # ------------------------------------------------------------------------------------------
-_SPEC_KEYS = ("model", "model_root", "pack", "detector")
+_SPEC_KEYS = ("model", "model_root", "pack", "detector", "channels", "mean", "std")
+CHANNELS = ("rgb", "bgr")
+
+
+def check_input_options(
+    matcher: str, channels: str | None, mean: float | None, std: float | None, names: tuple[str, str, str]
+) -> dict[str, Any]:
+    """An onnx model's input convention (``names``: how the caller spells the three options) →
+    the matching :func:`raylead.matchers.make_matcher` options; bad values are ConfigErrors."""
+    if (channels, mean, std) == (None, None, None):
+        return {}
+    if matcher != "onnx":
+        raise ConfigError(
+            f"{'/'.join(names)} set the input of onnx models; matcher {matcher!r} has its own: drop them"
+        )
+    if channels is not None and channels not in CHANNELS:
+        raise ConfigError(f"{names[0]}={channels!r} is not one of {', '.join(CHANNELS)}")
+    for name, value in ((names[1], mean), (names[2], std)):
+        if value is not None and (not math.isfinite(value) or (name == names[2] and value == 0)):
+            raise ConfigError(f"{name}={value!r} must be a finite number{' ≠ 0' if name == names[2] else ''}")
+    opts: dict[str, Any] = {"mean": mean, "std": std}
+    if channels is not None:
+        opts["bgr"] = channels == "bgr"
+    return {k: v for k, v in opts.items() if v is not None}
 _SPEC_SPLIT = re.compile(r":(?=(?:{})=)".format("|".join(_SPEC_KEYS)))
 
 
@@ -119,6 +143,8 @@ class MatcherSpec:
     """A matcher and what it needs to embed images: ``NAME[:model=F][:detector=D]...``.
 
     ``detector`` is ``dlib`` (HOG + 5-point) or a SCRFD ``.onnx`` file, as for ``raylead embed``.
+    ``channels`` (``rgb``/``bgr``), ``mean`` and ``std``: the onnx model's input convention
+    (``(x - mean) / std``; default RGB, 127.5, 127.5 — AdaFace exports take ``channels=bgr``).
     """
 
     name: str
@@ -126,6 +152,42 @@ class MatcherSpec:
     model_root: str | None = None
     pack: str | None = None
     detector: str = "dlib"
+    channels: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    _input: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        input_options = check_input_options(
+            self.name, self.channels, self._number("mean"), self._number("std"),
+            ("channels", "mean", "std"),
+        )
+        object.__setattr__(self, "_input", input_options)  # frozen: set once, here
+
+    def _number(self, key: str) -> float | None:
+        value = getattr(self, key)
+        try:
+            return None if value is None else float(value)
+        except ValueError:
+            raise ConfigError(f"matcher {key}={value!r} is not a number, e.g. {key}=127.5") from None
+
+    def matcher_options(self) -> dict[str, Any]:
+        """Keyword options of :func:`raylead.matchers.make_matcher` for this spec."""
+        opts = {"model": self.model, "model_root": self.model_root, "pack": self.pack}
+        return {**{k: v for k, v in opts.items() if v is not None}, **self._input}
+
+    def embed_options(self) -> dict[str, Any]:
+        """The fields of :class:`raylead.embed.EmbedConfig` that embed with this spec."""
+        return {
+            "matcher": self.name,
+            "model": self.model,
+            "model_root": self.model_root,
+            "pack": self.pack,
+            "detector": self.detector,
+            "channels": self.channels,
+            "input_mean": self._number("mean"),
+            "input_std": self._number("std"),
+        }
 
     @classmethod
     def parse(cls, text: str) -> MatcherSpec:
@@ -144,7 +206,7 @@ class MatcherSpec:
         if ":" in name or "=" in name or not name:
             raise ConfigError(
                 f"cannot read matcher spec {text!r}: use NAME[:model=FILE][:detector=dlib|FILE]"
-                f"[:model_root=DIR][:pack=NAME] (keys: {', '.join(_SPEC_KEYS)})"
+                f"[:model_root=DIR][:pack=NAME][:channels=rgb|bgr][:mean=M][:std=S] (keys: {', '.join(_SPEC_KEYS)})"
             )
         return cls(name=name, **opts)
 
@@ -156,8 +218,8 @@ class MatcherSpec:
         pack: str | None = None,
     ) -> MatcherSpec:
         """This spec with the given options (from CLI flags) taking precedence."""
-        return MatcherSpec(
-            name=self.name,
+        return dataclasses.replace(
+            self,
             model=model or self.model,
             model_root=model_root or self.model_root,
             pack=pack or self.pack,
@@ -183,6 +245,10 @@ class MatcherSpec:
             base = f"{base}-{stem}"
         elif self.pack:
             base = f"{base}-{self.pack}"
+        # a non-default input convention is another embedding space: its own label (and folders)
+        for prefix, value in (("", self.channels), ("mean", self.mean), ("std", self.std)):
+            if value is not None:
+                base = f"{base}-{prefix}{value}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", base)
 
 
@@ -654,11 +720,7 @@ def load_set(
     cfg = EmbedConfig(
         source=source,
         out=target.uri,
-        matcher=matcher.name,
-        model=matcher.model,
-        model_root=matcher.model_root,
-        pack=matcher.pack,
-        detector=matcher.detector,
+        **matcher.embed_options(),
         actors=actors,
         batch_size=batch_size,
         s3=s3,
@@ -673,8 +735,7 @@ def _expected_version(spec: MatcherSpec) -> str | None:
         return None
     from raylead.matchers import make_matcher
 
-    opts = {"model": spec.model, "model_root": spec.model_root, "pack": spec.pack}
-    return str(make_matcher(spec.name, **{k: v for k, v in opts.items() if v is not None}).version)
+    return str(make_matcher(spec.name, **spec.matcher_options()).version)
 
 
 def check_same_matcher(sets: Mapping[str, EmbeddedSet]) -> tuple[str, str]:

@@ -54,6 +54,13 @@ def embed(
         typer.Option(help="onnx matcher: providers in order, e.g. tensorrt,cuda,cpu (default: best present)."),
     ] = None,
     fp16: Annotated[bool, typer.Option(help="onnx matcher: run in fp16 through TensorRT (GPU workers).")] = False,
+    channels: Annotated[
+        str | None, typer.Option(help="onnx matcher input channel order: rgb (default) or bgr (e.g. AdaFace).")
+    ] = None,
+    input_mean: Annotated[
+        float | None, typer.Option(help="onnx matcher input: (x - mean) / std; default 127.5.")
+    ] = None,
+    input_std: Annotated[float | None, typer.Option(help="onnx matcher input std; default 127.5.")] = None,
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
@@ -76,6 +83,9 @@ def embed(
         det_size=det_size,
         providers=providers,
         fp16=fp16,
+        channels=channels,
+        input_mean=input_mean,
+        input_std=input_std,
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     prepared = prepare(cfg)
