@@ -47,7 +47,8 @@ def with_matcher_flags(options: dict[str, Any], config_cls: Any) -> dict[str, An
 
     from raylead.attacks import MatcherSpec
 
-    flags = {k: str(options.pop(k)) for k in MATCHER_FLAGS if options.get(k) is not None}
+    given = {k: options.pop(k) for k in MATCHER_FLAGS if k in options}
+    flags = {k: str(v) for k, v in given.items() if v is not None}
     if flags:
         default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "matcher")
         options["matcher"] = MatcherSpec.parse(str(options.get("matcher", default))).with_options(**flags).text

@@ -112,6 +112,7 @@ def summary(values: np.ndarray) -> dict[str, float | int | None]:
 # matchers
 # ------------------------------------------------------------------------------------------
 _SPEC_KEYS = ("model", "model_root", "pack", "detector", "channels", "mean", "std")
+_SPEC_SPLIT = re.compile(r":(?=(?:{})=)".format("|".join(_SPEC_KEYS)))
 CHANNELS = ("rgb", "bgr")
 
 
@@ -135,7 +136,6 @@ def check_input_options(
     if channels is not None:
         opts["bgr"] = channels == "bgr"
     return {k: v for k, v in opts.items() if v is not None}
-_SPEC_SPLIT = re.compile(r":(?=(?:{})=)".format("|".join(_SPEC_KEYS)))
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,9 @@ class MatcherSpec:
     _input: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        names = ("channels", "mean", "std")
         input_options = check_input_options(
-            self.name, self.channels, self._number("mean"), self._number("std"),
-            ("channels", "mean", "std"),
+            self.name, self.channels, self._number("mean"), self._number("std"), names
         )
         object.__setattr__(self, "_input", input_options)  # frozen: set once, here
 
