@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylead.jobs import Spellings, cli_spellings, run_job, text_of, with_matcher_flags
+from raylead.jobs import Spellings, cli_spellings, key_values, run_job, text_of, with_matcher_flags
 from raylead.runtime import exit_process
 
 
@@ -66,14 +66,18 @@ def _spellings(attack: str) -> Spellings:
     def pairs(parse: Callable[[str], dict[str, Any]]) -> Callable[[Any], Any]:
         return lambda v: dict(v) if isinstance(v, Mapping) else parse(text_of(v))
 
+    common: dict[str, tuple[str, Callable[[Any], Any]]] = {
+        "triage_option": ("triage_options", key_values("--triage-option"))
+    }
     if attack == "tinsley":
         return {
+            **common,
             "threshold": ("thresholds", pairs(parse_threshold_pairs)),
             "train_index": ("train_index", pairs(parse_index_pairs)),
         }
     if attack == "webster":
-        return {"alpha": ("alphas", lambda v: parse_alphas(text_of(v)))}
-    return {}
+        return {**common, "alpha": ("alphas", lambda v: parse_alphas(text_of(v)))}
+    return common
 
 
 def from_yaml(data: dict[str, Any]) -> dict[str, Any]:

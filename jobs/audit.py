@@ -10,7 +10,7 @@ Credentials come from the AWS_* environment, never the file.
 from typing import Any
 
 from raylead.audit import AuditConfig, run
-from raylead.jobs import cli_spellings, run_job
+from raylead.jobs import cli_spellings, key_values, run_job
 from raylead.runtime import exit_process
 
 
@@ -20,12 +20,7 @@ def main(cfg: AuditConfig) -> str:
 
 def from_yaml(data: dict[str, Any]) -> dict[str, Any]:
     """``option: [KEY=VALUE, ...]`` (the CLI's ``--option``) or ``generator_options: {KEY: VALUE}``."""
-    from raylead.audit import parse_generator_options
-
-    def options(v: Any) -> Any:
-        return v if isinstance(v, dict) else parse_generator_options(v if isinstance(v, list) else [v])
-
-    return cli_spellings(data, {"option": ("generator_options", options)}, "audit config")
+    return cli_spellings(data, {"option": ("generator_options", key_values("--option"))}, "audit config")
 
 
 if __name__ == "__main__":

@@ -160,22 +160,6 @@ class AuditConfig:
 # ----------------------------------------------------------------------------------------------
 # pure helpers
 # ----------------------------------------------------------------------------------------------
-def parse_generator_options(items: list[str] | None) -> dict[str, Any]:
-    """``--option KEY=VALUE`` items (VALUE read as YAML) → the plug-in's options."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = str(item).partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option {item!r} is not KEY=VALUE")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
-
-
 def natural_key(name: str) -> tuple[Any, ...]:
     """Sort key that orders numbers by value: ckpt-2 < ckpt-10 < ckpt-10a."""
     parts = re.split(r"(\d+)", name.rstrip("/").lower())
@@ -392,7 +376,7 @@ def sample_checkpoint(cfg: AuditConfig, checkpoint: Location, folder: Location, 
     (``folder/samples.json``, written last) of the same generator, checkpoint and seeds."""
     import ray
 
-    from raylead.embed import _batches_or_storage_error
+    from raylead.embed import batches_or_raylead_error
     from raylead.runtime import cluster_gpus, ensure_ray
 
     samples = folder.child("samples")
@@ -445,7 +429,7 @@ def sample_checkpoint(cfg: AuditConfig, checkpoint: Location, folder: Location, 
     )
     files: dict[int, str] = {}
     name = version = ""
-    for batch in _batches_or_storage_error(ds):
+    for batch in batches_or_raylead_error(ds):
         for j in range(len(batch["seed"])):
             files[int(batch["seed"][j])] = str(batch["file"][j])
         if len(batch["seed"]):

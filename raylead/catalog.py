@@ -234,6 +234,23 @@ def is_collection(root: Location) -> bool:
     return root.child(MANIFEST).exists()
 
 
+def image_root(loc: Location) -> Location:
+    """The image folder behind a set: the folder itself, or the one a collection was embedded
+    from (its manifest's ``source``, opened with ``loc``'s S3 settings); a ConfigError saying why
+    when there is none."""
+    if is_collection(loc):
+        source = read_manifest(loc).source
+        if not source or "#" in source:
+            raise ConfigError(f"{loc.uri} is an embedding collection not embedded from an image folder")
+        src = Location.parse(source, loc.s3 if source.startswith("s3://") else None)
+        if not src.exists():
+            raise ConfigError(f"the image folder {src.uri} of the collection {loc.uri} does not exist")
+        return src
+    if not loc.exists():
+        raise ConfigError(f"the image folder {loc.uri} does not exist")
+    return loc
+
+
 @dataclass
 class Collection:
     """A loaded collection: every row, and the float32 embeddings of the ``ok`` rows."""

@@ -125,3 +125,17 @@ def parse_size(text: str, what: str) -> int:
     if value < 1:
         raise ConfigError(f"{what}={text!r} is not positive: give a size such as 8GiB")
     return value
+
+
+def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """Repeated ``FLAG KEY=VALUE`` items (each VALUE read as YAML: ``steps=50`` is a number) → a mapping."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out

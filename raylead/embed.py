@@ -390,7 +390,7 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
         num_gpus=gpus,
         num_cpus=0 if gpus else 1,
     )
-    for batch in _batches_or_storage_error(ds):
+    for batch in batches_or_raylead_error(ds):
         for j in range(len(batch["image_id"])):
             yield {
                 "image_id": str(batch["image_id"][j]),
@@ -403,7 +403,7 @@ def _iter_pipeline(prep: Prepared, pending: dict[int, list[str]]) -> Iterator[di
             }
 
 
-def _batches_or_storage_error(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+def batches_or_raylead_error(ds: Any) -> Iterator[dict[str, np.ndarray]]:
     """Iterate the dataset; a RayleadError raised inside a task (e.g. storage down after its
     retries) comes out as that error, one line, instead of a Ray traceback."""
     try:

@@ -39,23 +39,16 @@ An example that wraps a PyTorch checkpoint (a ``state_dict`` loaded with
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import inspect
-import os
-import re
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from raylead import plugins
 from raylead.errors import ConfigError
+from raylead.plugins import PluginSpec
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
-
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @runtime_checkable
@@ -129,101 +122,16 @@ BUILTINS: dict[str, Callable[..., Any]] = {"folder": folder}
 
 
 # ----------------------------------------------------------------------------------------------
-# resolving a spec
+# resolving a spec (raylead.plugins)
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GeneratorSpec:
-    """A parsed generator spec: what the driver checked and what every sampler actor resolves."""
-
-    text: str  # as given
-    module: str | None = None  # dotted module, for module:callable
-    path: str | None = None  # absolute path of the file, for file.py:callable
-    attr: str | None = None
-    builtin: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.builtin or self.text
+def parse(text: str) -> PluginSpec:
+    """Check the syntax of a generator spec (no import yet)."""
+    return plugins.parse(text, "generator", "--generator", BUILTINS)
 
 
-def parse(text: str) -> GeneratorSpec:
-    """Check the syntax of a spec (no import yet)."""
-    text = (text or "").strip()
-    if not text:
-        raise ConfigError(f"--generator is empty: give a built-in ({', '.join(BUILTINS)}) or module:callable")
-    if ":" not in text:
-        if text in BUILTINS:
-            return GeneratorSpec(text, builtin=text)
-        raise ConfigError(
-            f"unknown generator {text!r}: give a built-in ({', '.join(sorted(BUILTINS))}), "
-            "package.module:callable or path/to/file.py:callable"
-        )
-    target, _, attr = text.rpartition(":")
-    if not _ATTR.match(attr):
-        raise ConfigError(f"generator {text!r}: {attr!r} is not a callable name; write module:callable")
-    if target.endswith(".py"):
-        return GeneratorSpec(text, path=os.path.abspath(os.path.expanduser(target)), attr=attr)
-    if not _MODULE.match(target):
-        raise ConfigError(
-            f"generator {text!r}: {target!r} is neither a module name nor a .py file; "
-            "write package.module:callable or path/to/file.py:callable"
-        )
-    return GeneratorSpec(text, module=target, attr=attr)
-
-
-def _load_file(path: str, text: str) -> Any:
-    digest = hashlib.sha256(path.encode()).hexdigest()[:12]
-    name = f"raylead_generator_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    if not os.path.isfile(path):
-        raise ConfigError(f"generator {text!r}: file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"generator {text!r}: cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise ConfigError(f"generator {text!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
-    return module
-
-
-def resolve(spec: GeneratorSpec | str) -> Callable[..., Any]:
+def resolve(spec: PluginSpec | str) -> Callable[..., Any]:
     """The factory callable of a spec; a :class:`ConfigError` when it cannot be had."""
-    s = parse(spec) if isinstance(spec, str) else spec
-    if s.builtin is not None:
-        return BUILTINS[s.builtin]
-    assert s.attr is not None
-    if s.path is not None:
-        path = s.path
-        rel = s.text.rpartition(":")[0]
-        if not os.path.isfile(path) and not os.path.isabs(rel) and os.path.isfile(rel):
-            path = os.path.abspath(rel)  # a worker whose working dir holds the file
-        module = _load_file(path, s.text)
-    else:
-        assert s.module is not None
-        try:
-            module = importlib.import_module(s.module)
-        except ImportError as exc:
-            raise ConfigError(
-                f"generator {s.text!r}: cannot import module {s.module!r} ({exc}); install it or put it "
-                "on PYTHONPATH (or give path/to/file.py:callable)"
-            ) from None
-        except Exception as exc:
-            raise ConfigError(
-                f"generator {s.text!r}: importing {s.module!r} failed: {type(exc).__name__}: {exc}"
-            ) from None
-    obj: Any = module
-    for part in s.attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise ConfigError(f"generator {s.text!r}: {s.attr!r} not found in {module.__name__}")
-    if not callable(obj):
-        raise ConfigError(f"generator {s.text!r}: {s.attr!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return plugins.resolve(parse(spec) if isinstance(spec, str) else spec, BUILTINS)
 
 
 def uses_gpu(factory: Callable[..., Any]) -> bool:
@@ -257,7 +165,7 @@ def available(
 
 
 def load(
-    spec: GeneratorSpec | str,
+    spec: PluginSpec | str,
     checkpoint_uri: str,
     options: dict[str, Any] | None = None,
     s3: S3Options | None = None,

@@ -55,6 +55,19 @@ def with_matcher_flags(options: dict[str, Any], config_cls: Any) -> dict[str, An
     return options
 
 
+def key_values(flag: str) -> Callable[[Any], dict[str, Any]]:
+    """Converter of a repeatable ``FLAG KEY=VALUE`` given in YAML: a mapping as is, or the CLI's
+    ``KEY=VALUE`` item(s)."""
+    from raylead.config import parse_key_values
+
+    def convert(value: Any) -> dict[str, Any]:
+        if isinstance(value, Mapping):
+            return dict(value)
+        return parse_key_values(value if isinstance(value, list) else [value], flag)
+
+    return convert
+
+
 def text_of(value: Any) -> str:
     """A YAML value given where the CLI takes text: a list is comma-joined (``[1, 2]`` → ``1,2``)."""
     if isinstance(value, list | tuple):

@@ -383,13 +383,15 @@ class EmbeddedSet:
 
 @dataclass
 class SetAside:
-    """Synthetic images not scored: no detectable face, or a detector score below the floor."""
+    """Synthetic images not scored: no detectable face, a detector score below the floor, or
+    set aside by the triage filter."""
 
     det_score_floor: float
     ids: list[str]
     reasons: list[str]
     det_scores: list[float | None]
     unknown_det_score: int  # kept rows with no detector score (pre-aligned inputs)
+    triage: str | None = None  # the --triage spec that judged the kept rows
 
     @property
     def count(self) -> int:
@@ -401,6 +403,7 @@ class SetAside:
     def to_json(self) -> dict[str, Any]:
         return {
             "det_score_floor": self.det_score_floor,
+            "triage": self.triage,
             "count": self.count,
             "by_reason": self.by_reason(),
             "kept_without_det_score": self.unknown_det_score,
@@ -410,13 +413,58 @@ class SetAside:
         return {"image_id": self.ids, "reason": self.reasons, "det_score": self.det_scores}
 
 
-def set_aside(images: EmbeddedSet, det_score_floor: float) -> tuple[EmbeddedSet, SetAside]:
+class Triage:
+    """The ``--triage`` filter of one attack run (:mod:`raylead.triage`); remembers its verdicts,
+    so the sets of several matchers over the same images are judged once."""
+
+    def __init__(
+        self, spec: str, options: dict[str, Any] | None = None, actors: int = 1, s3: S3Options | None = None
+    ) -> None:
+        self.spec, self.options, self.actors, self.s3 = spec, dict(options or {}), int(actors), s3
+        self._verdicts: dict[tuple[str, str], str | None] = {}
+
+    @classmethod
+    def of(cls, cfg: Any) -> Triage | None:
+        """The filter an attack config (``triage``, ``triage_options``, ``actors``, ``s3``) asks for."""
+        return None if cfg.triage is None else cls(cfg.triage, cfg.triage_options, cfg.actors, cfg.s3)
+
+    def reasons(self, images: EmbeddedSet) -> list[str | None]:
+        """The filter's reason to set each of ``images`` aside (None: keep it)."""
+        from raylead import catalog
+        from raylead.triage import triage_reasons
+
+        if not len(images):
+            return []
+        try:
+            root = catalog.image_root(Location.parse(images.uri, self.s3 if images.uri.startswith("s3://") else None))
+        except ConfigError as exc:
+            raise ConfigError(f"--triage needs the images of {images.uri}: {exc}") from None
+        todo = [i for i in dict.fromkeys(images.ids) if (root.uri, i) not in self._verdicts]
+        verdicts = triage_reasons(self.spec, self.options, root, todo, actors=self.actors)
+        self._verdicts.update({(root.uri, i): v for i, v in zip(todo, verdicts, strict=True)})
+        return [self._verdicts[(root.uri, i)] for i in images.ids]
+
+
+def check_triage(spec: str | None, options: dict[str, Any]) -> None:
+    """``--triage``/``--triage-option``, checked (imported) before any work; nothing when off."""
+    if spec is not None:
+        from raylead.triage import check
+
+        check(spec, options)
+    elif options:
+        raise ConfigError("--triage-option needs --triage SPEC (the filter they are for); drop them or add it")
+
+
+def set_aside(
+    images: EmbeddedSet, det_score_floor: float, triage: Triage | None = None
+) -> tuple[EmbeddedSet, SetAside]:
     """Split off the images that cannot be evidence of a leak.
 
     Rows that failed (no face, undecodable, ...) are set aside with their failure reason;
     ``ok`` rows whose detector score is below ``det_score_floor`` with reason
-    ``det_score_below_floor``. Rows without a detector score (pre-aligned inputs) are kept and
-    counted. Returns the kept set and the record of what was set aside.
+    ``det_score_below_floor``; with a ``triage`` filter, the rows it answers a reason for, with
+    reason ``triage: <its reason>``. Rows without a detector score (pre-aligned inputs) are kept
+    and counted. Returns the kept set and the record of what was set aside.
     """
     if not math.isfinite(det_score_floor):
         raise ConfigError(f"--det-score-floor must be a finite number, got {det_score_floor!r}")
@@ -426,7 +474,16 @@ def set_aside(images: EmbeddedSet, det_score_floor: float) -> tuple[EmbeddedSet,
     ids = list(images.failed_ids) + [images.ids[i] for i in np.flatnonzero(low)]
     reasons = list(images.failed_reasons) + ["det_score_below_floor"] * int(low.sum())
     dets: list[float | None] = [None] * len(images.failed_ids) + [float(det[i]) for i in np.flatnonzero(low)]
-    record = SetAside(det_score_floor, ids, reasons, dets, int((~np.isfinite(det)).sum()))
+    if triage is not None:
+        verdicts = triage.reasons(kept)
+        judged = np.array([v is not None for v in verdicts], dtype=bool)
+        for i in np.flatnonzero(judged):
+            ids.append(kept.ids[i])
+            reasons.append(f"triage: {verdicts[i]}")
+            dets.append(float(kept.det_scores[i]) if np.isfinite(kept.det_scores[i]) else None)
+        kept = kept.take(~judged)
+    unknown = int((~np.isfinite(kept.det_scores)).sum())
+    record = SetAside(det_score_floor, ids, reasons, dets, unknown, None if triage is None else triage.spec)
     kept.failed_ids, kept.failed_reasons, kept.failed_identities = [], [], []
     return kept, record
 

@@ -31,9 +31,11 @@ from raylead.attacks import (
     SearchBase,
     SetAside,
     Threshold,
+    Triage,
     best_match,
     check_index_of,
     check_same_matcher,
+    check_triage,
     fmt,
     groups_of,
     histogram,
@@ -330,9 +332,12 @@ class IdiapConfig:
     bins: int = DEFAULT_BINS
     embeddings_dir: str | None = None  # default: OUT/embeddings
     actors: int = 1
+    triage: str | None = None  # a triage filter (raylead.triage): sets synthetic images aside before scoring
+    triage_options: dict[str, Any] = field(default_factory=dict)
     s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
+        check_triage(self.triage, self.triage_options)
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be ≥ 1 (the paper uses 1500), got {self.top_k}")
         if self.engine not in ("auto", "exact", "approximate"):
@@ -360,7 +365,7 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     synthetic_all = load_set(cfg.synthetic, spec, "synthetic", emb_dir, cfg.s3, actors=cfg.actors)
     matcher, version = check_same_matcher({"train": train, "synthetic": synthetic_all})
     threshold = resolve_threshold(cfg.threshold, cfg.threshold_from, matcher, version, cfg.s3)
-    synthetic, aside = set_aside(synthetic_all, cfg.det_score_floor)
+    synthetic, aside = set_aside(synthetic_all, cfg.det_score_floor, Triage.of(cfg))
     if len(train) == 0:
         raise ConfigError(f"the training set {cfg.train} has no usable face embeddings; check its images")
     # the index is read with the same S3 endpoint and credentials (flags) as the sets
@@ -426,7 +431,8 @@ def write_idiap(
         w.table(
             "set_aside.parquet",
             aside.columns(),
-            "synthetic images not scored (no usable face): image_id, reason, det_score",
+            "synthetic images not scored (no usable face, or set aside by the triage filter): image_id, reason, "
+            "det_score",
         )
     best = result.best_scores
     above = int(result.above.sum()) if theta is not None else None
@@ -471,7 +477,7 @@ def headline(m: dict[str, Any]) -> list[str]:
         f"idiap: top {m['pairs_returned']} pairs over {m['inputs']['train']['ok']} training × "
         f"{m['synthetic_scored']} synthetic images (engine {m['engine']['pairs']}); "
         f"highest score {fmt(m['pairs_score']['max'], '.4f')}, K-th {fmt(m['pairs_score']['min'], '.4f')}",
-        f"  set aside (no usable face): {m['set_aside']['count'] if m['set_aside'] else 0}",
+        f"  set aside (no usable face, or triage): {m['set_aside']['count'] if m['set_aside'] else 0}",
     ]
     if th is not None:
         lines.append(

@@ -34,10 +34,12 @@ from raylead.attacks import (
     SearchBase,
     SetAside,
     Threshold,
+    Triage,
     auc_mann_whitney,
     best_match,
     check_index_of,
     check_same_matcher,
+    check_triage,
     fmt,
     histogram,
     histogram_edges,
@@ -275,9 +277,12 @@ class TinsleyConfig:
     bins: int = DEFAULT_BINS
     embeddings_dir: str | None = None
     actors: int = 1
+    triage: str | None = None  # a triage filter (raylead.triage): sets synthetic images aside before scoring
+    triage_options: dict[str, Any] = field(default_factory=dict)
     s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
+        check_triage(self.triage, self.triage_options)
         specs = parse_matchers(self.matchers)
         labels = {s.label for s in specs} | {s.name for s in specs}
         for flag, named in (("--train-index", self.train_index), ("--threshold", self.thresholds)):
@@ -347,6 +352,7 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
     explicit = cfg.thresholds
     per: dict[str, TinsleyInputs] = {}
     files_by_matcher: dict[str, str] = {}
+    triage = Triage.of(cfg)  # one filter, one verdict per image, for every matcher's copy of G
     indexes = {
         label: index
         for label, spec in by_label.items()
@@ -381,7 +387,7 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
             )
         if from_file:
             files_by_matcher[label] = from_file
-        syn, aside = set_aside(syn_all, cfg.det_score_floor)
+        syn, aside = set_aside(syn_all, cfg.det_score_floor, triage)
         per[label] = TinsleyInputs(train, holdout, syn_all, syn, aside, threshold, indexes.get(label))
     matched = {f for f in files_by_matcher.values()}
     unused = [f for f in cfg.threshold_from if f not in matched]

@@ -32,7 +32,9 @@ from raylead.attacks import (
     MatcherSpec,
     ResultWriter,
     SetAside,
+    Triage,
     check_same_matcher,
+    check_triage,
     fmt,
     load_set,
     out_location,
@@ -323,9 +325,12 @@ class WebsterConfig:
     l2: float = 1e-3
     embeddings_dir: str | None = None
     actors: int = 1
+    triage: str | None = None  # a triage filter (raylead.triage): sets synthetic images aside before scoring
+    triage_options: dict[str, Any] = field(default_factory=dict)
     s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
+        check_triage(self.triage, self.triage_options)
         if self.classifier not in CLASSIFIERS:
             raise ConfigError(
                 f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}"
@@ -366,7 +371,7 @@ def run_webster(cfg: WebsterConfig) -> dict[str, Any]:
     queries = load_set(cfg.queries, spec, "queries", emb_dir, cfg.s3, actors=cfg.actors)
     samples_all = load_set(cfg.samples, spec, "samples", emb_dir, cfg.s3, actors=cfg.actors)
     check_same_matcher({"queries": queries, "samples": samples_all})
-    samples, aside = set_aside(samples_all, cfg.det_score_floor)
+    samples, aside = set_aside(samples_all, cfg.det_score_floor, Triage.of(cfg))
     labelled = np.array([x is not None for x in queries.identities], bool)
     refs = queries.take(labelled)
     if not labelled.any():
@@ -439,7 +444,7 @@ def write_webster(
     w.table(
         "set_aside.parquet",
         aside.columns(),
-        "samples not scored (no usable face): image_id, reason, det_score",
+        "samples not scored (no usable face, or set aside by the triage filter): image_id, reason, det_score",
     )
     alphas: dict[str, Any] = {}
     for a, (tau, f) in r.alphas.items():

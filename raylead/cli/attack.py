@@ -46,6 +46,22 @@ ReportOpt = Annotated[
     typer.Option(help="Also write the evidence report (self-contained HTML + PNG plots) to this file."),
 ]
 RedactOpt = Annotated[bool, typer.Option(help="With --report: pixelate and blur every face, for sharing.")]
+TriageOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Triage filter plug-in (module:callable or file.py:callable, e.g. an age model): the synthetic "
+        "images it answers a reason for are set aside, not scored."
+    ),
+]
+TriageOptionOpt = Annotated[
+    list[str] | None, typer.Option("--triage-option", help="Triage filter option KEY=VALUE (YAML value), repeatable.")
+]
+
+
+def _triage(triage: str | None, triage_option: list[str] | None) -> dict[str, Any]:
+    from raylead.config import parse_key_values
+
+    return {"triage": triage, "triage_options": parse_key_values(triage_option, "--triage-option")}
 
 
 def _check_report_flags(report: str | None, redact: bool) -> None:
@@ -93,6 +109,8 @@ def idiap(
     bins: BinsOpt = 50,
     embeddings_dir: EmbeddingsDirOpt = None,
     actors: ActorsOpt = 1,
+    triage: TriageOpt = None,
+    triage_option: TriageOptionOpt = None,
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
@@ -118,6 +136,7 @@ def idiap(
         bins=bins,
         embeddings_dir=embeddings_dir,
         actors=actors,
+        **_triage(triage, triage_option),
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     _echo(headline(run_idiap(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)
@@ -147,6 +166,8 @@ def tinsley(
     bins: BinsOpt = 50,
     embeddings_dir: EmbeddingsDirOpt = None,
     actors: ActorsOpt = 1,
+    triage: TriageOpt = None,
+    triage_option: TriageOptionOpt = None,
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
@@ -177,6 +198,7 @@ def tinsley(
         bins=bins,
         embeddings_dir=embeddings_dir,
         actors=actors,
+        **_triage(triage, triage_option),
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     _echo(headline(run_tinsley(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)
@@ -213,6 +235,8 @@ def webster(
     det_score_floor: FloorOpt = 0.0,
     embeddings_dir: EmbeddingsDirOpt = None,
     actors: ActorsOpt = 1,
+    triage: TriageOpt = None,
+    triage_option: TriageOptionOpt = None,
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
@@ -235,6 +259,7 @@ def webster(
         det_score_floor=det_score_floor,
         embeddings_dir=embeddings_dir,
         actors=actors,
+        **_triage(triage, triage_option),
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     _echo(headline(run_webster(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)

@@ -61,10 +61,11 @@ EngineOpt = Annotated[str, typer.Option("--engine", help="Search engine: auto, e
 
 
 def _config(**kwargs: Any) -> Any:
-    from raylead.audit import AuditConfig, parse_generator_options
+    from raylead.audit import AuditConfig
+    from raylead.config import parse_key_values
 
     s3 = s3_options(kwargs.pop("s3_endpoint"), kwargs.pop("s3_key"), kwargs.pop("s3_secret"))
-    kwargs["generator_options"] = parse_generator_options(kwargs.pop("option"))
+    kwargs["generator_options"] = parse_key_values(kwargs.pop("option"), "--option")
     cfg = AuditConfig(**kwargs)
     cfg = replace(cfg, s3=s3)
     cfg.validate()

@@ -415,7 +415,8 @@ def _set_aside_section(p: Page, aside: Any, listed: tuple[list[dict[str, Any]], 
     by = ", ".join(f"{k}: {v}" for k, v in (aside.get("by_reason") or {}).items()) or "none"
     parts = [
         f"<p>{p.e(_num(aside.get('count')))} synthetic images set aside, never reported as leaks "
-        f"(detector score floor {p.e(_num(aside.get('det_score_floor'), 'g'))}; by reason: {p.e(by)}; "
+        f"(detector score floor {p.e(_num(aside.get('det_score_floor'), 'g'))}; "
+        f"triage filter: {p.e(aside.get('triage') or 'none')}; by reason: {p.e(by)}; "
         f"kept without a detector score: {p.e(_num(aside.get('kept_without_det_score')))}).</p>"
     ]
     rows, total = listed
@@ -556,7 +557,8 @@ def _idiap(p: Page, r: AttackResult, cals: dict[str, dict[str, Any]]) -> None:
         ),
         _inputs_table(p, m.get("inputs") or {}),
     )
-    p.add("<h3>Set aside (no usable face)</h3>", _set_aside_section(p, m.get("set_aside"), _aside_rows(r.loc)))
+    aside = _set_aside_section(p, m.get("set_aside"), _aside_rows(r.loc))
+    p.add("<h3>Set aside (no usable face, or triage)</h3>", aside)
     series = []
     h = bm.get("histogram") or {}
     if h.get("edges"):
@@ -760,7 +762,7 @@ def _webster(p: Page, r: AttackResult) -> None:
             ]
         ),
         _inputs_table(p, m.get("inputs") or {}),
-        "<h3>Set aside (no usable face)</h3>",
+        "<h3>Set aside (no usable face, or triage)</h3>",
         _set_aside_section(p, m.get("set_aside"), _aside_rows(r.loc)),
         "<h3>Thresholds τ = α·N/|Q|</h3>",
         p.table(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFilter
 
-from raylead.errors import PathEscapeError, RayleadError, StorageError
+from raylead.errors import ConfigError, PathEscapeError, RayleadError, StorageError
 from raylead.storage import Location, S3Options
 
 log = logging.getLogger(__name__)
@@ -65,18 +65,9 @@ class Thumbnails:
 
         found: tuple[Location | None, str]
         try:
-            loc = self._location(uri)
-            if catalog.is_collection(loc):
-                source = catalog.read_manifest(loc).source
-                if not source or "#" in source:
-                    found = (None, "the set is an embedding collection not embedded from an image folder")
-                else:
-                    src = self._location(source)
-                    found = (src, "") if src.exists() else (None, "the collection's image folder does not exist")
-            elif loc.exists():
-                found = (loc, "")
-            else:
-                found = (None, "the set's image folder does not exist")
+            found = (catalog.image_root(self._location(uri)), "")
+        except ConfigError as exc:
+            found = (None, str(exc))
         except RayleadError as exc:
             found = (None, f"cannot open the set: {exc}")
         self._roots[uri] = found
