@@ -19,8 +19,13 @@ def main(cfg: AuditConfig) -> str:
 
 
 def from_yaml(data: dict[str, Any]) -> dict[str, Any]:
-    """``option: [KEY=VALUE, ...]`` (the CLI's ``--option``) or ``generator_options: {KEY: VALUE}``."""
-    return cli_spellings(data, {"option": ("generator_options", key_values("--option"))}, "audit config")
+    """``option: [KEY=VALUE, ...]`` (the CLI's ``--option``) or ``generator_options: {KEY: VALUE}``;
+    ``triage_option`` likewise for ``triage_options``."""
+    spellings = {
+        "option": ("generator_options", key_values("--option")),
+        "triage_option": ("triage_options", key_values("--triage-option")),
+    }
+    return cli_spellings(data, spellings, "audit config")
 
 
 if __name__ == "__main__":

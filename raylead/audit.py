@@ -94,11 +94,13 @@ class AuditConfig:
     actors: int | None = None  # matcher actors
     gpus_per_actor: float | None = None
     shard_size: int = 1024
+    triage: str | None = None  # a triage filter (raylead.triage): sets samples aside before scoring
+    triage_options: dict[str, Any] = field(default_factory=dict)
     s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
         """Everything that can be checked without touching storage (the generator spec is imported)."""
-        from raylead.attacks import MatcherSpec
+        from raylead.attacks import MatcherSpec, check_triage
 
         if self.mode not in MODES:
             raise ConfigError(f"mode must be run or pending, got {self.mode!r}")
@@ -146,6 +148,7 @@ class AuditConfig:
         MatcherSpec.parse(self.matcher)
         generators.resolve(generators.parse(self.generator))
         generators.check_options(self.generator_options)
+        check_triage(self.triage, self.triage_options)
 
     def loc(self, uri: str) -> Location:
         return Location.parse(uri, self.s3 if uri.startswith("s3://") else None)
@@ -229,6 +232,7 @@ HISTORY_SCHEMA = pa.schema(
         ("matcher", pa.string()),
         ("matcher_version", pa.string()),
         ("train_index", pa.string()),
+        ("triage", pa.string()),  # the --triage filter that set samples aside (null: none)
         ("threshold", pa.float64()),
         ("threshold_source", pa.string()),
         ("samples", pa.int64()),  # sampled
@@ -247,6 +251,7 @@ HISTORY_SCHEMA = pa.schema(
         ("results", pa.string()),  # the checkpoint's output folder
     ]
 )
+ADDED_COLUMNS = ("triage",)  # read as null from histories written before they existed
 
 
 def read_history(loc: Location) -> list[dict[str, Any]]:
@@ -257,6 +262,10 @@ def read_history(loc: Location) -> list[dict[str, Any]]:
         table = parquet_from_bytes(loc.read_bytes())
     except Exception as exc:  # a truncated or foreign file
         raise CorruptDataError(f"audit history {loc.uri} is not a readable Parquet file ({exc})") from None
+    for name in ADDED_COLUMNS:  # a history written before the column existed: null there
+        if name not in table.column_names and table.num_columns:
+            column = HISTORY_SCHEMA.field(name)
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
     missing = set(HISTORY_SCHEMA.names) - set(table.column_names)
     if missing:
         raise CorruptDataError(f"audit history {loc.uri} lacks columns {sorted(missing)}; is it an audit history?")
@@ -274,8 +283,8 @@ def append_history(loc: Location, row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # a leak fraction is comparable only with one measured by the same generator, matcher, training
-# index and threshold
-COMPARABLE_BY = ("generator", "matcher", "matcher_version", "train_index")
+# index, triage filter and threshold
+COMPARABLE_BY = ("generator", "matcher", "matcher_version", "train_index", "triage")
 
 
 def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -527,7 +536,7 @@ def _embed_config(prep: Prepared, samples: Location, emb: Location) -> Any:
 
 def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Sample, embed, search and score one checkpoint; returns its history row (not yet appended)."""
-    from raylead.attacks import ResultWriter
+    from raylead.attacks import EmbeddedSet, ResultWriter, Triage, set_aside
     from raylead.embed import ensure_collection, identity_of
     from raylead.search import IndexSearcher, SearchConfig, search, take_ids
 
@@ -546,11 +555,10 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
             log.info("%s holds %d samples: auditing %d", checkpoint.uri, cap, n)
     folder = prep.out.child(checkpoint_key(checkpoint.uri))
     sampled = sample_checkpoint(cfg, checkpoint, folder, n)
-    coll = ensure_collection(_embed_config(prep, folder.child("samples"), folder.child("embeddings")))
-    det = np.asarray(coll.det_scores, np.float32)[coll.ok_index] if len(coll.ok_index) else np.zeros(0, np.float32)
-    keep = ~(np.isfinite(det) & (det < cfg.det_score_floor))
-    q = np.ascontiguousarray(coll.embeddings[keep], dtype=np.float32)
-    sample_ids = [i for i, k in zip(coll.ok_ids, keep.tolist(), strict=True) if k]
+    samples_loc = folder.child("samples")
+    coll = ensure_collection(_embed_config(prep, samples_loc, folder.child("embeddings")))
+    kept, aside = set_aside(EmbeddedSet.from_collection(coll, samples_loc.uri), cfg.det_score_floor, Triage.of(cfg))
+    q, sample_ids = kept.embeddings, kept.ids
     target_ids = prep.target_ids()
     if q.shape[0]:
         with IndexSearcher(prep.index, use_ray=True) as searcher:
@@ -583,6 +591,7 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
         "matcher": prep.matcher_name,
         "matcher_version": prep.matcher_version,
         "train_index": prep.index.root.uri,
+        "triage": cfg.triage,
         "threshold": theta,
     }
     prev = previous_row(rows, checkpoint_name(checkpoint.uri), like)
@@ -627,6 +636,7 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
             "audit": row | {"top_scores": fig.top_scores, "hits_by_identity": fig.hits_by_identity},
             "best_match": fig.best_summary,
             "engine": engine,
+            "set_aside": aside.to_json(),
             "tolerance": cfg.tolerance,
             "threshold": prep.threshold.to_json(),
             "generator": {k: sampled.get(k) for k in ("generator", "generator_name", "generator_version", "seed")},

@@ -224,10 +224,24 @@ def test_history_append_and_previous(tmp_path: Path) -> None:
     assert previous_row(rows, "ckpt-5")["checkpoint_name"] == "ckpt-4"
     assert previous_row(rows, "ckpt-5", like=row("ckpt-5", 0.0))["checkpoint_name"] == "ckpt-2"
     assert previous_row(rows, "ckpt-5", like=other_theta)["checkpoint_name"] == "ckpt-4"
-    for change in ({"threshold": 0.91}, {"matcher_version": "v2"}, {"train_index": "/j"}, {"generator": "h"}):
+    changes = ({"threshold": 0.91}, {"matcher_version": "v2"}, {"train_index": "/j"}, {"generator": "h"},
+               {"triage": "age.py:make"})  # samples set aside by a triage filter: another measure
+    for change in changes:
         assert previous_row(rows, "ckpt-11", like=row("ckpt-11", 0.0) | change) is None
     same = row("ckpt-11", 0.0) | {"threshold": 0.9 + 1e-12}
     assert previous_row(rows, "ckpt-11", like=same)["checkpoint_name"] == "ckpt-10"
+    # a history written before the triage column existed reads with triage null, and grows it
+    import pyarrow as pa
+
+    from raylead.audit import HISTORY_SCHEMA
+    from raylead.catalog import table_to_parquet_bytes
+
+    old_schema = pa.schema([f for f in HISTORY_SCHEMA if f.name != "triage"])
+    old = Location.parse(str(tmp_path / "old" / "history.parquet"))
+    old.write_bytes(table_to_parquet_bytes(pa.Table.from_pylist([row("ckpt-1", 0.2)], schema=old_schema)))
+    assert [r["triage"] for r in read_history(old)] == [None]
+    grown = append_history(old, row("ckpt-2", 0.1) | {"triage": "age.py:make"})
+    assert [r["triage"] for r in read_history(old)] == [None, "age.py:make"] == [r.get("triage") for r in grown]
 
 
 def test_config_validation() -> None:
@@ -364,6 +378,22 @@ def test_audit_pending_tracks_rising_leakage(tmp_path: Path, audit_setup: dict, 
     lines = [line for line in shown.stdout.splitlines() if line.startswith("ckpt-")]
     assert [line.split(".json")[0] for line in lines] == ["ckpt-2", "ckpt-5", "ckpt-10"]
     assert "LEAKAGE ROSE" in lines[2] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --triage: a filter (here one that sets every sample aside) judges the samples before any
+    # scoring; its spec is recorded in the history row (rows of other filters are not compared)
+    plugin = tmp_path / "everyone_a_child.py"
+    plugin.write_text("def make(**_):\n    return lambda images: ['child'] * len(images)\n")
+    i = one.index("--out")
+    one[i + 1] = str(tmp_path / "triaged")
+    done = _cli("audit", "run", *one[1:], "--triage", f"{plugin}:make", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows = read_history(Location.parse(str(tmp_path / "triaged" / "history.parquet")))
+    r = rows[-1]
+    assert len(rows) == 1 and r["triage"] == f"{plugin}:make" and r["verdict"] == "first", r
+    assert r["scored"] == 0 and r["set_aside"] == SAMPLES
+    metrics = json.loads((Path(r["results"]) / "metrics.json").read_text())
+    assert metrics["set_aside"]["triage"] == f"{plugin}:make"
+    assert metrics["set_aside"]["by_reason"]["triage"] >= SAMPLES - 3
 
 
 def test_audit_job_config_errors_are_one_line(tmp_path: Path) -> None:

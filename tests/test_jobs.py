@@ -201,9 +201,10 @@ M = "../shared/data/models"
          {"attack": "tinsley", "train": "t", "holdout": "h", "synthetic": "s", "out": "o", "matchers": "dlib,onnx",
           "thresholds": {"dlib": 0.6, "onnx": 0.4}, "train_index": {"dlib": "s3://b/idx"}}),
         ("audit", {"generator": "folder", "train_index": "i", "out": "o", "checkpoint": "c", "threshold": 0.5,
-                   "option": ["steps=10", "name=x"]},
+                   "option": ["steps=10", "name=x"], "triage": "json:loads", "triage_option": "min_age=18"},
          {"generator": "folder", "train_index": "i", "out": "o", "checkpoint": "c", "threshold": 0.5,
-          "generator_options": {"steps": 10, "name": "x"}}),
+          "generator_options": {"steps": 10, "name": "x"}, "triage": "json:loads",
+          "triage_options": {"min_age": 18}}),
     ],
 )
 def test_job_yaml_takes_the_flag_spellings_of_the_cli(kind, flags, fields) -> None:

@@ -426,7 +426,7 @@ class Triage:
     @classmethod
     def of(cls, cfg: Any) -> Triage | None:
         """The filter an attack config (``triage``, ``triage_options``, ``actors``, ``s3``) asks for."""
-        return None if cfg.triage is None else cls(cfg.triage, cfg.triage_options, cfg.actors, cfg.s3)
+        return None if cfg.triage is None else cls(cfg.triage, cfg.triage_options, cfg.actors or 1, cfg.s3)
 
     def reasons(self, images: EmbeddedSet) -> list[str | None]:
         """The filter's reason to set each of ``images`` aside (None: keep it)."""

@@ -17,7 +17,15 @@ from raylead.cli.calibrate import (
     PackOpt,
     matcher_text,
 )
-from raylead.cli.common import S3Endpoint, S3Key, S3Secret, s3_options
+from raylead.cli.common import (
+    S3Endpoint,
+    S3Key,
+    S3Secret,
+    TriageOpt,
+    TriageOptionOpt,
+    s3_options,
+    triage_options,
+)
 
 attack_app = typer.Typer(
     help="Identity-leakage attacks: idiap (pair search), tinsley (T vs H, several matchers), "
@@ -46,24 +54,6 @@ ReportOpt = Annotated[
     typer.Option(help="Also write the evidence report (self-contained HTML + PNG plots) to this file."),
 ]
 RedactOpt = Annotated[bool, typer.Option(help="With --report: pixelate and blur every face, for sharing.")]
-TriageOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Triage filter plug-in (module:callable or file.py:callable, e.g. an age model): the synthetic "
-        "images it answers a reason for are set aside, not scored."
-    ),
-]
-TriageOptionOpt = Annotated[
-    list[str] | None, typer.Option("--triage-option", help="Triage filter option KEY=VALUE (YAML value), repeatable.")
-]
-
-
-def _triage(triage: str | None, triage_option: list[str] | None) -> dict[str, Any]:
-    from raylead.config import parse_key_values
-
-    return {"triage": triage, "triage_options": parse_key_values(triage_option, "--triage-option")}
-
-
 def _check_report_flags(report: str | None, redact: bool) -> None:
     if redact and report is None:
         from raylead.errors import ConfigError
@@ -136,7 +126,7 @@ def idiap(
         bins=bins,
         embeddings_dir=embeddings_dir,
         actors=actors,
-        **_triage(triage, triage_option),
+        **triage_options(triage, triage_option),
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     _echo(headline(run_idiap(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)
@@ -198,7 +188,7 @@ def tinsley(
         bins=bins,
         embeddings_dir=embeddings_dir,
         actors=actors,
-        **_triage(triage, triage_option),
+        **triage_options(triage, triage_option),
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     _echo(headline(run_tinsley(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)
@@ -259,7 +249,7 @@ def webster(
         det_score_floor=det_score_floor,
         embeddings_dir=embeddings_dir,
         actors=actors,
-        **_triage(triage, triage_option),
+        **triage_options(triage, triage_option),
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     _echo(headline(run_webster(cfg)), out, report, (s3_endpoint, s3_key, s3_secret), redact)

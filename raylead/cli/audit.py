@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from raylead.cli import app
-from raylead.cli.common import S3Endpoint, S3Key, S3Secret, location, s3_options
+from raylead.cli.common import (
+    S3Endpoint,
+    S3Key,
+    S3Secret,
+    TriageOpt,
+    TriageOptionOpt,
+    location,
+    s3_options,
+    triage_options,
+)
 
 audit_app = typer.Typer(
     help="Audit generator checkpoints for identity leakage and track it over training.", no_args_is_help=True
@@ -66,6 +75,7 @@ def _config(**kwargs: Any) -> Any:
 
     s3 = s3_options(kwargs.pop("s3_endpoint"), kwargs.pop("s3_key"), kwargs.pop("s3_secret"))
     kwargs["generator_options"] = parse_key_values(kwargs.pop("option"), "--option")
+    kwargs.update(triage_options(kwargs.pop("triage"), kwargs.pop("triage_option")))
     cfg = AuditConfig(**kwargs)
     cfg = replace(cfg, s3=s3)
     cfg.validate()
@@ -94,6 +104,8 @@ def run_cmd(
     det_score_floor: FloorOpt = 0.0,
     top_k: TopKOpt = 10,
     engine: EngineOpt = "auto",
+    triage: TriageOpt = None,
+    triage_option: TriageOptionOpt = None,
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,
@@ -135,6 +147,8 @@ def pending_cmd(
     det_score_floor: FloorOpt = 0.0,
     top_k: TopKOpt = 10,
     engine: EngineOpt = "auto",
+    triage: TriageOpt = None,
+    triage_option: TriageOptionOpt = None,
     s3_endpoint: S3Endpoint = None,
     s3_key: S3Key = None,
     s3_secret: S3Secret = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -36,3 +36,22 @@ def s3_options(endpoint: str | None, key: str | None, secret: str | None) -> S3O
 
 def location(uri: str, s3: S3Options) -> Location:
     return Location.parse(uri, s3 if uri.startswith("s3://") else None)
+
+
+TriageOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Triage filter plug-in (module:callable or file.py:callable, e.g. an age model): the synthetic "
+        "images it answers a reason for are set aside, not scored."
+    ),
+]
+TriageOptionOpt = Annotated[
+    list[str] | None, typer.Option("--triage-option", help="Triage filter option KEY=VALUE (YAML value), repeatable.")
+]
+
+
+def triage_options(triage: str | None, triage_option: list[str] | None) -> dict[str, Any]:
+    """``--triage`` / ``--triage-option`` → the ``triage`` and ``triage_options`` config fields."""
+    from raylead.config import parse_key_values
+
+    return {"triage": triage, "triage_options": parse_key_values(triage_option, "--triage-option")}
