@@ -28,7 +28,7 @@ import numpy as np
 
 from raylead import catalog
 from raylead.errors import ConfigError, CorruptDataError, PathEscapeError, RayleadError
-from raylead.faces import CROP_SIZES, SCRFD_DET_SIZE
+from raylead.faces import SCRFD_DET_SIZE, crop_size
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class EmbedActor:
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
         self.dim = int(matcher.dim)
-        size = CROP_SIZES[matcher.crop]
+        size = crop_size(matcher.crop)
         self.matcher.embed(np.zeros((1, size, size, 3), np.uint8))  # load the weights now
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

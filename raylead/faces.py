@@ -66,6 +66,21 @@ ARCFACE_TEMPLATE = np.array(
 #: Crop name -> side in pixels. ``arcface112`` = 5-point similarity alignment to
 #: :data:`ARCFACE_TEMPLATE`; ``dlib150`` = ``dlib.get_face_chip`` (size 150, padding 0.25).
 CROP_SIZES: dict[str, int] = {"arcface112": 112, "dlib150": 150}
+ARCFACE_SIDES = (64, 512)  # arcfaceN: the ArcFace template scaled to an N×N model input (e.g. 160)
+
+
+def crop_size(crop: str) -> int:
+    """Side of a crop: ``arcface112``, ``dlib150``, or ``arcfaceN`` (the ArcFace template scaled
+    to N×N, for models with another square input, N a multiple of 16 in 64..512)."""
+    if crop in CROP_SIZES:
+        return CROP_SIZES[crop]
+    m = re.fullmatch(r"arcface(\d+)", crop)
+    if m and ARCFACE_SIDES[0] <= int(m.group(1)) <= ARCFACE_SIDES[1] and int(m.group(1)) % 16 == 0:
+        return int(m.group(1))
+    raise ConfigError(
+        f"unknown crop {crop!r}; choose one of: {', '.join(CROP_SIZES)}, or arcfaceN "
+        f"(N a multiple of 16 from {ARCFACE_SIDES[0]} to {ARCFACE_SIDES[1]})"
+    )
 
 #: Image formats accepted (identified by content, never by file extension). JPEG also
 #: opens the multi-picture (MPO) JPEGs many cameras write.
@@ -603,12 +618,11 @@ class Preprocessor:
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         detector_options: dict[str, Any] | None = None,
     ) -> None:
-        if crop not in CROP_SIZES:
-            raise ConfigError(f"unknown crop {crop!r}; choose one of: {', '.join(CROP_SIZES)}")
+        size = crop_size(crop)
         if not aligned and not detector:
             raise ConfigError("a detector is required unless inputs are pre-aligned (--aligned)")
         self.crop = crop
-        self.size = CROP_SIZES[crop]
+        self.size = size
         self.aligned = bool(aligned)
         self.det_score_floor = float(det_score_floor)
         self.max_pixels = int(max_pixels)

@@ -17,14 +17,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from raylead.errors import ConfigError, ModelNotFoundError
+from raylead.faces import crop_size
 from raylead.plan import ONNX_PROVIDERS, onnx_providers
 from raylead.storage import Location
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MATCHERS", "DlibMatcher", "Matcher", "OnnxMatcher", "make_matcher", "l2_normalize"]
-
-CROP_SIZES: dict[str, int] = {"arcface112": 112, "dlib150": 150}
 
 
 @runtime_checkable
@@ -53,7 +52,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def _check_batch(batch: np.ndarray, crop: str, name: str) -> np.ndarray:
-    size = CROP_SIZES[crop]
+    size = crop_size(crop)
     arr = np.asarray(batch)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (size, size, 3):
         raise ConfigError(
@@ -167,7 +166,9 @@ def _is_recognition(inputs: list[tuple[str, list[int | str]]], outputs: list[Any
 
 
 class OnnxMatcher:
-    """Any ArcFace-style recognition ONNX model (112x112 input) run with onnxruntime.
+    """Any face recognition ONNX model with one square image input run with onnxruntime: 112×112
+    (ArcFace, AdaFace) gets ``arcface112`` crops, another side N (160 for FaceNet-sized models) the
+    same alignment scaled to N×N (``arcfaceN``).
 
     Give ``model`` (a path, or a file name inside the pack) and/or ``pack`` (InsightFace
     layout ``<model_root>/models/<pack>/*.onnx`` or ``<model_root>/<pack>/*.onnx``; the
@@ -176,7 +177,6 @@ class OnnxMatcher:
     """
 
     name = "onnx"
-    crop = "arcface112"
 
     def __init__(
         self,
@@ -279,8 +279,17 @@ class OnnxMatcher:
             raise ConfigError(f"{path} has {len(outputs)} outputs: a detector, not a recognition model")
         in_name, in_shape = inputs[0]
         h, w = in_shape[2], in_shape[3]
-        if (isinstance(h, int) and h != 112) or (isinstance(w, int) and w != 112):
-            raise ConfigError(f"{path}: input is {h}x{w}; raylead's arcface112 crops need a 112x112 model")
+        side = h if isinstance(h, int) else w if isinstance(w, int) else 112  # symbolic: ArcFace's 112
+        if (isinstance(h, int) and h != side) or (isinstance(w, int) and w != side):
+            raise ConfigError(f"{path}: input is {h}x{w}; raylead's aligned crops are square")
+        try:
+            crop = f"arcface{int(side)}"
+            crop_size(crop)
+        except ConfigError:
+            raise ConfigError(
+                f"{path}: input is {h}x{w}; raylead aligns faces to square inputs whose side is a multiple "
+                "of 16 from 64 to 512"
+            ) from None
         if not outputs:
             raise ConfigError(f"{path}: the model has no outputs")
         out_name, out_shape = outputs[0]
@@ -288,7 +297,7 @@ class OnnxMatcher:
         if len(dim_vals) == len(out_shape) - 1 and dim_vals:
             dim = int(np.prod(dim_vals))
         else:  # symbolic embedding size: one dummy CPU run (rare; small models)
-            dim = self._probe_dim(path, in_name, out_name)
+            dim = self._probe_dim(path, in_name, out_name, int(side))
         if dim <= 1:
             raise ConfigError(f"{path}: output {out_name} {out_shape} is not an embedding")
         self._info = {
@@ -296,18 +305,19 @@ class OnnxMatcher:
             "output": out_name,
             "dim": dim,
             "dynamic_batch": not (isinstance(in_shape[0], int) and in_shape[0] >= 1),
+            "crop": crop,
             "version": f"{Path(path).name}@{Location.parse(path).sha256()[:12]}",
         }
         return self._info
 
     @staticmethod
-    def _probe_dim(path: str, in_name: str, out_name: str) -> int:
+    def _probe_dim(path: str, in_name: str, out_name: str, side: int) -> int:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-        out = session.run([out_name], {in_name: np.zeros((1, 3, 112, 112), dtype=np.float32)})[0]
+        out = session.run([out_name], {in_name: np.zeros((1, 3, side, side), dtype=np.float32)})[0]
         return int(np.prod(out.shape[1:]))
 
     def check(self) -> None:
@@ -321,6 +331,12 @@ class OnnxMatcher:
     @property
     def dim(self) -> int:
         return int(self._header()["dim"])
+
+    @property
+    def crop(self) -> str:
+        """``arcface112`` for ArcFace-sized models; ``arcfaceN`` for another square input N (160 for
+        FaceNet-style models): the ArcFace alignment scaled to the model's input."""
+        return str(self._header()["crop"])
 
     @property
     def version(self) -> str:

@@ -175,6 +175,27 @@ def test_channels_bgr_feeds_the_model_bgr_and_names_it(tmp_path, lfw_dir, mbf_mo
     assert not np.allclose(col.embeddings, OnnxMatcher(model=str(mbf_model)).embed(crops), atol=1e-2)
 
 
+def test_a_160_pixel_model_embeds_arcface160_crops(tmp_path, lfw_dir, scrfd_model, ray_local) -> None:
+    """The pipeline aligns faces at the model's own input size and labels the collection with it
+    (never mixed with a 112-pixel alignment of the same images)."""
+    from test_matchers import _square_model
+
+    from raylead.faces import Preprocessor
+    from raylead.matchers import OnnxMatcher
+
+    src = tmp_path / "in"
+    _subset(lfw_dir, src, identities=2, per=2)
+    model = _square_model(tmp_path / "m160.onnx", 160, 160)
+    cfg = EmbedConfig(source=str(src), out=str(tmp_path / "out"), matcher="onnx", model=model,
+                      detector=str(scrfd_model), actors=1)
+    embed_collection(cfg)
+    col = read_collection(str(tmp_path / "out"))
+    assert col.manifest.ok == 4 and col.manifest.alignment == f"detect:{scrfd_model}:arcface160"
+    prep = Preprocessor(str(scrfd_model), "arcface160", aligned=False)
+    crops = np.stack([prep.process((src / i).read_bytes())[0] for i in col.ok_ids])
+    np.testing.assert_allclose(col.embeddings, OnnxMatcher(model=model).embed(crops), atol=1e-5)
+
+
 def test_fp16_without_gpu_workers_fails_before_work(tmp_path, lfw_dir, mbf_model, scrfd_model) -> None:
     src = tmp_path / "in"
     _subset(lfw_dir, src, identities=1, per=2)

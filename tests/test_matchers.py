@@ -222,3 +222,54 @@ def test_pickle_round_trip_before_and_after_use(
         assert np.allclose(first, again.embed(crops), atol=1e-6)
         assert np.allclose(first, clone.embed(crops), atol=1e-6)
         assert m.version == again.version and m.dim == again.dim
+
+
+def _square_model(path: Path, h: int, w: int) -> str:
+    """A small real ONNX recogniser with a [N, 3, h, w] input: one strided convolution (fixed
+    random weights) to a 4×4×4 grid, flattened to a 64-d embedding."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    kh, kw = h // 4, w // 4
+    weights = np.random.default_rng(0).normal(size=(4, 3, kh, kw)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w"], ["grid"], kernel_shape=[kh, kw], strides=[kh, kw]),
+            helper.make_node("Flatten", ["grid"], ["embedding"], axis=1),
+        ],
+        "square",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, h, w])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 64])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_a_model_of_another_square_input_gets_arcface_crops_of_that_size(
+    tmp_path: Path, lfw_dir: Path, scrfd_model: Path, arcface_crops: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A 160×160 model (FaceNet-sized) is fed the ArcFace alignment scaled to 160 (crop
+    ``arcface160``): the same face as the 112 crop, at the model's size; non-square inputs and
+    sides off the 16-grid are refused with one line."""
+    import cv2
+
+    m = OnnxMatcher(model=_square_model(tmp_path / "m160.onnx", 160, 160))
+    assert (m.crop, m.dim) == ("arcface160", 64)
+    pre = Preprocessor(str(scrfd_model), m.crop, aligned=False)
+    photos = sorted(lfw_dir.rglob("*.jpg"))[:4]
+    crops = np.stack([pre.process(p.read_bytes())[0] for p in photos])
+    assert crops.shape == (4, 160, 160, 3)
+    emb = m.embed(crops)
+    assert emb.shape == (4, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    small = Preprocessor(str(scrfd_model), "arcface112", aligned=False)
+    for photo, crop in zip(photos, crops, strict=True):
+        at_112 = cv2.resize(crop, (112, 112), interpolation=cv2.INTER_AREA).astype(np.float32)
+        assert np.abs(at_112 - small.process(photo.read_bytes())[0]).mean() < 6  # same face, same framing
+    with pytest.raises(ConfigError, match="expects uint8 \\[B,160,160,3\\]"):
+        m.embed(arcface_crops[0][:1])
+    with pytest.raises(ConfigError, match="raylead's aligned crops are square"):
+        _ = OnnxMatcher(model=_square_model(tmp_path / "rect.onnx", 160, 128)).dim
+    with pytest.raises(ConfigError, match="multiple of 16 from 64 to 512"):
+        _ = OnnxMatcher(model=_square_model(tmp_path / "odd.onnx", 100, 100)).dim
