@@ -28,8 +28,7 @@ def main(job: AttackJob) -> str:
     if report is not None:
         from raylead.report import ReportConfig, build_report
 
-        res = build_report(ReportConfig(results=cfg.out, out=report, redact=redact))
-        lines.append(f"report: {res.path} ({res.thumbnails} thumbnails, {len(res.plots)} plots as PNG beside it)")
+        lines.append(build_report(ReportConfig(results=cfg.out, out=report, redact=redact)).line())
     return "\n".join(lines)
 
 

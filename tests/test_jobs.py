@@ -44,6 +44,11 @@ def test_embed_then_attack_jobs(tmp_path, lfw_dir, ray_local) -> None:
     assert f"report: {tmp_path / 'report.html'}" in done.stdout
     html = (tmp_path / "report.html").read_text()
     assert "idiap" in html and "Faces are redacted (pixelated and blurred)" in html
+    # jobs/report.py: the same report from the results folder, as `raylead report` writes it
+    done = _run("report", {"results": str(tmp_path / "idiap"), "out": str(tmp_path / "again.html")}, tmp_path, env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"report: {tmp_path / 'again.html'} (idiap; ") and "plots as PNG" in done.stdout
+    assert "Faces are redacted" not in (tmp_path / "again.html").read_text()
 
 
 def test_job_config_errors_are_one_line(tmp_path) -> None:
@@ -294,3 +299,26 @@ def test_search_and_calibrate_jobs(tmp_path, write_collection, small_indexes, cl
     for d in (job_cal, cli_cal):
         d.pop("created", None)
     assert job_cal == cli_cal and job_cal["impostor_sampling"]["mode"] == "all"
+
+
+def test_scenario_job_builds_what_the_cli_builds(tmp_path) -> None:
+    """jobs/scenario.py takes `scenario build`'s flags (flat) and builds the same scenario."""
+    from typer.testing import CliRunner
+
+    from raylead.cli import app
+
+    for i in range(24):
+        (tmp_path / "faces" / f"p{i:02d}").mkdir(parents=True)
+        for j in range(9):
+            (tmp_path / "faces" / f"p{i:02d}" / f"{j}.jpg").write_bytes(f"{i}/{j}".encode())
+    flags = {"kind": "pairs", "n_train": 8, "n_holdout": 8, "leak_fraction": 0.25, "seed": 3}
+    done = _run("scenario", {"labelled": str(tmp_path / "faces"), "out": str(tmp_path / "job"), **flags}, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pairs scenario:" in done.stdout and f"train: {tmp_path / 'job' / 'train'}" in done.stdout
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    res = CliRunner().invoke(app, ["scenario", "build", str(tmp_path / "faces"), "--out", str(tmp_path / "cli"), *args])
+    assert res.exit_code == 0, res.output
+    for name in ("members.txt", "truth.csv"):
+        assert (tmp_path / "job" / name).read_text() == (tmp_path / "cli" / name).read_text()
+    done = _run("scenario", {"labelled": "x", "out": "y", "n_holdout": "many"}, tmp_path)
+    assert done.returncode == 2 and "n_holdout must be a number" in done.stderr

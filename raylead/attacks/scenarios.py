@@ -535,6 +535,12 @@ def build_scenario(cfg: ScenarioBuildConfig) -> tuple[Scenario, dict[str, str]]:
     return sc, written
 
 
+def scenario_lines(sc: Scenario, written: dict[str, str], out: str) -> list[str]:
+    """What `raylead scenario build` (and its job) prints: each role's folder, then the counts."""
+    lines = [f"{role}: {uri}" for role, uri in written.items()]
+    return [*lines, f"{sc.kind} scenario: {sc.counts()}; ground truth in {out}/members.txt and truth.csv"]
+
+
 # ------------------------------------------------------------------------------------------
 # altered copies: the near-copies the Idiap paper found in DCFace (for the README's audit)
 # ------------------------------------------------------------------------------------------

@@ -289,6 +289,7 @@ def scenario_build(
         PairsScenarioConfig,
         ScenarioBuildConfig,
         build_scenario,
+        scenario_lines,
     )
 
     given_pairs: dict[str, Any] = dict(n_train=n_train, n_holdout=n_holdout, synthetic_size=synthetic_size)
@@ -313,6 +314,5 @@ def scenario_build(
         s3=s3_options(s3_endpoint, s3_key, s3_secret),
     )
     sc, written = build_scenario(cfg)
-    for role, uri in written.items():
-        typer.echo(f"{role}: {uri}")
-    typer.echo(f"{sc.kind} scenario: {sc.counts()}; ground truth in {out}/members.txt and truth.csv")
+    for line in scenario_lines(sc, written, out):
+        typer.echo(line)

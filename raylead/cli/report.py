@@ -53,11 +53,7 @@ def write_report(
             s3=s3_options(s3_endpoint, s3_key, s3_secret),
         )
     )
-    missing = f", {res.unavailable_images} images unavailable (placeholders)" if res.unavailable_images else ""
-    typer.echo(
-        f"report: {res.path} ({', '.join(res.attacks)}; {res.thumbnails} thumbnails{missing}; "
-        f"{len(res.plots)} plots as PNG beside it)"
-    )
+    typer.echo(res.line())
     return res.path
 
 

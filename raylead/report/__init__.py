@@ -83,6 +83,14 @@ class ReportResult:
     unavailable_images: int
     seconds: float
 
+    def line(self) -> str:
+        """What `raylead report` (and `attack --report`, and their jobs) prints about it."""
+        missing = f", {self.unavailable_images} images unavailable (placeholders)" if self.unavailable_images else ""
+        return (
+            f"report: {self.path} ({', '.join(self.attacks)}; {self.thumbnails} thumbnails{missing}; "
+            f"{len(self.plots)} plots as PNG beside it)"
+        )
+
 
 @dataclass
 class AttackResult:
