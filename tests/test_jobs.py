@@ -168,6 +168,17 @@ def test_cli_usage_errors_are_one_line_naming_the_help(monkeypatch, capsys, argv
     assert err.splitlines() == [line] and out == ""
 
 
+@pytest.mark.parametrize("argv", [[], ["attack"], ["index"]])
+def test_a_group_without_its_command_shows_its_help_and_no_error_line(monkeypatch, capsys, argv) -> None:
+    from raylead.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["raylead", *argv])
+    assert run() == 2
+    out, err = capsys.readouterr()
+    assert f"Usage: {' '.join(['raylead', *argv])} [OPTIONS] COMMAND [ARGS]..." in out + err
+    assert "error:" not in out + err
+
+
 def _job_module(kind: str):
     import importlib.util
 

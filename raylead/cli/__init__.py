@@ -54,13 +54,14 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return (click.ClickException,) + ((vendored,) if vendored is not None else ())
 
 
-def _usage_line(exc: Exception) -> str:
-    """``raylead index build: error: No such option: --x (see 'raylead index build --help')``."""
+def _usage_line(exc: Exception) -> str | None:
+    """``raylead index build: error: No such option: --x (see 'raylead index build --help')``;
+    None when there is nothing to say (a group run without a command has just shown its help)."""
     ctx = getattr(exc, "ctx", None)
     command = getattr(ctx, "command_path", None) or "raylead"
     fmt = getattr(exc, "format_message", None)
     message = " ".join(str(fmt() if fmt is not None else exc).split())  # click may wrap it over lines
-    return f"{command}: error: {message} (see '{command} --help')"
+    return f"{command}: error: {message} (see '{command} --help')" if message else None
 
 
 def run() -> int:
@@ -74,7 +75,9 @@ def run() -> int:
     except (typer.Abort, KeyboardInterrupt):
         rc = 130
     except _usage_errors() as exc:  # a bad option or argument: one line, naming the command's --help
-        typer.echo(_usage_line(exc), err=True)
+        line = _usage_line(exc)
+        if line is not None:
+            typer.echo(line, err=True)
         return int(getattr(exc, "exit_code", 2))
     if rc == 130:
         typer.echo("raylead: interrupted; rerun the same command to resume from finished shards", err=True)
