@@ -33,11 +33,9 @@ def main(job: IndexJob) -> str:
 
 
 def _executor(local: Any) -> str:
-    from raylead.errors import ConfigError
+    from raylead.config import coerce
 
-    if not isinstance(local, bool):
-        raise ConfigError(f"index options: local must be true or false, got {local!r}")
-    return "local" if local else "ray"
+    return "local" if coerce(local, bool, "index options: local") else "ray"
 
 
 def from_yaml(data: dict[str, Any]) -> dict[str, Any]:

@@ -20,11 +20,9 @@ def main(job: SearchJob) -> str:
 
 
 def _use_ray(local: Any) -> bool:
-    from raylead.errors import ConfigError
+    from raylead.config import coerce
 
-    if not isinstance(local, bool):
-        raise ConfigError(f"search config: local must be true or false, got {local!r}")
-    return not local
+    return not coerce(local, bool, "search config: local")
 
 
 def from_yaml(data: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def from_mapping(cls: type[C], data: Mapping[str, Any], where: str = "config") -
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
-        kwargs[key] = _coerce(value, hints[key], f"{where}: {key}")
+        kwargs[key] = coerce(value, hints[key], f"{where}: {key}")
     try:
         obj = cls(**kwargs)
     except TypeError as exc:
@@ -41,7 +41,7 @@ def from_mapping(cls: type[C], data: Mapping[str, Any], where: str = "config") -
     return obj
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -52,7 +52,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return coerce(value, a, where)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
@@ -76,7 +76,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         inner = args[0] if args else Any
-        items = [_coerce(v, inner, where) for v in value]
+        items = [coerce(v, inner, where) for v in value]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, Mapping):
