@@ -494,6 +494,33 @@ def test_run_tinsley_two_matchers(tmp_path: Path, small_sets) -> None:
         )
 
 
+@pytest.mark.parametrize("role", ["train", "holdout"])
+def test_tinsley_refuses_a_base_set_without_usable_faces(
+    tmp_path: Path, small_sets, write_collection, role: str
+) -> None:
+    """Best matches in an empty T or H are −inf: compared, they read as AUC 1.0 / KS 1.0 (a
+    certain leak) or 0.0. Such a set is refused before any work, naming it; so is the pure
+    function given one."""
+    dead = write_collection(
+        tmp_path / "dead", [f"x{i}.jpg" for i in range(5)], [f"x{i}" for i in range(5)],
+        np.zeros((5, 32)), det=[None] * 5, statuses=["no_face"] * 5,
+    )
+    sets = {**small_sets, role: dead}
+    cfg = TinsleyConfig(
+        train=sets["train"], holdout=sets["holdout"], synthetic=sets["synthetic"],
+        out=str(tmp_path / "out"), matchers="dlib", thresholds={"dlib": 0.5}, engine="exact",
+    )
+    word = "training" if role == "train" else "holdout"
+    with pytest.raises(ConfigError, match=f"the {word} set .*dead has no usable face embeddings"):
+        run_tinsley(cfg)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    g, _, _ = clustered(3, 2, seed=7)
+    full, empty = EmbeddedSet.from_arrays(g), EmbeddedSet.from_arrays(np.zeros((0, 32), np.float32))
+    args = (full, empty, full) if role == "train" else (full, full, empty)
+    with pytest.raises(ConfigError, match=f"the {word} set"):
+        matcher_leakage(*args)
+
+
 def test_run_tinsley_with_a_train_index_never_loads_train_vectors(
     tmp_path: Path, write_collection, ray_local, monkeypatch
 ) -> None:

@@ -795,6 +795,15 @@ def _expected_version(spec: MatcherSpec) -> str | None:
     return str(make_matcher(spec.name, **spec.matcher_options()).version)
 
 
+def require_faces(images: EmbeddedSet, role: str, source: str) -> None:
+    """A base set (T, H) with no usable embedding gives no best matches to compare: refuse it
+    (its statistics would compare −inf scores and read as a certain leak, or none)."""
+    if len(images) == 0:
+        raise ConfigError(
+            f"the {role} set {source} has no usable face embeddings ({images.matcher}); check its images"
+        )
+
+
 def check_same_matcher(sets: Mapping[str, EmbeddedSet]) -> tuple[str, str]:
     """All inputs of one attack must come from one matcher (name and version)."""
     seen = {(s.matcher, s.matcher_version) for s in sets.values()}

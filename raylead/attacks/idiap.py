@@ -43,6 +43,7 @@ from raylead.attacks import (
     load_set,
     nearest,
     out_location,
+    require_faces,
     resolve_threshold,
     set_aside,
     summary,
@@ -362,12 +363,11 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     train = load_set(
         cfg.train, spec, "train", emb_dir, cfg.s3, actors=cfg.actors, vectors=cfg.train_index is None
     )
+    require_faces(train, "training", cfg.train)
     synthetic_all = load_set(cfg.synthetic, spec, "synthetic", emb_dir, cfg.s3, actors=cfg.actors)
     matcher, version = check_same_matcher({"train": train, "synthetic": synthetic_all})
     threshold = resolve_threshold(cfg.threshold, cfg.threshold_from, matcher, version, cfg.s3)
     synthetic, aside = set_aside(synthetic_all, cfg.det_score_floor, Triage.of(cfg))
-    if len(train) == 0:
-        raise ConfigError(f"the training set {cfg.train} has no usable face embeddings; check its images")
     # the index is read with the same S3 endpoint and credentials (flags) as the sets
     index = None if cfg.train_index is None else Location.parse(cfg.train_index, cfg.s3)
     if index is not None:

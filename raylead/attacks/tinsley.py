@@ -46,6 +46,7 @@ from raylead.attacks import (
     load_set,
     out_location,
     parse_matchers,
+    require_faces,
     resolve_threshold,
     set_aside,
     summary,
@@ -133,6 +134,8 @@ def matcher_leakage(
 ) -> MatcherLeakage:
     """Best matches of ``generated`` in T and in H under one matcher, and the statistics.
     ``train_index``: T's persisted index (URI or open searcher), which then serves T's vectors."""
+    require_faces(train, "training", "T")
+    require_faces(holdout, "holdout", "H")
     n = len(generated)
     bases = [
         SearchBase.prepare(train.embeddings, n, engine, index=train_index),
@@ -363,9 +366,11 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
         train = load_set(
             cfg.train, spec, "train", emb_dir, cfg.s3, actors=cfg.actors, vectors=label not in indexes
         )
+        require_faces(train, "training", cfg.train)
         if label in indexes:
             check_index_of(Location.parse(indexes[label], cfg.s3), train, cfg.train)
         holdout = load_set(cfg.holdout, spec, "holdout", emb_dir, cfg.s3, actors=cfg.actors)
+        require_faces(holdout, "holdout", cfg.holdout)
         syn_all = load_set(cfg.synthetic, spec, "synthetic", emb_dir, cfg.s3, actors=cfg.actors)
         name, version = check_same_matcher({"train": train, "holdout": holdout, "synthetic": syn_all})
         value = explicit.get(label, explicit.get(spec.name))
