@@ -196,6 +196,28 @@ def test_top_pairs_equal_brute_force(seed: int, k: int, twice: bool) -> None:
         assert len(set(t_lab[got.train_idx])) == got.scores.size == len(set(s_groups[got.synthetic_idx]))
 
 
+@pytest.mark.parametrize("side", ["train", "synthetic"])
+def test_no_identity_twice_stops_once_one_side_runs_out_of_identities(side: str) -> None:
+    """K above the identities of one side: after its last identity is used nothing more can be
+    kept, so the lists need not be deepened to all of T (they were: every list grew to |T|)."""
+    rng = np.random.default_rng(11)
+    s, t = unit(rng.normal(size=(300, 16))), unit(rng.normal(size=(400, 16)))
+    s_groups, t_groups = np.arange(300), np.arange(400)
+    if side == "train":
+        t_groups = t_groups % 5
+    else:
+        s_groups = s_groups % 5
+    got = top_pairs(
+        s, t, 10, no_identity_twice=True, synthetic_groups=s_groups, train_groups=t_groups,
+        engine="exact", k_start=4,
+    )
+    sc, ti, si = top_pairs_bruteforce(
+        s, t, 10, no_identity_twice=True, synthetic_groups=s_groups, train_groups=t_groups
+    )
+    assert got.scores.size == 5 and np.array_equal(got.train_idx, ti) and np.array_equal(got.synthetic_idx, si)
+    assert got.candidates_per_query < 400, got.candidates_per_query
+
+
 def test_top_pairs_certificate_extends_lists() -> None:
     # one synthetic image close to every training image: its list must grow past k_start
     t, _, _ = clustered(1, 40, noise=0.2, seed=3)

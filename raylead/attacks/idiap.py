@@ -154,6 +154,8 @@ def top_pairs(
     engine_used, reason = res.engine, res.reason
     rounds = 0
     largest = kq
+    # with no identity twice, at most one pair per identity of the smaller side can be kept
+    reachable = min(np.unique(s_groups[:n_s]).size, np.unique(t_groups[:n_t]).size) if no_identity_twice else k
     while True:
         lens = np.array([x.size for x in lists_s], dtype=np.int64)
         flat_s = np.concatenate(lists_s).astype(np.float32)
@@ -165,7 +167,9 @@ def top_pairs(
             keep = _greedy_distinct(flat_s, flat_q, flat_t, s_groups, t_groups, k)
         else:
             keep = np.arange(min(k, flat_s.size), dtype=np.int64)
-        kth = float(flat_s[keep[-1]]) if keep.size == k else -math.inf
+        # once one side's identities are all used, pairs after the last kept one cannot be kept:
+        # only lists that may hide a pair above it need to be deepened
+        kth = float(flat_s[keep[-1]]) if keep.size and keep.size == min(k, reachable) else -math.inf
         last = np.array([x[-1] if x.size else -np.inf for x in lists_s], dtype=np.float32)
         # a list may hide a better pair when it is shorter than T, was not yet searched with
         # k' = |T|, and ends at or above the K-th selected score
