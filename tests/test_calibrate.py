@@ -155,6 +155,20 @@ def test_calibrate_needs_two_identities() -> None:
         calibrate_set(es, 1e-2)
 
 
+def test_calibrate_refuses_non_finite_embeddings() -> None:
+    """A NaN row's impostor scores sort above every real one and would fill the allowed matches
+    (θ far too high, fmr_achieved 0): refused, naming the image."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"p{i // 4}" for i in range(200)]
+    good = calibrate_set(EmbeddedSet.from_arrays(x, identities=ids), 1e-2)
+    assert good.at_fmr.impostor_matches > 0
+    x[3] = np.nan
+    with pytest.raises(ConfigError, match=r"1 of the 200 labelled embeddings .* are not finite \(first: img000003\)"):
+        calibrate_set(EmbeddedSet.from_arrays(x, identities=ids), 1e-2)
+
+
 def test_run_calibrate_on_collection_and_threshold_from(tmp_path, write_collection) -> None:
     x, labels = clustered(15, 4, seed=4)
     ids = [f"p{lab}/{i}.jpg" for i, lab in enumerate(labels)]

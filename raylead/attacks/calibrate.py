@@ -269,6 +269,12 @@ def calibrate_set(
         raise ConfigError(f"--impostor-pairs must be 'all' or a positive number, got {impostor_pairs!r}")
     labelled = np.array([x is not None for x in images.identities], dtype=bool)
     used = images.take(labelled)
+    bad = np.flatnonzero(~np.isfinite(used.embeddings).all(axis=1)) if len(used) else np.zeros(0, np.int64)
+    if bad.size:  # NaN scores would sort above every real impostor score and fill the allowed matches
+        raise ConfigError(
+            f"{bad.size} of the {len(used)} labelled embeddings of {images.uri or 'the set'} are not finite (first: "
+            f"{used.ids[int(bad[0])]}); re-embed the set with raylead embed, which marks such rows failed"
+        )
     _, labels = np.unique(np.array(used.identities, dtype=object), return_inverse=True)
     scores = pair_scores(used.embeddings, labels, impostor_pairs, seed, max_pairs)
     at = threshold_at_fmr(scores.impostor, fmr)
