@@ -27,15 +27,17 @@ generators that emit aligned crops), and the images stay beside the figures as e
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
+import os
 import posixpath
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import Any
@@ -45,7 +47,7 @@ import pyarrow as pa
 
 from raylead import generators
 from raylead.catalog import parquet_from_bytes, table_to_parquet_bytes
-from raylead.errors import ConfigError, CorruptDataError, LeakageRegression
+from raylead.errors import ConfigError, CorruptDataError, LeakageRegression, RayleadError
 from raylead.storage import Location, S3Options, retry_io
 
 log = logging.getLogger(__name__)
@@ -146,8 +148,7 @@ class AuditConfig:
         if not self.checkpoint_glob:
             raise ConfigError("--checkpoint-glob is empty: give a pattern such as '*' or 'ckpt-*'")
         MatcherSpec.parse(self.matcher)
-        generators.resolve(generators.parse(self.generator))
-        generators.check_options(self.generator_options)
+        generators.check_options(self.generator_options, generators.resolve(generators.parse(self.generator)))
         check_triage(self.triage, self.triage_options)
 
     def loc(self, uri: str) -> Location:
@@ -170,13 +171,21 @@ def natural_key(name: str) -> tuple[Any, ...]:
 
 
 def step_of(name: str) -> int | None:
-    """The training step a checkpoint name carries: its last number (``step-0100000`` → 100000)."""
-    found = re.findall(r"\d+", posixpath.basename(name.rstrip("/")))
+    """The training step a checkpoint name carries: its last number (``step-0100000`` → 100000,
+    ``checkpoint-1000/model.safetensors`` → 1000)."""
+    found = re.findall(r"\d+", name.rstrip("/"))
     return int(found[-1]) if found else None
 
 
 def checkpoint_name(uri: str) -> str:
-    return posixpath.basename(uri.rstrip("/")) or uri
+    """What tells a checkpoint from its siblings: its last path part, or, when that carries no
+    number (``checkpoint-1000/model.safetensors``, ``step-2/samples``), the path from the nearest
+    part above it that does (at most two parts up)."""
+    parts = [p for p in uri.split("://", 1)[-1].rstrip("/").split("/") if p] or [uri]
+    for up in range(min(3, len(parts))):
+        if re.search(r"\d", parts[-1 - up]):
+            return "/".join(parts[len(parts) - 1 - up :])
+    return parts[-1]
 
 
 def checkpoint_key(uri: str) -> str:
@@ -233,6 +242,9 @@ HISTORY_SCHEMA = pa.schema(
         ("matcher_version", pa.string()),
         ("train_index", pa.string()),
         ("triage", pa.string()),  # the --triage filter that set samples aside (null: none)
+        ("alignment", pa.string()),  # how faces were found and cropped (the collection's alignment)
+        ("det_score_floor", pa.float64()),
+        ("generator_options", pa.string()),  # JSON, sorted keys
         ("threshold", pa.float64()),
         ("threshold_source", pa.string()),
         ("samples", pa.int64()),  # sampled
@@ -251,13 +263,12 @@ HISTORY_SCHEMA = pa.schema(
         ("results", pa.string()),  # the checkpoint's output folder
     ]
 )
-ADDED_COLUMNS = ("triage",)  # read as null from histories written before they existed
+ADDED_COLUMNS = ("triage", "alignment", "det_score_floor", "generator_options")  # null in older histories
 
 
-def read_history(loc: Location) -> list[dict[str, Any]]:
-    """The history rows in the order they were appended ([] when there is no history yet)."""
+def _read_table(loc: Location) -> pa.Table | None:
     if not loc.exists():
-        return []
+        return None
     try:
         table = parquet_from_bytes(loc.read_bytes())
     except Exception as exc:  # a truncated or foreign file
@@ -269,27 +280,63 @@ def read_history(loc: Location) -> list[dict[str, Any]]:
     missing = set(HISTORY_SCHEMA.names) - set(table.column_names)
     if missing:
         raise CorruptDataError(f"audit history {loc.uri} lacks columns {sorted(missing)}; is it an audit history?")
-    return list(table.select(HISTORY_SCHEMA.names).to_pylist())
+    return table
+
+
+def read_history(loc: Location) -> list[dict[str, Any]]:
+    """The history rows in the order they were appended ([] when there is no history yet)."""
+    table = _read_table(loc)
+    return [] if table is None else list(table.select(HISTORY_SCHEMA.names).to_pylist())
+
+
+@contextlib.contextmanager
+def _history_lock(loc: Location) -> Iterator[None]:
+    """Appends to a local history one at a time (an audit run beside the nightly pending one).
+    Object storage has no lock: there, one writer per history (the CronJob's Forbid policy)."""
+    if loc.is_s3:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
+    fd = os.open(loc.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def append_history(loc: Location, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Read, add, rewrite atomically; a row for a checkpoint already present replaces nothing."""
-    rows = read_history(loc)
-    if any(r["checkpoint"] == row["checkpoint"] for r in rows):
-        raise ConfigError(f"checkpoint {row['checkpoint']} is already in the audit history {loc.uri}")
-    rows.append(row)
-    loc.write_bytes(table_to_parquet_bytes(pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)))
-    return rows
+    """Read, add, rewrite atomically (under a lock where storage has one); a row for a checkpoint
+    already present replaces nothing. Columns this version does not know (a newer raylead's) are
+    kept, null in the new row."""
+    with _history_lock(loc):
+        table = _read_table(loc)
+        schema = HISTORY_SCHEMA
+        if table is not None:
+            schema = pa.schema(list(HISTORY_SCHEMA) + [f for f in table.schema if f.name not in HISTORY_SCHEMA.names])
+        everything = [] if table is None else table.select(schema.names).to_pylist()
+        if any(r["checkpoint"] == row["checkpoint"] for r in everything):
+            raise ConfigError(f"checkpoint {row['checkpoint']} is already in the audit history {loc.uri}")
+        everything.append(row)
+        loc.write_bytes(table_to_parquet_bytes(pa.Table.from_pylist(everything, schema=schema)))
+    return [{k: r.get(k) for k in HISTORY_SCHEMA.names} for r in everything]
 
 
-# a leak fraction is comparable only with one measured by the same generator, matcher, training
-# index, triage filter and threshold
+# a leak fraction is comparable only with one measured the same way: generator (and its options),
+# matcher, how faces were found and cropped, detector-score floor, training index, triage filter
+# and threshold. Settings recorded later than a row was written (null there) are not held against it.
 COMPARABLE_BY = ("generator", "matcher", "matcher_version", "train_index", "triage")
+RECORDED_LATER = ("alignment", "det_score_floor", "generator_options")
 
 
 def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(a.get(k) == b.get(k) for k in COMPARABLE_BY) and math.isclose(
-        float(a["threshold"]), float(b["threshold"]), rel_tol=0.0, abs_tol=1e-9
+    later = all(a.get(k) is None or b.get(k) is None or a[k] == b[k] for k in RECORDED_LATER)
+    return (
+        later
+        and all(a.get(k) == b.get(k) for k in COMPARABLE_BY)
+        and math.isclose(float(a["threshold"]), float(b["threshold"]), rel_tol=0.0, abs_tol=1e-9)
     )
 
 
@@ -592,13 +639,17 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
         "matcher_version": prep.matcher_version,
         "train_index": prep.index.root.uri,
         "triage": cfg.triage,
+        "alignment": coll.manifest.alignment,
+        "det_score_floor": float(cfg.det_score_floor),
+        "generator_options": json.dumps(cfg.generator_options, sort_keys=True, default=str),
         "threshold": theta,
     }
     prev = previous_row(rows, checkpoint_name(checkpoint.uri), like)
     if prev is None and previous_row(rows, checkpoint_name(checkpoint.uri)) is not None:
         log.warning(
-            "no earlier checkpoint in %s was audited with this generator, matcher, training index and "
-            "θ %.4f: %s is not compared with them (verdict 'first')",
+            "no earlier checkpoint in %s was audited with these settings (generator and its options, "
+            "matcher, alignment, detector-score floor, training index, triage) and θ %.4f: %s is not "
+            "compared with them (verdict 'first')",
             prep.history.uri,
             theta,
             checkpoint_name(checkpoint.uri),
@@ -611,7 +662,7 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
     row = {
         "checkpoint": checkpoint.uri,
         "checkpoint_name": checkpoint_name(checkpoint.uri),
-        "step": step_of(checkpoint.uri),
+        "step": step_of(checkpoint_name(checkpoint.uri)),
         "audited_at": time.time(),
         **like,
         "generator_version": str(sampled.get("generator_version", "")),
@@ -646,12 +697,12 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
     return row
 
 
-def _raise_if_rose(rose: list[dict[str, Any]], prep: Prepared, rows: list[dict[str, Any]]) -> None:
+def _raise_if_rose(rose: list[dict[str, Any]], prep: Prepared, rows: list[dict[str, Any]], also: str = "") -> None:
     if not rose:
         return
     by_uri = {r["checkpoint"]: r for r in rows}
     detail = [r | {"prev_fraction": by_uri[r["previous"]]["leak_fraction"]} for r in rose]
-    raise LeakageRegression(verdict_message(detail, prep.cfg.tolerance, prep.history))
+    raise LeakageRegression(verdict_message(detail, prep.cfg.tolerance, prep.history) + also)
 
 
 def run_audit(cfg: AuditConfig, echo: Echo = _print, prepared: Prepared | None = None) -> str:
@@ -704,13 +755,32 @@ def run_pending(cfg: AuditConfig, echo: Echo = _print, prepared: Prepared | None
     todo = [c for c in found if c.uri not in seen]
     log.info("%d checkpoint(s) under %s, %d pending", len(found), cfg.checkpoints, len(todo))
     rose = []
+    failed: list[tuple[Location, Exception]] = []
     for ckpt in todo:
-        row = audit_checkpoint(prep, ckpt, rows)
+        # one checkpoint that cannot be audited must neither hide a rise found before it (its row
+        # is already in the history: the next run would not see it again) nor block the later ones
+        try:
+            row = audit_checkpoint(prep, ckpt, rows)
+        except Exception as exc:
+            log.error("%s could not be audited: %s", ckpt.uri, exc, exc_info=not isinstance(exc, RayleadError))
+            echo(f"{checkpoint_name(ckpt.uri)}: NOT AUDITED: {type(exc).__name__}: {exc}")
+            failed.append((ckpt, exc))
+            continue
         rows = append_history(prep.history, row)
         echo(trend_line(row))
         if row["verdict"] == "rose":
             rose.append(row)
-    _raise_if_rose(rose, prep, rows)
+    failures = "; ".join(f"{checkpoint_name(c.uri)}: {e}" for c, e in failed)
+    _raise_if_rose(rose, prep, rows, f"; not audited ({len(failed)}): {failures}" if failed else "")
+    if failed:
+        first = failed[0][1]
+        message = (
+            f"{len(failed)} of {len(todo)} pending checkpoint(s) under {cfg.checkpoints} could not be audited "
+            f"({failures}); the others are in the history {prep.history.uri}; fix them and rerun"
+        )
+        if isinstance(first, RayleadError):
+            raise type(first)(message) from first
+        raise RuntimeError(message) from first
     return (
         f"audited {len(todo)} new checkpoint(s) of {len(found)} under {cfg.checkpoints}"
         f"{'' if todo else ' (nothing new)'}; history: {prep.history.uri}"

@@ -91,7 +91,7 @@ class FolderGenerator:
         self.version = f"{len(self.files)}-images-{digest[:12]}"
 
     @classmethod
-    def available(cls, checkpoint_uri: str, s3: S3Options | None = None, **options: Any) -> int:
+    def available(cls, checkpoint_uri: str, s3: S3Options | None = None, max_pixels: int = 40_000_000) -> int:
         root = Location.parse(checkpoint_uri, s3)
         if not root.exists() or not root.is_dir():
             raise ConfigError(f"generator folder: {root.uri} is not a folder of images")
@@ -111,8 +111,8 @@ class FolderGenerator:
         return out
 
 
-def folder(checkpoint_uri: str, s3: S3Options | None = None, **options: Any) -> FolderGenerator:
-    return FolderGenerator(checkpoint_uri, s3=s3, **options)
+def folder(checkpoint_uri: str, s3: S3Options | None = None, max_pixels: int = 40_000_000) -> FolderGenerator:
+    return FolderGenerator(checkpoint_uri, max_pixels=max_pixels, s3=s3)
 
 
 folder.uses_gpu = False  # type: ignore[attr-defined]
@@ -138,12 +138,28 @@ def uses_gpu(factory: Callable[..., Any]) -> bool:
     return bool(getattr(factory, "uses_gpu", True))
 
 
-def check_options(options: dict[str, Any]) -> None:
-    """Generator options a user may give (``s3`` is raylead's: the run's S3 settings)."""
+def check_options(options: dict[str, Any], factory: Callable[..., Any] | None = None) -> None:
+    """Generator options a user may give (``s3`` is raylead's: the run's S3 settings); with the
+    ``factory``, the options must be parameters it takes (unless it takes ``**options``)."""
     if "s3" in options:
         raise ConfigError(
             "generator option 's3' is reserved: raylead passes the --s3-* settings to generators "
             "that declare an s3 parameter; drop that option"
+        )
+    if factory is None:
+        return
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no readable signature: the factory will say
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in list(params.items())[1:] if n != "s3" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ConfigError(
+            f"generator option {unknown[0]!r} is not one the generator takes "
+            f"({', '.join(takes) or 'it takes none'}); fix or drop that --option"
         )
 
 

@@ -14,8 +14,10 @@ import pytest
 
 from raylead import generators
 from raylead.audit import (
+    HISTORY_SCHEMA,
     AuditConfig,
     append_history,
+    checkpoint_name,
     leak_figures,
     list_checkpoints,
     natural_key,
@@ -48,6 +50,26 @@ def test_natural_order_and_steps() -> None:
     assert sorted(names, key=natural_key) == ["ckpt-1", "ckpt-2", "ckpt-10", "ckpt-10a", "ckpt-100", "final"]
     assert step_of("s3://b/run/step-0100000/") == 100000 and step_of("/x/ckpt-10.pt") == 10
     assert step_of("final") is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "name", "step"),
+    [
+        ("s3://b/run/step-0100000/", "step-0100000", 100000),
+        ("/x/ckpt-10.pt", "ckpt-10.pt", 10),
+        ("/runs/a/checkpoint-1000/model.safetensors", "checkpoint-1000/model.safetensors", 1000),
+        ("s3://b/run/step-2/samples", "step-2/samples", 2),
+        ("/out/iter-30/ema/weights", "iter-30/ema/weights", 30),
+        ("/out/final", "final", None),
+        ("s3://bucket/gen/model.pt", "model.pt", None),
+    ],
+)
+def test_checkpoint_names_tell_siblings_apart(uri: str, name: str, step: int | None) -> None:
+    """A checkpoint named by a file or folder every checkpoint has (``samples``, ``model.safetensors``)
+    is named from the nearest part above it that carries a number: ordered, and stepped, by it."""
+    assert checkpoint_name(uri) == name and step_of(checkpoint_name(uri)) == step
+    shared = [f"/r/step-{i}/samples" for i in (10, 2, 1)]
+    assert sorted(map(checkpoint_name, shared), key=natural_key) == [f"step-{i}/samples" for i in (1, 2, 10)]
 
 
 def test_leak_figures() -> None:
@@ -242,6 +264,52 @@ def test_history_append_and_previous(tmp_path: Path) -> None:
     assert [r["triage"] for r in read_history(old)] == [None]
     grown = append_history(old, row("ckpt-2", 0.1) | {"triage": "age.py:make"})
     assert [r["triage"] for r in read_history(old)] == [None, "age.py:make"] == [r.get("triage") for r in grown]
+    # how faces were found and cropped, the detector-score floor and the generator's options are
+    # part of the measurement too; a row written before they were recorded (null) is not held to them
+    measured = {"alignment": "detect:dlib:dlib150", "det_score_floor": 0.0, "generator_options": "{}"}
+    rows = [row("ckpt-1", 0.2), row("ckpt-2", 0.2) | measured]
+    like = row("ckpt-3", 0.0) | measured
+    assert previous_row(rows, "ckpt-3", like=like)["checkpoint_name"] == "ckpt-2"
+    assert previous_row(rows[:1], "ckpt-3", like=like)["checkpoint_name"] == "ckpt-1"
+    for change in ({"alignment": "aligned:dlib150"}, {"det_score_floor": 0.5}, {"generator_options": '{"psi": 0.7}'}):
+        assert previous_row(rows[1:], "ckpt-3", like=like | change) is None, change
+
+
+def test_history_keeps_columns_it_does_not_know(tmp_path: Path) -> None:
+    """A history a newer raylead wrote (an extra column) keeps that column through an append."""
+    import pyarrow as pa
+
+    from raylead.catalog import parquet_from_bytes, table_to_parquet_bytes
+
+    loc = Location.parse(str(tmp_path / "history.parquet"))
+    schema = pa.schema(list(HISTORY_SCHEMA) + [pa.field("future", pa.string())])
+    first = {n: None for n in HISTORY_SCHEMA.names} | {"checkpoint": "/c/1", "checkpoint_name": "1", "future": "x"}
+    loc.write_bytes(table_to_parquet_bytes(pa.Table.from_pylist([first], schema=schema)))
+    rows = append_history(loc, first | {"checkpoint": "/c/2", "checkpoint_name": "2", "future": None})
+    assert [r["checkpoint"] for r in rows] == ["/c/1", "/c/2"] and "future" not in rows[0]
+    table = parquet_from_bytes(loc.read_bytes())
+    assert table.column("future").to_pylist() == ["x", None]
+
+
+def _append_one(path: str, i: int) -> None:
+    row = {n: None for n in HISTORY_SCHEMA.names}
+    append_history(Location.parse(path), row | {"checkpoint": f"/c/{i}", "checkpoint_name": f"ckpt-{i}"})
+
+
+def test_concurrent_appends_to_a_local_history_lose_no_row(tmp_path: Path) -> None:
+    """An `audit run` from a training loop beside the nightly `audit pending`: each append reads,
+    adds and rewrites the file; without the lock all but one of these 6 rows were lost."""
+    import multiprocessing
+
+    path = str(tmp_path / "history.parquet")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_one, args=(path, i)) for i in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 6
+    assert sorted(r["checkpoint"] for r in read_history(Location.parse(path))) == [f"/c/{i}" for i in range(6)]
 
 
 def test_config_validation() -> None:
@@ -256,9 +324,14 @@ def test_config_validation() -> None:
         ({"generator": "nope"}, "unknown generator"),
         ({"mode": "pending"}, "checkpoints"),
         ({"sampels": 3}, "sampels"),
+        # a mistyped generator option: before any work (it failed in the sampler actors, after Ray)
+        ({"generator_options": {"max_pixel": 10}}, r"option 'max_pixel' is not one the generator takes \(max_pixels\)"),
     ):
         with pytest.raises(ConfigError, match=match):
             from_mapping(AuditConfig, base | bad)
+    assert from_mapping(AuditConfig, base | {"generator_options": {"max_pixels": 10}}).generator_options
+    # a factory taking **options takes any option (it says itself what it refuses)
+    assert from_mapping(AuditConfig, base | {"generator": f"{LEAKY}:make", "generator_options": {"x": 1}})
 
 
 def test_list_checkpoints_natural_order(tmp_path: Path) -> None:
@@ -336,12 +409,19 @@ def test_audit_pending_tracks_rising_leakage(tmp_path: Path, audit_setup: dict, 
         "--sample-batch-size", "8",
         "--actors", "2",
     ]  # fmt: skip
+    # a checkpoint that cannot be audited (not a checkpoint of this generator) between the others:
+    # the rest are audited, and the rise after it still ends the run with exit 10
+    broken = Path(audit_setup["ckpts"]) / "ckpt-7.json"
+    broken.write_text("{not json")
     done = _cli(*args, env=env)
     assert done.returncode == 10, done.stdout + done.stderr[-3000:]
     verdicts = [line for line in done.stderr.splitlines() if "leakage rose" in line]
     assert len(verdicts) == 1 and "ckpt-10" in verdicts[0] and "ckpt-5" in verdicts[0], done.stderr[-3000:]
+    assert "not audited (1): ckpt-7.json" in verdicts[0], verdicts[0]
     trend = [line for line in done.stdout.splitlines() if line.startswith("ckpt-")]
-    assert [t.split(".json")[0] for t in trend] == ["ckpt-2", "ckpt-5", "ckpt-10"], done.stdout
+    assert [t.split(".json")[0] for t in trend] == ["ckpt-2", "ckpt-5", "ckpt-7", "ckpt-10"], done.stdout
+    assert "NOT AUDITED" in trend[2] and "LEAKAGE ROSE" in trend[3], done.stdout
+    broken.unlink()
 
     history = Location.parse(audit_setup["out"]).child("history.parquet")
     rows = read_history(history)
