@@ -169,7 +169,7 @@ def test_calibrate_refuses_non_finite_embeddings() -> None:
         calibrate_set(EmbeddedSet.from_arrays(x, identities=ids), 1e-2)
 
 
-def test_run_calibrate_on_collection_and_threshold_from(tmp_path, write_collection) -> None:
+def test_run_calibrate_on_collection_and_threshold_from(tmp_path, write_collection, caplog) -> None:
     x, labels = clustered(15, 4, seed=4)
     ids = [f"p{lab}/{i}.jpg" for i, lab in enumerate(labels)]
     coll = write_collection(
@@ -183,8 +183,16 @@ def test_run_calibrate_on_collection_and_threshold_from(tmp_path, write_collecti
         "version": "v1",
         "dim": 32,
     }
-    th = resolve_threshold(None, str(out), "dlib", "v1")
+    with caplog.at_level("WARNING", logger="raylead.attacks"):
+        th = resolve_threshold(None, str(out), "dlib", "v1")
     assert th is not None and th.value == data["threshold"] and th.fmr == 1e-2
+    assert not [r for r in caplog.records if "too few" in r.getMessage()]
+    # a θ calibrated at an FMR its impostor pairs cannot measure is said so where it is used too
+    coarse = tmp_path / "cal" / "coarse.json"
+    run_calibrate(CalibrateConfig(labelled=coll, out=str(coarse), matcher="dlib", fmr=1e-5))
+    with caplog.at_level("WARNING", logger="raylead.attacks"):
+        resolve_threshold(None, str(coarse), "dlib", "v1")
+    assert [r for r in caplog.records if "1680 impostor pairs, too few to measure FMR 1e-05" in r.getMessage()]
     with pytest.raises(ConfigError, match="made with matcher 'dlib v1'"):
         resolve_threshold(None, str(out), "onnx", "m.onnx@123")
     with pytest.raises(ConfigError, match="made with matcher"):

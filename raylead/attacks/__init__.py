@@ -553,6 +553,15 @@ def resolve_threshold(
             f"calibration {from_file} was made with matcher {made!r} but this attack uses {used!r}; "
             f"run `raylead calibrate` with the attack's matcher"
         )
+    if cal.get("fmr_resolvable") is False:
+        log.warning(
+            "calibration %s had %s impostor pairs, too few to measure FMR %g: its θ %.4f only says that no "
+            "impostor pair matched (calibrate on a larger labelled set for a θ at that FMR)",
+            from_file,
+            cal.get("impostor_pairs"),
+            float(cal["fmr_target"]),
+            float(cal["threshold"]),
+        )
     return Threshold(
         value=float(cal["threshold"]),
         source=str(from_file),
