@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -53,7 +54,7 @@ from raylead.catalog import (
     read_parquet_checked,
     sha256_bytes,
 )
-from raylead.errors import ConfigError, CorruptDataError
+from raylead.errors import ConfigError, CorruptDataError, RayleadError
 from raylead.plan import (
     DEFAULT_SHARD_MAX_BYTES,
     IndexPlan,
@@ -179,15 +180,43 @@ class CollectionRows:
             offset += info.ok
             if not take.size:
                 continue
+            uri = self.root.child(info.path).uri
             v, i = ok_rows(read_parquet_checked(self.root.child(info.path), info.sha256), self.dim)
             if len(i) != info.ok:
                 raise CorruptDataError(
-                    f"{self.root.child(info.path).uri} has {len(i)} ok rows but the collection manifest "
-                    f"says {info.ok}; re-embed that collection"
+                    f"{uri} has {len(i)} ok rows but the collection manifest says {info.ok}; re-embed that collection"
                 )
+            check_embeddings(v, i, uri)
             vectors.append(v[take])
             ids.extend(i[j] for j in take.tolist())
         return np.ascontiguousarray(np.concatenate(vectors)), ids
+
+
+NORM_TOLERANCE = 1e-2  # an ok embedding's L2 norm must be within this of 1 (or exactly 0)
+
+
+def check_embeddings(vectors: np.ndarray, ids: Sequence[str], where: str) -> None:
+    """Refuse ``ok`` rows that break the collection contract: every embedding finite and
+    L2-normalised (scores are cosines). All-zero rows pass: a matcher's ``l2_normalize`` keeps a
+    zero output zero, and it scores 0 against everything."""
+    if not vectors.size:
+        return
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        j = int(np.argmin(finite))
+        raise ConfigError(
+            f"{where} has {int((~finite).sum())} ok row(s) with NaN or infinite embeddings (first: image_id "
+            f"{ids[j]!r}): re-embed that collection with `raylead embed`, which marks such rows failed"
+        )
+    sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    bad = (np.abs(np.sqrt(sq) - 1.0) > NORM_TOLERANCE) & (sq != 0)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise ConfigError(
+            f"{where} has {int(bad.sum())} ok row(s) whose embedding is not L2-normalised (first: image_id "
+            f"{ids[j]!r}, norm {math.sqrt(sq[j]):.4g}): scores would not be cosines; re-embed that collection "
+            "with `raylead embed` (its matchers normalise their output)"
+        )
 
 
 @dataclass
@@ -841,6 +870,19 @@ def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
+def ray_get_one_line(ref: Any) -> Any:
+    """``ray.get``, re-raising a task's own :class:`RayleadError` as itself: its one-line message,
+    not Ray's wrapper with the task's traceback."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, RayleadError):
+            raise exc.cause from None
+        raise
+
+
 def _load_vectors(rows: RowsInput) -> np.ndarray:
     return np.asarray(rows.load()[0], dtype=np.float32)
 
@@ -858,7 +900,7 @@ def _load_sample(parts: list[RowsInput], config: IndexBuildConfig) -> np.ndarray
         loaded = []
         with progress_bar("reading the training sample", len(refs)) as update:
             for ref in refs:  # in order: the sample's rows stay sorted
-                loaded.append(ray.get(ref))
+                loaded.append(ray_get_one_line(ref))
                 update(len(loaded), len(refs))
     return np.ascontiguousarray(np.concatenate(loaded), dtype=np.float32)
 
@@ -936,7 +978,7 @@ def _encode_ray(
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 pending.pop(ref)
-                out.append(ray.get(ref))
+                out.append(ray_get_one_line(ref))
                 update(len(out), len(todo))
     return out
 

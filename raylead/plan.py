@@ -17,8 +17,11 @@ Rules for :func:`plan_index` (after the FAISS guidelines and autofaiss):
 * OPQ when each sub-quantizer covers ≥ 8 dimensions and N ≥ 10 000: the rotation balances
   variance between sub-spaces, which matters most for wide sub-spaces.
 * training sample: 50·nlist points (≥ 10 000, ≤ N, ≤ 1 000 000).
-* shards: enough that no shard's resident index exceeds ``shard_max_bytes``, at least
-  ``min_shards``.
+* shards: the fewest (at least ``min_shards``) such that no shard's resident index exceeds
+  ``shard_max_bytes``, and never more than N (each shard holds at least one vector). Every
+  shard carries a fixed part (centroids, codebooks, list padding): when even N shards, or as
+  many as the memory budget allows, exceed ``shard_max_bytes``, the error names ``--shard-max``
+  and the least size that works; the budget is named only when it alone is too small.
 * the search starts at ``k_factor`` (candidates per result re-ranked exactly) and
   ``nprobe_start``; the tuner raises both until the target recall is met.
 
@@ -118,14 +121,20 @@ def factory_string(dim: int, nlist: int, m: int, nbits: int, opq: bool) -> str:
     return f"{f'OPQ{m},' if opq else ''}IVF{nlist},{pq}"
 
 
+def per_shard_fixed_bytes(dim: int, nlist: int, m: int, nbits: int, opq: bool) -> int:
+    """What every shard holds whatever its number of vectors: its own copy of the coarse centroids
+    (and OPQ matrix), the PQ codebooks and the fast-scan padding of its lists."""
+    code = (m * nbits + 7) // 8
+    padding = nlist * (FASTSCAN_BLOCK // 2) * (code + ID_BYTES) if nbits == 4 else 0  # half a block per list
+    return nlist * dim * 4 + (dim * dim * 4 if opq else 0) + (1 << nbits) * dim * 4 + padding
+
+
 def resident_bytes_per_vector(
     n: int, dim: int, nlist: int, m: int, nbits: int, opq: bool, shards: int
 ) -> float:
     """Codes + ids + each shard's own copy of the coarse centroids (and OPQ matrix), per vector."""
     code = (m * nbits + 7) // 8
-    padding = nlist * (FASTSCAN_BLOCK // 2) * (code + ID_BYTES) if nbits == 4 else 0  # half a block per list
-    per_shard_fixed = nlist * dim * 4 + (dim * dim * 4 if opq else 0) + (1 << nbits) * dim * 4 + padding
-    return code + ID_BYTES + shards * per_shard_fixed / n
+    return code + ID_BYTES + shards * per_shard_fixed_bytes(dim, nlist, m, nbits, opq) / n
 
 
 def plan_index(
@@ -163,29 +172,63 @@ def plan_index(
     divisors = [m for m in range(m_limit, 0, -1) if dim % m == 0]
     candidates = [m for m in divisors if m % 2 == 0] or divisors
 
-    def fits(m: int, shards: int) -> tuple[bool, float, bool]:
-        opq = n >= 10_000 and dim // m >= 8
-        bpv = resident_bytes_per_vector(n, dim, nlist, m, nbits, opq, shards)
-        return bpv * n <= memory_budget_bytes, bpv, opq
+    def opq_for(m: int) -> bool:
+        return n >= 10_000 and dim // m >= 8
+
+    def total(m: int, shards: int) -> float:
+        return resident_bytes_per_vector(n, dim, nlist, m, nbits, opq_for(m), shards) * n
+
+    def most_shards(m: int) -> int:
+        """The most shards (at most one per vector) whose total fits the memory budget; 0: none."""
+        fixed = per_shard_fixed_bytes(dim, nlist, m, nbits, opq_for(m))
+        var = ((m * nbits + 7) // 8 + ID_BYTES) * n
+        s = min(n, max(0, (memory_budget_bytes - var) // fixed))
+        while s > 0 and total(m, s) > memory_budget_bytes:  # float rounding at the boundary
+            s -= 1
+        while s < n and total(m, s + 1) <= memory_budget_bytes:
+            s += 1
+        return s
+
+    def fewest_shards(m: int) -> int | None:
+        """The fewest shards (≥ min_shards, ≤ n) none of which exceeds shard_max_bytes; None: even
+        one vector per shard exceeds it (each shard has its fixed part)."""
+        fixed = per_shard_fixed_bytes(dim, nlist, m, nbits, opq_for(m))
+        var = ((m * nbits + 7) // 8 + ID_BYTES) * n
+        if shard_max_bytes <= fixed:
+            return None
+        s = max(min_shards, min(n + 1, math.ceil(var / (shard_max_bytes - fixed))))
+        while s > min_shards and total(m, s - 1) / (s - 1) <= shard_max_bytes:  # float rounding
+            s -= 1
+        while s <= n and total(m, s) / s > shard_max_bytes:
+            s += 1
+        return s if s <= n else None
 
     chosen: tuple[int, float, bool, int] | None = None
     for m in candidates:
-        shards = min_shards
-        ok, bpv, opq = fits(m, shards)
-        # Enough shards that none exceeds shard_max_bytes (each adds its own centroids).
-        while ok and bpv * n / shards > shard_max_bytes and shards < n:
-            shards = max(shards + 1, math.ceil(bpv * n / shard_max_bytes))
-            ok, bpv, opq = fits(m, shards)
-        if ok:
-            chosen = (m, bpv, opq, shards)
+        shards = fewest_shards(m)
+        if shards is not None and total(m, shards) <= memory_budget_bytes:
+            chosen = (m, total(m, shards) / n, opq_for(m), shards)
             break
     if chosen is None:
-        m = candidates[-1]
-        need = resident_bytes_per_vector(n, dim, nlist, m, nbits, False, min_shards) * n
+        affordable = [(m, most_shards(m)) for m in candidates]
+        affordable = [(m, s) for m, s in affordable if s >= min_shards]
+        if not affordable:  # the memory budget is too small even for min_shards shards
+            need = min(total(m, min_shards) for m in candidates)
+            raise ConfigError(
+                f"memory_budget_bytes={memory_budget_bytes} (--memory-budget) is too small for {n} vectors "
+                f"of dimension {dim} in {min_shards} shard(s): the smallest IVF-PQ index needs about "
+                f"{math.ceil(need)} bytes; raise the budget or use more nodes"
+            )
+        # The budget allows an index, but not in shards of at most shard_max_bytes. The smallest
+        # shard size that works is that of the most shards the budget allows (one vector each at most).
+        need, m = min((math.ceil(total(m, s) / s), m) for m, s in affordable)
+        fixed = per_shard_fixed_bytes(dim, nlist, m, nbits, opq_for(m))
         raise ConfigError(
-            f"memory_budget_bytes={memory_budget_bytes} is too small for {n} vectors of dimension {dim}: "
-            f"the smallest IVF-PQ index needs about {math.ceil(need)} bytes; "
-            "raise the budget or use more nodes"
+            f"shard_max_bytes={shard_max_bytes} (--shard-max) is too small for {n} vectors of dimension "
+            f"{dim}: every index shard holds {fixed} bytes of centroids, codebooks and list padding "
+            f"besides {(m * nbits + 7) // 8 + ID_BYTES} bytes per vector, so within memory_budget_bytes="
+            f"{memory_budget_bytes} shards need at least {need} bytes each; raise --shard-max to {need} or "
+            f"more (well above {fixed} for fewer shards)"
         )
     m, bpv, opq, shards = chosen
     if target >= 0.99:

@@ -319,11 +319,15 @@ class ShardSearcherCore:
     def candidates(
         self, q: np.ndarray, kprime: int, nprobe: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top ``kprime`` by approximate score (in that order) with their exact scores."""
-        _set_threads(self.threads)
-        self.ivf.nprobe = int(min(nprobe, self.ivf.nlist))
+        """Top ``kprime`` by approximate score (in that order) with their exact scores; a shard
+        without rows has none (``[nq, 0]``)."""
         kp = int(min(kprime, self.rows))
         q = np.ascontiguousarray(q, dtype=np.float32)
+        if kp == 0:  # FAISS refuses k=0
+            none = np.zeros((q.shape[0], 0), np.float32)
+            return np.zeros((q.shape[0], 0), np.int64), none, none.copy()
+        _set_threads(self.threads)
+        self.ivf.nprobe = int(min(nprobe, self.ivf.nlist))
         approx, ids = self.index.search(q, kp)
         ids = ids.astype(np.int64)
         approx = np.where(ids >= 0, approx, -np.inf).astype(np.float32)
@@ -340,32 +344,12 @@ class ShardSearcherCore:
         s, i = exact_mod.exact_search(q, self.vectors, k, device="auto")
         return s, np.where(i >= 0, i + self.row_start, -1)
 
-    def range(
-        self, q: np.ndarray, threshold: float, nprobe: int | None, margin: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pairs with exact score ≥ threshold: every row (``nprobe=None``) or IVF-PQ candidates
-        with approximate score > threshold − margin, re-scored exactly."""
-        if nprobe is None:
-            lims, s, i = exact_mod.range_search(q, self.vectors, threshold, device="cpu")
-            return lims, s, i + self.row_start
-        _set_threads(self.threads)
-        self.ivf.nprobe = int(min(nprobe, self.ivf.nlist))
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        lims, _, ids = self.index.range_search(q, float(threshold - margin))
-        ids = ids.astype(np.int64)
-        qs: list[np.ndarray] = []
-        bs: list[np.ndarray] = []
-        ss: list[np.ndarray] = []
-        for r in range(q.shape[0]):
-            cand = ids[lims[r] : lims[r + 1]]
-            if not cand.size:
-                continue
-            ex = self.rescore(q[r : r + 1], cand[None, :])[0]
-            keep = ex >= np.float32(threshold)
-            qs.append(np.full(int(keep.sum()), r, np.int64))
-            bs.append(cand[keep])
-            ss.append(ex[keep])
-        return exact_mod._pairs_to_lims(q.shape[0], qs, bs, ss)
+    def range(self, q: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs with exact score ≥ threshold: every row of the shard scored with its stored
+        vectors. (Never through the IVF-PQ lists: whatever nprobe and margin, their 4-bit PQ
+        scores would miss pairs above the threshold.)"""
+        lims, s, i = exact_mod.range_search(q, self.vectors, threshold, device="cpu")
+        return lims, s, i + self.row_start
 
 
 def top_by_exact(
@@ -755,21 +739,16 @@ class IndexSearcher:
         return self._map("candidates", self._put(np.ascontiguousarray(queries, np.float32)), kprime, nprobe)
 
     def range_search(
-        self,
-        queries: np.ndarray | QueryReader,
-        threshold: float,
-        *,
-        nprobe: int | None = None,
-        margin: float = 0.1,
-        query_block: int = 2048,
+        self, queries: np.ndarray | QueryReader, threshold: float, *, query_block: int = 2048
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pairs with exact score ≥ threshold; ``nprobe=None`` scans every stored vector (exact).
-        Queries go to the shards in blocks (``IN_FLIGHT_BLOCKS`` at a time)."""
+        """Every pair with exact score ≥ threshold (each shard scans all its stored vectors: the
+        same pairs as brute force, whichever engine answers the k-NN search). Queries go to the
+        shards in blocks (``IN_FLIGHT_BLOCKS`` at a time)."""
         reader = as_queries(queries)
 
         def submit(a: int, b: int) -> list[Any]:
             q = self._put(_query_vectors(reader.read(a, b)[0]))
-            return self._submit("range", q, float(threshold), nprobe, float(margin))
+            return self._submit("range", q, float(threshold))
 
         blocks = self._blocks(reader.n, query_block)
         qs, bs, ss = [], [], []
@@ -814,10 +793,8 @@ class ShardSearcherActor:
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.core.exact(q, k)
 
-    def range(
-        self, q: np.ndarray, threshold: float, nprobe: int | None, margin: float
-    ) -> tuple[np.ndarray, ...]:
-        return self.core.range(q, threshold, nprobe, margin)
+    def range(self, q: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:
+        return self.core.range(q, threshold)
 
     def pid(self) -> int:
         return os.getpid()
@@ -896,11 +873,12 @@ def tune(searcher: IndexSearcher, queries: np.ndarray | QueryReader, config: Sea
         best = max(tr["recall"] for tr in trials)
         chosen = next(tr for tr in trials if tr["recall"] == best)
         log.warning(
-            "target recall %.3f not reached within nprobe ≤ %d (%.0f%% of lists): best %.4f at nprobe=%d, "
-            "k_factor=%d; use --engine exact for exact answers",
+            "target recall %.3f not reached within nprobe ≤ %d of %d lists (%.0f%%): best %.4f at "
+            "nprobe=%d, k_factor=%d; use --engine exact for exact answers",
             config.target_recall,
             max_nprobe,
-            100 * config.max_scan_fraction,
+            nlist,
+            100 * max_nprobe / nlist,
             best,
             chosen["nprobe"],
             chosen["k_factor"],
@@ -1471,10 +1449,9 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
                 first=(top_s, top_i),
             )
             write_pairs("pairs", PAIRS_FILE, s, qi, bi, rank=pa.array(np.arange(s.size, dtype=np.int32)))
-        if job.threshold is not None:
-            lims, s, bi = searcher.range_search(
-                q, float(job.threshold), nprobe=choice.nprobe, query_block=cfg.query_block
-            )
+        if job.threshold is not None:  # exact whatever the engine: every pair ≥ the threshold
+            log.info("range search: every stored vector scored against each query (score ≥ %g)", job.threshold)
+            lims, s, bi = searcher.range_search(q, float(job.threshold), query_block=cfg.query_block)
             write_pairs("range", RANGE_FILE, s, np.repeat(np.arange(q.n), np.diff(lims)), bi)
     summary: dict[str, Any] = {
         "kind": "raylead.search",

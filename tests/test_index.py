@@ -384,3 +384,75 @@ def test_build_resume_and_search_on_s3(s3_server, clustered_small):
     with pytest.raises(CorruptDataError, match=r"shard-00001\.vectors\.npy failed its checksum"):
         IndexSearcher(uri, use_ray=False)
     assert not [d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("raylead-vectors-")]
+
+
+# -- the collection contract: ok embeddings finite and L2-normalised --------------------------------
+def _bad_collection(write_collection, base, path, bad_row, value):
+    """A 4-shard collection of ``base`` with one ok row's embedding replaced."""
+    emb = base.copy()
+    if np.isscalar(value):
+        emb[bad_row, 3] = value
+    else:
+        emb[bad_row] = value
+    ids = [f"faces/{i:05d}.jpg" for i in range(len(emb))]
+    return write_collection(path, ids, [None] * len(emb), emb, shard_size=500)
+
+
+@pytest.mark.parametrize(
+    "row,value,needle",
+    [
+        # in the training sample / in no shard of it (the encode task reads it): the same error
+        (1234, np.nan, r"part-00002\.parquet has 1 ok row\(s\) with NaN or infinite embeddings \(first: "
+         r"image_id 'faces/01234\.jpg'\): re-embed that collection with `raylead embed`, which marks such rows failed"),
+        (1999, -np.inf, r"part-00003\.parquet has 1 ok row\(s\) with NaN or infinite embeddings \(first: "
+         r"image_id 'faces/01999\.jpg'\)"),
+        (7, "scaled", r"part-00000\.parquet has 1 ok row\(s\) whose embedding is not L2-normalised \(first: "
+         r"image_id 'faces/00007\.jpg', norm 3\): scores would not be cosines"),
+    ],
+)
+def test_bad_embeddings_are_refused_by_shard_and_image(write_collection, clustered_small, tmp_path, row, value, needle):
+    base = clustered_small.base[:2000]
+    bad = 3 * base[row] if isinstance(value, str) else value
+    coll = _bad_collection(write_collection, base, tmp_path / "c", row, bad)
+    for train_size in (None, 300):  # 300: the bad row is (likely) read by its encode task only
+        with pytest.raises(ConfigError, match=needle) as err:
+            build_index(
+                source_from_collection(coll), str(tmp_path / f"idx{train_size}"),
+                IndexBuildConfig(executor="local", train_size=train_size),
+            )
+        assert "\n" not in str(err.value) and not (tmp_path / f"idx{train_size}" / INDEX_MANIFEST).exists()
+
+
+def test_bad_embeddings_are_refused_in_one_line_from_ray_tasks(ray_local, write_collection, clustered_small, tmp_path):
+    """The error raised in a Ray task (sample reading, encoding) reaches the caller as itself, one line."""
+    coll = _bad_collection(write_collection, clustered_small.base[:2000], tmp_path / "c", 1500, np.nan)
+    with pytest.raises(ConfigError, match=r"part-00003\.parquet has 1 ok row\(s\) with NaN") as err:
+        build_index(source_from_collection(coll), str(tmp_path / "idx"), IndexBuildConfig(executor="ray"))
+    assert "\n" not in str(err.value) and type(err.value) is ConfigError
+
+
+def test_zero_embeddings_pass_the_contract(write_collection, clustered_small, tmp_path):
+    """A matcher's l2_normalize keeps an all-zero output zero (it scores 0 against everything): kept."""
+    coll = _bad_collection(write_collection, clustered_small.base[:2000], tmp_path / "c", 10, np.zeros(32))
+    m = build_index(source_from_collection(coll), str(tmp_path / "idx"), IndexBuildConfig(executor="local"))
+    assert m.ntotal == 2000
+
+
+def test_small_shard_max_never_plans_more_shards_than_vectors(write_collection, clustered_small, tmp_path):
+    """A --shard-max barely above a shard's fixed part: at most one shard per vector, none empty,
+    all searchable; below it, a one-line error naming --shard-max before anything is written."""
+    from raylead.search import SearchConfig, SearchJob, run_search
+
+    base, q = clustered_small.base[:200], clustered_small.queries[:5]
+    coll = write_collection(tmp_path / "b", [f"b{i}" for i in range(200)], [None] * 200, base)
+    queries = write_collection(tmp_path / "q", [f"q{i}" for i in range(5)], [None] * 5, q)
+    small = IndexBuildConfig(shard_max_bytes=3300, executor="local")
+    m = build_index(source_from_collection(coll), str(tmp_path / "idx"), small)
+    assert 1 < len(m.shards) <= 200 and all(s.rows > 0 for s in m.shards)
+    cfg = SearchConfig(k=3, engine="approximate", nprobe=1, k_factor=2)
+    run_search(SearchJob(queries, str(tmp_path / "idx"), str(tmp_path / "out"), cfg, use_ray=False, threshold=0.5))
+    assert pq.read_table(tmp_path / "out" / "results.parquet").num_rows == 15
+    with pytest.raises(ConfigError, match=r"shard_max_bytes=3000 \(--shard-max\) is too small for 200 vectors") as err:
+        tiny = IndexBuildConfig(shard_max_bytes=3000, executor="local")
+        build_index(source_from_collection(coll), str(tmp_path / "idx2"), tiny)
+    assert "\n" not in str(err.value) and not (tmp_path / "idx2").exists()

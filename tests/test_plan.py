@@ -92,6 +92,47 @@ def test_plan_respects_min_shards_and_shard_size():
     assert small.bytes_per_vector * 1_000_000 / small.shards <= 20_000_000
 
 
+# n, dim, budget, shard_max_bytes, min_shards → shards (never more than n; each ≤ shard_max_bytes)
+SHARD_MAX_CASES = [
+    (200, 16, 8 * GiB, 2000, 1, 25),  # 1920-byte fixed part per shard: 25 shards of 8 vectors
+    (3000, 32, 1 << 20, 19976, 1, 52),  # the least --shard-max the 1 MiB budget allows
+    (3000, 32, 8 * GiB, 19465, 1, 3000),  # one vector per shard: the least --shard-max at all
+    (3000, 32, 8 * GiB, 40 << 10, 1, 4),
+    (3000, 32, 8 * GiB, 40 << 10, 7, 7),  # min_shards above what shard_max_bytes needs
+    (100_000, 16, 8 * GiB, 1 << 20, 1, 2),  # 1.4 MiB in all
+]
+
+
+@pytest.mark.parametrize("n,dim,budget,shard_max,min_shards,shards", SHARD_MAX_CASES)
+def test_plan_shards_from_shard_max(n, dim, budget, shard_max, min_shards, shards):
+    plan = plan_index(n, dim, budget, shard_max_bytes=shard_max, min_shards=min_shards)
+    assert plan.shards == shards <= n, plan.reason
+    assert plan.bytes_per_vector * n / plan.shards <= shard_max
+    assert plan.bytes_per_vector * n <= budget
+
+
+@pytest.mark.parametrize(
+    "n,dim,budget,shard_max",
+    [
+        (3000, 32, 1 << 20, 4096),
+        (3000, 32, 8 * GiB, 4096),
+        (100_000, 16, 8 * GiB, 10_000),
+        (20_000, 128, 3_000_000, 50_000),
+    ],
+)
+def test_shard_max_error_names_the_least_size_that_works(n, dim, budget, shard_max):
+    """The size the error asks for plans (in at most n shards, within the budget); one byte less does not."""
+    with pytest.raises(ConfigError, match=r"\(--shard-max\) is too small") as err:
+        plan_index(n, dim, budget, shard_max_bytes=shard_max)
+    msg = str(err.value)
+    assert "\n" not in msg and "memory_budget_bytes=" in msg and "(--memory-budget)" not in msg
+    need = int(msg.split("raise --shard-max to ")[1].split()[0])
+    plan = plan_index(n, dim, budget, shard_max_bytes=need)
+    assert plan.shards <= n and plan.bytes_per_vector * n / plan.shards <= need
+    with pytest.raises(ConfigError, match=f"shard_max_bytes={need - 1} "):
+        plan_index(n, dim, budget, shard_max_bytes=need - 1)
+
+
 def test_resident_bytes_formula():
     # codes + ids + (centroids + codebooks + half a 32-code block per list) / n
     bpv = resident_bytes_per_vector(1_000_000, 512, 2048, 128, 4, False, 1)
@@ -113,6 +154,26 @@ def test_resident_bytes_formula():
         (dict(n=1000, dim=64, memory_budget_bytes=GiB, min_shards=2000), "min_shards=2000"),
         (dict(n=1_000_000, dim=512, memory_budget_bytes=1_000_000), "too small"),
         (dict(n=1000.5, dim=64, memory_budget_bytes=GiB), "n=1000.5"),
+        # a shard_max_bytes below one shard's fixed part (centroids, codebooks) is named, not the budget
+        (
+            dict(n=3000, dim=32, memory_budget_bytes=1 << 20, shard_max_bytes=4096),
+            "shard_max_bytes=4096 (--shard-max) is too small for 3000 vectors of dimension 32: every index "
+            "shard holds 19456 bytes",
+        ),
+        (
+            dict(n=100_000, dim=16, memory_budget_bytes=8 * GiB, shard_max_bytes=10_000),
+            "shard_max_bytes=10000 (--shard-max) is too small",
+        ),
+        # ... also where the budget would have allowed more shards than vectors
+        (
+            dict(n=3000, dim=32, memory_budget_bytes=8 * GiB, shard_max_bytes=4096),
+            "shards need at least 19465 bytes each; raise --shard-max to 19465",
+        ),
+        # the budget is named only when it is what is too small
+        (
+            dict(n=3000, dim=32, memory_budget_bytes=20_000, shard_max_bytes=4096),
+            "memory_budget_bytes=20000 (--memory-budget) is too small",
+        ),
     ],
 )
 def test_plan_rejects(kwargs, needle):

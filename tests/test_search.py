@@ -237,14 +237,129 @@ def test_index_exact_engine_and_range(small_indexes, clustered_small):
         for r in range(400):  # same pairs; order may differ only between scores equal to float32 rounding
             seg = slice(want[0][r], want[0][r + 1])
             assert sorted(got[2][seg].tolist()) == sorted(want[2][seg].tolist())
-        approx = s.range_search(c.queries, 0.6, nprobe=s.plan.nlist, margin=0.3)
-        pairs = set(
-            zip(np.repeat(np.arange(400), np.diff(approx[0])).tolist(), approx[2].tolist(), strict=True)
-        )
-        truth_pairs = set(
-            zip(np.repeat(np.arange(400), np.diff(want[0])).tolist(), want[2].tolist(), strict=True)
-        )
-        assert pairs <= truth_pairs and len(pairs) >= 0.99 * len(truth_pairs)
+
+
+def test_range_with_the_approximate_engine_equals_brute_force(
+    small_indexes, write_collection, clustered_small, tmp_path
+):
+    """`search --threshold` writes every pair ≥ the threshold whatever the engine: with the
+    approximate engine at nprobe=1 (its k-NN visits 1 list of 128), range.parquet is brute force's."""
+    from raylead.search import SearchJob, run_search
+
+    c = clustered_small
+    ids = [f"q{i:03d}" for i in range(100)]
+    q = write_collection(tmp_path / "q", ids, [None] * 100, c.queries[:100])
+    for threshold in (0.3, 0.6):
+        cfg = SearchConfig(k=5, engine="approximate", nprobe=1, k_factor=2, query_block=40)
+        out = tmp_path / f"out{threshold}"
+        summary = run_search(SearchJob(q, small_indexes[4], str(out), cfg, threshold=threshold, use_ray=False))
+        assert summary["engine"] == "approximate" and summary["nprobe"] == 1
+        lims, want_s, want_b = exact.range_search(c.queries[:100], c.base, threshold)
+        rows = np.repeat(np.arange(100), np.diff(lims)).tolist()
+        want = {(ids[r], f"img{j:05d}"): s for r, j, s in zip(rows, want_b.tolist(), want_s.tolist(), strict=True)}
+        t = pq.read_table(out / "range.parquet", use_threads=False).to_pydict()
+        got = {(a, b): s for a, b, s in zip(t["query_id"], t["target_id"], t["score"], strict=True)}
+        assert len(t["score"]) == len(got) == len(want) > 100 and got.keys() == want.keys()
+        np.testing.assert_allclose([got[p] for p in want], list(want.values()), atol=1e-6)
+
+
+def test_a_shard_without_rows_has_no_candidates(small_indexes, clustered_small):
+    """An index shard with 0 rows (built by an older planner) answers empty candidate lists instead
+    of calling FAISS with k=0; merged with the others it changes nothing."""
+    from pathlib import Path
+
+    from raylead.index import deserialize
+    from raylead.search import ShardSearcherCore, merge_shards
+
+    m = open_index(small_indexes[1]).manifest
+    q = clustered_small.queries[:7]
+    trained = deserialize(Path(small_indexes[1], m.trained.path).read_bytes())  # no rows
+    empty = ShardSearcherCore(trained, np.zeros((0, 32), np.float32), 8000, 0)
+    ids, approx, ex = empty.candidates(q, 20, 4)
+    assert ids.shape == approx.shape == ex.shape == (7, 0) and ids.dtype == np.int64
+    s, i, _ = empty.search(q, 5, 4, 4)
+    assert (i == -1).all() and np.isneginf(s).all()
+    with IndexSearcher(small_indexes[1], use_ray=False) as one:
+        full = one._cores[0]
+        want = full.search(q, 5, 4, 8)
+        got = merge_shards([want, empty.search(q, 5, 4, 8)], 5)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    es, ei = empty.exact(q, 5)
+    assert (ei == -1).all()
+    lims, rs, ri = empty.range(q, 0.0)
+    assert lims.tolist() == [0] * 8 and rs.size == ri.size == 0
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        {"engine": "exact"},
+        {"engine": "approximate", "nprobe": 2, "k_factor": 4},  # fixed: no tuning sample read first
+        {"engine": "approximate"},  # tuned: the sample holds the bad row
+        {"engine": "auto"},
+    ],
+)
+def test_run_search_refuses_bad_query_embeddings_in_one_line(
+    small_indexes, write_collection, clustered_small, tmp_path, engine
+):
+    """A NaN (or non-normalised) ok query embedding: a one-line ConfigError naming the collection
+    shard and the image, never a FAISS error, a Ray traceback or a query silently left out."""
+    from raylead.search import SearchJob, run_search
+
+    q = clustered_small.queries[:40].copy()
+    q[21, 5] = np.nan
+    coll = write_collection(tmp_path / "q", [f"s{i:02d}.png" for i in range(40)], [None] * 40, q, shard_size=16)
+    job = SearchJob(coll, small_indexes[4], str(tmp_path / "out"), SearchConfig(k=3, **engine), use_ray=False)
+    with pytest.raises(ConfigError, match=r"q/shards/part-00001\.parquet has 1 ok row\(s\) with NaN or infinite "
+                       r"embeddings \(first: image_id 's21\.png'\): re-embed") as err:
+        run_search(job)
+    assert "\n" not in str(err.value)
+    q[21] = clustered_small.queries[21] * 2
+    coll = write_collection(tmp_path / "q2", [f"s{i:02d}.png" for i in range(40)], [None] * 40, q, shard_size=16)
+    job = SearchJob(coll, small_indexes[4], str(tmp_path / "out2"), SearchConfig(k=3, **engine), use_ray=False)
+    with pytest.raises(ConfigError, match=r"part-00001\.parquet has 1 ok row\(s\) whose embedding is not "
+                       r"L2-normalised \(first: image_id 's21\.png', norm 2\)"):
+        run_search(job)
+
+
+def test_cli_search_refuses_a_nan_query_in_one_line(
+    small_indexes, write_collection, clustered_small, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from raylead.cli import run
+
+    q = clustered_small.queries[:20].copy()
+    q[0] = np.nan
+    coll = write_collection(tmp_path / "q", [f"q{i}" for i in range(20)], [None] * 20, q)
+    argv = ["search", coll, "--index", small_indexes[1], "--out", str(tmp_path / "o"), "--local",
+            "--engine", "approximate", "--nprobe", "2", "--k-factor", "4"]
+    monkeypatch.setattr(sys, "argv", ["raylead", *argv])
+    assert run() == 2
+    _, err = capsys.readouterr()
+    (line,) = [x for x in err.splitlines() if "error" in x.lower()]
+    assert line.startswith("raylead: error: ") and (
+        "part-00000.parquet has 1 ok row(s) with NaN or infinite embeddings (first: image_id 'q0')" in line
+    )
+
+
+def test_tuning_warning_names_the_share_of_lists_scanned(clustered_small, tmp_path, caplog):
+    """An index of 100 vectors has 2 lists; the tuner's cap (max_scan_fraction 1/8) still visits 1
+    of them: the warning says 1 of 2 lists (50%), not 12%."""
+    import logging
+
+    from raylead.index import IndexBuildConfig, build_index, source_from_arrays
+    from raylead.search import tune
+
+    rng = np.random.default_rng(4)
+    base = _unit(rng.standard_normal((100, 32)))
+    build_index(source_from_arrays(base), str(tmp_path / "idx"), IndexBuildConfig(executor="local"))
+    with IndexSearcher(str(tmp_path / "idx"), use_ray=False) as s, caplog.at_level(logging.WARNING):
+        assert s.plan.nlist == 2
+        rep = tune(s, _unit(rng.standard_normal((50, 32))), SearchConfig(k=10, target_recall=1.0, k_factors=(1,)))
+    assert not rep.reached
+    assert "not reached within nprobe ≤ 1 of 2 lists (50%)" in caplog.text
 
 
 def test_topk_pairs_through_index(small_indexes, clustered_small):

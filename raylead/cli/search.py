@@ -29,7 +29,12 @@ def search_cmd(
     k_factor: Annotated[int | None, typer.Option("--k-factor", help="Fix the re-rank multiplier.")] = None,
     pairs: Annotated[int, typer.Option("--pairs", help="Also write the global top-K pairs (0: off).")] = 0,
     threshold: Annotated[
-        float | None, typer.Option("--threshold", help="Also write every pair with score ≥ this.")
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Also write every pair with score ≥ this (range.parquet: exact, every stored vector is "
+            "scored, whichever the engine).",
+        ),
     ] = None,
     query_block: Annotated[
         int, typer.Option("--query-block", help="Queries per block; each block is one resumable result part.")
