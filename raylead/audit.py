@@ -808,6 +808,13 @@ def plot_history(rows: list[dict[str, Any]], png: Location) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from raylead.report.plots import literal_text
+
+    with literal_text():  # checkpoint names are text, never TeX ('$' in a name)
+        png.write_bytes(_history_png(rows, plt))
+
+
+def _history_png(rows: list[dict[str, Any]], plt: Any) -> bytes:
     ordered = sorted(rows, key=lambda r: natural_key(r["checkpoint_name"]))
     steps = [r["step"] for r in ordered]
     use_steps = all(s is not None for s in steps) and len(set(steps)) == len(steps)
@@ -830,4 +837,4 @@ def plot_history(rows: list[dict[str, Any]], png: Location) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    png.write_bytes(buf.getvalue())
+    return buf.getvalue()

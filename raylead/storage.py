@@ -22,6 +22,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import shutil
 import time
 import uuid
@@ -156,30 +157,91 @@ def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
         except (ValueError, TypeError, AttributeError, KeyError):
             raise  # programming errors
         except Exception as exc:  # botocore/aiohttp raise many types for a dead or flaky endpoint
-            if type(exc).__name__ == "NoCredentialsError":  # permanent: waiting cannot bring them
+            kind = type(exc).__name__
+            if kind == "NoCredentialsError":  # permanent: waiting cannot bring them
                 raise StorageError(
-                    f"{what} failed: no S3 credentials were found; set AWS_ACCESS_KEY_ID / "
+                    f"{scrub_userinfo(what)} failed: no S3 credentials were found; set AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY or pass --s3-key / --s3-secret"
+                ) from None
+            if kind == "ParamValidationError":  # permanent: the request itself is invalid (bucket name...)
+                raise ConfigError(
+                    f"{scrub_userinfo(what)} failed: {_invalid_request(exc)}; fix the s3://BUCKET/PREFIX URI"
                 ) from None
             if time.monotonic() + delay > deadline:
                 raise StorageError(
-                    f"{what} failed after {attempt} attempts over {budget:.0f}s: "
-                    f"{type(exc).__name__}: {_clean(exc)}; check that the storage endpoint is up, "
+                    f"{scrub_userinfo(what)} failed after {attempt} attempts over {budget:.0f}s: "
+                    f"{kind}: {_clean(exc)}; check that the storage endpoint is up, "
                     "then rerun (finished shards are kept)"
                 ) from None
-            log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+            log.warning("%s failed (%s); retrying in %.1fs", scrub_userinfo(what), kind, delay)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 8.0)
 
 
+# ``scheme://`` up to the LAST ``@`` of a whitespace-free token: a password may hold '/' or '@'.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
+
+
+def scrub_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``.
+
+    Everything between ``scheme://`` and the last ``@`` of the whitespace-free token is removed,
+    so passwords holding ``/`` or ``@`` go too (at worst a path holding ``@`` is shortened).
+    """
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def _clean(exc: BaseException) -> str:
-    """An exception message with anything that looks like a credential removed."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    """An exception message on one line, with anything that looks like a credential removed."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = scrub_userinfo(text)
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
         val = os.environ.get(name)
         if val and len(val) >= 4:
             text = text.replace(val, "***")
     return text[:300]
+
+
+def _invalid_request(exc: BaseException) -> str:
+    """botocore's ParamValidationError, shortened (its bucket-name message ends in long ARN regexes)."""
+    return _clean(exc).replace("Parameter validation failed: ", "").split(" or be an ARN", 1)[0]
+
+
+def _walk_files(root: str) -> list[str]:
+    """Every file under the local folder ``root`` as POSIX paths, following symlinked folders
+    (folders of links are common) but never one that leads back to a folder on its own path
+    (``up -> ..``, ``self -> .``), so loops neither repeat files nor run forever.
+
+    A folder linked from two places that do not contain each other is listed under both.
+    Unreadable folders are skipped, as ``os.walk`` does.
+    """
+
+    def key(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    top = key(root)
+    if top is None:
+        return []
+    # the (st_dev, st_ino) of each real folder on the way down to a folder still to be walked
+    ancestors: dict[str, frozenset[tuple[int, int]]] = {root: frozenset([top])}
+    out: list[str] = []
+    for d, dirnames, files in os.walk(root, followlinks=True):
+        above = ancestors.pop(d, frozenset())
+        keep = []
+        for name in dirnames:
+            sub = os.path.join(d, name)
+            k = key(sub)
+            if k is None or k in above:
+                continue  # vanished, or a link back to a folder on this path: a loop
+            ancestors[sub] = above | {k}
+            keep.append(name)
+        dirnames[:] = keep
+        out.extend(os.path.join(d, f).replace(os.sep, "/") for f in files)
+    return out
 
 
 @dataclass(frozen=True)
@@ -196,13 +258,20 @@ class Location:
             raise ConfigError("empty location: give a local folder, file://PATH or s3://BUCKET/PREFIX")
         if text.startswith("s3://"):
             bucket = text[5:].split("/", 1)[0]
+            # A bucket name never holds '@' or ':' (an access-point ARN aside): what looks like one
+            # is user:password@ (a password with '/' leaves only "user:pass" before the first '/').
+            if "@" in bucket or (":" in bucket and not bucket.startswith("arn:")):
+                raise ConfigError(
+                    "s3 URIs take no user:password@ part (credentials go in AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY or --s3-key / --s3-secret)"
+                )
             if not bucket:
                 raise ConfigError(f"URI {text!r} names no bucket: use s3://BUCKET/PREFIX")
             return cls(text.rstrip("/"), s3 or S3Options.from_env())
         if text.startswith("file://"):
             text = text[7:]
         elif "://" in text:
-            raise ConfigError(f"unsupported URI scheme in {text!r}: use a local path, file:// or s3://")
+            raise ConfigError(f"unsupported URI scheme in {scrub_userinfo(text)!r}: use a local path, file:// or s3://")
         return cls(os.path.abspath(os.path.expanduser(text)))
 
     # -- basics ---------------------------------------------------------------------------
@@ -280,12 +349,7 @@ class Location:
             if self.is_s3:
                 self.fs.invalidate_cache()
                 return list(self.fs.find(root, withdirs=False))
-            # os.walk follows symlinked folders (scenario folders are made of links)
-            return [
-                os.path.join(d, f).replace(os.sep, "/")
-                for d, _, files in os.walk(root, followlinks=True)
-                for f in files
-            ]
+            return _walk_files(root)
 
         found = retry_io(_find, f"listing {self.uri}")
         out = []
@@ -430,7 +494,7 @@ class Location:
                 raise ConfigError(f"{self.uri} does not exist; give an existing folder or file")
             return
         bucket = self.path.split("/", 1)[0]
-        endpoint = (self.s3.endpoint_url if self.s3 else None) or "the default AWS endpoint"
+        endpoint = scrub_userinfo((self.s3.endpoint_url if self.s3 else None) or "the default AWS endpoint")
         try:
             self.fs.ls(bucket, refresh=True)
             if write:
@@ -447,6 +511,10 @@ class Location:
                 f"bucket s3://{bucket} does not exist at {endpoint}; create it or fix the URI"
             ) from None
         except Exception as exc:  # botocore raises many unrelated types for a dead endpoint
+            if type(exc).__name__ == "ParamValidationError":  # e.g. an invalid bucket name
+                raise ConfigError(
+                    f"s3://{bucket} cannot be used: {_invalid_request(exc)}; fix the s3://BUCKET/PREFIX URI"
+                ) from None
             raise StorageError(
                 f"cannot reach s3://{bucket} at {endpoint} ({type(exc).__name__}: {_clean(exc)}); "
                 "check AWS_ENDPOINT_URL / --s3-endpoint and the network"

@@ -291,6 +291,17 @@ def test_history_keeps_columns_it_does_not_know(tmp_path: Path) -> None:
     assert table.column("future").to_pylist() == ["x", None]
 
 
+def test_history_plot_draws_dollar_names_literally(tmp_path: Path) -> None:
+    """Checkpoint names are text: '$x_$' in one made matplotlib's mathtext raise (no PNG)."""
+    from raylead.audit import plot_history
+
+    base = {n: None for n in HISTORY_SCHEMA.names} | {"threshold": 0.9, "verdict": "ok"}
+    rows = [base | {"checkpoint_name": n, "leak_fraction": f} for n, f in (("a$x_$", 0.1), ("b$y_$", 0.2))]
+    png = Location.parse(str(tmp_path / "trend.png"))
+    plot_history(rows, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _append_one(path: str, i: int) -> None:
     row = {n: None for n in HISTORY_SCHEMA.names}
     append_history(Location.parse(path), row | {"checkpoint": f"/c/{i}", "checkpoint_name": f"ckpt-{i}"})

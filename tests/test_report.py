@@ -241,6 +241,69 @@ def test_credentials_never_enter_the_report(hostile: Path, tmp_path: Path, monke
     assert "https://***@example.com/train" in doc
 
 
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("s3://AKIAPLANTED:wJalrXUtnFEMI/K7MDENG@bucket/x", "wJalrXUtnFEMI/K7MDENG"),  # '/' in the password
+        ("https://user:p@ssPLANTED@host/x", "ssPLANTED"),  # '@' in the password
+        ("(at http://admin:a/b@c@127.0.0.1:9)", "a/b@c"),
+    ],
+)
+def test_scrubber_removes_passwords_holding_slash_or_at(text: str, secret: str) -> None:
+    from raylead.report import Scrubber
+
+    out = Scrubber(None)(text)
+    assert secret not in out and "PLANTED" not in out and "admin" not in out and "***@" in out, out
+
+
+def test_passwords_holding_slash_or_at_never_enter_the_report(hostile: Path, tmp_path: Path) -> None:
+    secret = "wJalrXUtnFEMI/K7MD@ENGPLANTED"  # not in any environment variable: only the URL scrubber can catch it
+    metrics = json.loads((hostile / "idiap" / "metrics.json").read_text())
+    shutil.copytree(hostile / "idiap", tmp_path / "idiap")
+    metrics["inputs"]["train"]["uri"] = f"s3://AKIAPLANTED:{secret}@bucket/train"
+    metrics["engine"]["pairs_reason"] = f"endpoint https://admin:{secret}@example.com/x was slow"
+    (tmp_path / "idiap" / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "r.html"
+    build_report(ReportConfig(results=str(tmp_path / "idiap"), out=str(out)))
+    doc = out.read_text("utf-8")
+    for part in ("AKIAPLANTED", "wJalrXUtnFEMI", "K7MD", "ENGPLANTED", "admin"):
+        assert part not in doc, part
+    assert "https://***@example.com/x" in doc
+
+
+def test_plots_draw_dollar_signs_literally() -> None:
+    """'$' in names is text, not matplotlib mathtext (which raised ValueError for these)."""
+    from raylead.report import plots
+
+    names = ["A$AP_$Rocky", "cost_$5_$^", "x$\\frac$y", "Ke$ha"]
+    pngs = [
+        plots.counts_plot([*names, "other"], [5, 4, 3, 2, 1], [True, None, False, None, None], [("$1$", 2.0)]),
+        plots.histogram_plot(
+            "scores (onnx:model=$HOME/m_$.onnx)", "x$_$", [(n, [0, 1], [1]) for n in names], 0.5, "$θ_$"
+        ),
+        plots.rates_plot("FMR / FNMR (A$AP_$Rocky)", [0.1, 0.2], [0.1, 0.01], [0.2, 0.3], 0.15),
+        plots.pr_plot([0.1, 0.5], [0.9, 0.6], 0.3, [("$a_$", 0.5, 0.6)]),
+    ]
+    assert all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    import matplotlib
+
+    assert matplotlib.rcParams["text.parse_math"]  # the setting is restored afterwards
+
+
+def test_report_with_dollar_names(tmp_path: Path, lfw_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An identity folder and a matcher label holding '$...$' (mathtext syntax) still give a report."""
+    monkeypatch.setattr(sys.modules[__name__], "QUOTED_DIR", "A$AP_$Rocky")
+    monkeypatch.setattr(sys.modules[__name__], "MATCHER_LABEL", "dlib$x_$")
+    results = build_hostile_results(tmp_path, lfw_dir)
+    out = tmp_path / "r.html"
+    res = build_report(ReportConfig(results=str(results), out=str(out)))
+    assert res.attacks == ["idiap", "tinsley", "webster"] and len(res.plots) == 4
+    for p in res.plots:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = out.read_text("utf-8")
+    assert "A$AP_$Rocky" in doc and "dlib$x_$" in doc
+
+
 def test_results_images_and_report_on_s3(hostile: Path, hostile_report: tuple[Path, Any], s3_server: Any) -> None:
     """Results, images and the report itself in object storage (SeaweedFS), read via Location."""
     base = hostile.parent

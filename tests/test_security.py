@@ -316,6 +316,34 @@ def _leaks(blob: bytes, forms: list[bytes]) -> list[bytes]:
     return [f for f in forms if f in blob]
 
 
+# -- user:password@ in URLs: the one scrubber behind storage errors and the report ----------------
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("s3://AKIA:wJalrXUtnFEMI/K7MDENG@bucket/x", "s3://***@bucket/x"),  # '/' in the password
+        ("https://user:p@ss@host/x", "https://***@host/x"),  # '@' in the password: up to the last '@'
+        ("see https://user:secret@host/x and s3://b/k", "see https://***@host/x and s3://b/k"),
+        ('Could not connect to "http://u:pw@127.0.0.1:9/b/k"', 'Could not connect to "http://***@127.0.0.1:9/b/k"'),
+        ("s3://bucket/plain/key.jpg", "s3://bucket/plain/key.jpg"),
+        ("no url here", "no url here"),
+    ],
+)
+def test_userinfo_is_scrubbed(text: str, scrubbed: str) -> None:
+    from raylead.storage import scrub_userinfo
+
+    assert scrub_userinfo(text) == scrubbed
+
+
+def test_storage_error_text_is_one_scrubbed_line(monkeypatch) -> None:
+    from raylead.storage import _clean
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "EnvSecretValue")
+    exc = OSError('cannot open "http://admin:Pa/ss@wd@host:9/b"\nwith key EnvSecretValue')
+    text = _clean(exc)
+    assert "\n" not in text and "admin" not in text and "Pa/ss" not in text and "EnvSecretValue" not in text
+    assert text == 'cannot open "http://***@host:9/b" with key ***'
+
+
 def test_secret_forms_are_found():
     import base64
 

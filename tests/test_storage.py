@@ -130,3 +130,82 @@ def test_s3_roundtrip_listing_and_errors(s3_server, tmp_path) -> None:
     dead = S3Options(endpoint_url="http://127.0.0.1:9", access_key="a", secret_key="b")
     with pytest.raises(StorageError, match="cannot reach"):
         Location.parse("s3://raylead/x", dead).check_reachable(write=False)
+
+
+# -- credentials in URIs and endpoints are refused or scrubbed, never echoed ----------------------
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://AKIAPLANTED:TopSecretPw@bucket/ckpts/step-1.pt",
+        "s3://AKIAPLANTED:Top/SecretPw@bucket/x",  # a '/' in the password: the "bucket" is AKIA...:Top
+        "s3://AKIAPLANTED:Top@Secret@Pw@bucket",
+        "s3://AKIAPLANTED@bucket/x",
+    ],
+)
+def test_s3_uri_with_userinfo_is_refused_without_echo(uri: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Location.parse(uri)
+    msg = str(info.value)
+    assert "AKIAPLANTED" not in msg and "Secret" not in msg and "Top" not in msg
+    assert "\n" not in msg and "--s3-key / --s3-secret" in msg and "AWS_SECRET_ACCESS_KEY" in msg
+
+
+def test_s3_uris_that_only_look_like_userinfo_still_parse() -> None:
+    assert Location.parse("s3://bucket/people/jo@example.com/x.jpg").uri == "s3://bucket/people/jo@example.com/x.jpg"
+    assert Location.parse("s3://bucket/a:b/c").path == "bucket/a:b/c"
+
+
+def test_unsupported_scheme_error_hides_userinfo() -> None:
+    with pytest.raises(ConfigError, match="unsupported URI scheme") as info:
+        Location.parse("https://someone:Pa/ss@w0rd@example.com/data")
+    assert "someone" not in str(info.value) and "Pa/ss" not in str(info.value) and "w0rd" not in str(info.value)
+
+
+def test_invalid_bucket_name_is_permanent(monkeypatch, caplog) -> None:
+    """botocore's ParamValidationError cannot heal by waiting: one clear error, no retries."""
+    monkeypatch.setenv("RAYLEAD_IO_RETRY_SECONDS", "3")
+    dead = S3Options(endpoint_url="http://127.0.0.1:9", access_key="a", secret_key="b")
+    loc = Location.parse("s3://bad!bucket/x", dead)
+    with caplog.at_level("WARNING", logger="raylead.storage"):
+        for call in (loc.exists, loc.list_files, lambda: loc.check_reachable(write=False)):
+            with pytest.raises(ConfigError) as info:
+                call()
+            msg = str(info.value)
+            assert 'Invalid bucket name "bad!bucket"' in msg and "fix the s3://BUCKET/PREFIX URI" in msg, msg
+            assert "\n" not in msg and "ARN" not in msg
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+def test_endpoint_userinfo_is_scrubbed_from_reachability_errors() -> None:
+    opts = S3Options(endpoint_url="http://minioadmin:Endpoint/Pw@123@127.0.0.1:9", access_key="a", secret_key="b")
+    with pytest.raises(StorageError) as info:
+        Location.parse("s3://bucket/out", opts).check_reachable(write=True)
+    msg = str(info.value)
+    assert "minioadmin" not in msg and "Endpoint/Pw" not in msg and "Pw@123" not in msg, msg
+    assert "http://***@127.0.0.1:9" in msg and "\n" not in msg
+
+
+# -- symlinked folders: followed, but a link back up the tree is not a loop ----------------------
+@pytest.mark.timeout(30)  # two self-links made the unguarded walk run (practically) forever
+def test_list_files_survives_symlink_loops_and_keeps_linked_folders(tmp_path) -> None:
+    root, other = tmp_path / "root", tmp_path / "other"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.jpg").write_bytes(b"x")
+    (root / "a" / "up").symlink_to("..")  # back to root
+    (root / "self").symlink_to(".")
+    (root / "again").symlink_to(".")
+    (root / "a" / "deeper").symlink_to("../a")  # back to a itself
+    (other / "sub").mkdir(parents=True)
+    (other / "sub" / "y.png").write_bytes(b"y")
+    (other / "sub" / "top").symlink_to("..")  # a loop inside the linked folder
+    (root / "linked").symlink_to(other)  # links into other folders keep working...
+    (root / "linked-too").symlink_to(other / "sub")  # ...also the same folder from two places
+    assert Location.parse(str(root)).list_files(IMAGE_EXTENSIONS) == [
+        "a/x.jpg",
+        "linked-too/y.png",
+        "linked/sub/y.png",
+    ]
+    # the root itself may be a link, and a missing root lists nothing
+    (tmp_path / "via").symlink_to(root)
+    assert Location.parse(str(tmp_path / "via")).list_files(IMAGE_EXTENSIONS)[0] == "a/x.jpg"
+    assert Location.parse(str(tmp_path / "nowhere")).list_files() == []

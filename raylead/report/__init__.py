@@ -40,7 +40,7 @@ from typing import Any
 from raylead.errors import ConfigError, CorruptDataError, RayleadError
 from raylead.report import plots
 from raylead.report.images import Thumb, Thumbnails
-from raylead.storage import Location, S3Options
+from raylead.storage import Location, S3Options, scrub_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,6 @@ def _aside_rows(loc: Location, matcher: str | None = None, limit: int = 50) -> t
 # HTML helpers
 # ------------------------------------------------------------------------------------------
 
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-
 
 class Scrubber:
     """Removes credentials from text before it enters the report."""
@@ -202,7 +200,7 @@ class Scrubber:
         self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
-        text = _USERINFO.sub(r"\1***@", text)
+        text = scrub_userinfo(text)
         for s in self.secrets:
             text = text.replace(s, "***")
         return text

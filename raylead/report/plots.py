@@ -2,17 +2,33 @@
 
 Every function takes plain numbers (from ``metrics.json``, a calibration file or a result table)
 and returns the PNG; :mod:`raylead.report` writes each beside the report and embeds it inline.
+All text is drawn literally (:func:`literal_text`): names such as ``A$AP_$Rocky`` are not mathtext.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 _COLOURS = {"a": "#1f77b4", "b": "#d62728", "c": "#2ca02c", "grey": "#7f7f7f"}
+
+
+@contextlib.contextmanager
+def literal_text() -> Iterator[None]:
+    """Within it, matplotlib draws every text literally: a ``$`` in a title, label, legend or tick
+    label (identity folder names, matcher specs) is a dollar sign, never the start of mathtext
+    (which would render it wrongly or raise ``ValueError``). Also usable as a decorator.
+
+    Wrap the whole figure's life, creation to ``savefig``: tick labels are made at draw time.
+    """
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield
 
 
 def _figure(width: float = 6.4, height: float = 3.4) -> tuple[Any, Any]:
@@ -47,6 +63,7 @@ def _threshold_line(ax: Any, value: float | None, label: str = "θ") -> None:
     ax.axvline(float(value), color="black", linestyle="--", linewidth=1.2, label=f"{label} = {value:.4f}")
 
 
+@literal_text()
 def histogram_plot(
     title: str,
     xlabel: str,
@@ -76,6 +93,7 @@ def histogram_plot(
     return _png(fig)
 
 
+@literal_text()
 def rates_plot(
     title: str, thresholds: Sequence[float], fmr: Sequence[float], fnmr: Sequence[float], threshold: float | None = None
 ) -> bytes:
@@ -94,6 +112,7 @@ def rates_plot(
     return _png(fig)
 
 
+@literal_text()
 def counts_plot(
     identities: Sequence[str],
     counts: Sequence[int],
@@ -132,6 +151,7 @@ def counts_plot(
     return _png(fig)
 
 
+@literal_text()
 def pr_plot(
     recall: Sequence[float | None],
     precision: Sequence[float | None],
