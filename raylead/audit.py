@@ -298,8 +298,10 @@ def _history_lock(loc: Location) -> Iterator[None]:
         return
     import fcntl
 
-    os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
-    fd = os.open(loc.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    folder, name = os.path.split(loc.path)
+    os.makedirs(folder or ".", exist_ok=True)
+    # hidden: a history kept under the checkpoints' prefix must not list its lock as a checkpoint
+    fd = os.open(os.path.join(folder, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -358,6 +358,11 @@ def test_list_checkpoints_natural_order(tmp_path: Path) -> None:
         Location.parse(str(tmp_path / "c")), "*", (Location.parse(str(tmp_path / "c/audit")),)
     )
     assert "audit" not in [c.name for c in everything] and ".hidden" not in [c.name for c in everything]
+    # a history kept under the prefix (--history there): neither it nor its append lock is a checkpoint
+    history = Location.parse(str(tmp_path / "c" / "history.parquet"))
+    append_history(history, {n: None for n in HISTORY_SCHEMA.names} | {"checkpoint": "/c/x", "checkpoint_name": "x"})
+    names = [c.name for c in list_checkpoints(Location.parse(str(tmp_path / "c")), "*", (history,))]
+    assert names == ["audit", "ckpt-1.pt", "ckpt-2.pt", "ckpt-10.pt", "notes.txt"], names
 
 
 def test_cli_rejects_bad_generators_before_work(tmp_path: Path) -> None:

@@ -217,9 +217,9 @@ M = "../shared/data/models"
          {"attack": "tinsley", "train": "t", "holdout": "h", "synthetic": "s", "out": "o", "matchers": "dlib,onnx",
           "thresholds": {"dlib": 0.6, "onnx": 0.4}, "train_index": {"dlib": "s3://b/idx"}}),
         ("audit", {"generator": "folder", "train_index": "i", "out": "o", "checkpoint": "c", "threshold": 0.5,
-                   "option": ["steps=10", "name=x"], "triage": "json:loads", "triage_option": "min_age=18"},
+                   "option": ["max_pixels=1000000"], "triage": "json:loads", "triage_option": "min_age=18"},
          {"generator": "folder", "train_index": "i", "out": "o", "checkpoint": "c", "threshold": 0.5,
-          "generator_options": {"steps": 10, "name": "x"}, "triage": "json:loads",
+          "generator_options": {"max_pixels": 1000000}, "triage": "json:loads",
           "triage_options": {"min_age": 18}}),
     ],
 )
