@@ -17,6 +17,8 @@ a row whose ``status`` is the reason.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import posixpath
 import time
 from collections import Counter
@@ -73,6 +75,8 @@ class EmbedConfig:
                 raise ConfigError(f"{flag} must be a positive whole number, got {value!r}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError(f"--gpus-per-actor must be ≥ 0, got {self.gpus_per_actor!r}")
+        if not math.isfinite(self.det_score_floor):  # nan: every face below it, every image failed
+            raise ConfigError(f"--det-score-floor must be a number, got {self.det_score_floor!r}")
         self.input_options()  # checks --channels / --input-mean / --input-std
         if self.det_size is not None:
             if self.aligned or not self.detector.lower().endswith(".onnx"):
@@ -172,6 +176,51 @@ class Prepared:
     alignment: str
 
 
+def check_gpus_reachable(gpus: float, flag: str) -> None:
+    """Actors asking for GPUs wait until a node has them. The local Ray raylead starts never gets
+    one: refuse there; a cluster (``RAY_ADDRESS``) may autoscale GPU workers: say what it waits for."""
+    from raylead.runtime import cluster_gpus, ensure_ray
+
+    ensure_ray()
+    have = cluster_gpus()
+    if have >= gpus:
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(
+            f"{flag}={gpus:g} but this machine's Ray has {have:g} GPUs: the actors would wait forever; "
+            f"drop {flag} (or run on a cluster with GPU workers)"
+        )
+    log.warning(
+        "%s=%g but the cluster has %g GPUs now: the actors wait until GPU workers join (an autoscaler "
+        "must add them); on a cluster without GPU workers drop %s",
+        flag,
+        gpus,
+        have,
+        flag,
+    )
+
+
+def settings_fingerprint(prep: Prepared) -> str:
+    """What besides the image names decides a shard's rows: the source, the matcher (name and
+    version, input convention included), how faces are found and cropped, the detector-score
+    floor and the pixel limit. A shard written under other settings is never taken as done."""
+    cfg = prep.cfg
+    return catalog.fingerprint(
+        [
+            prep.source.uri,
+            prep.matcher.name,
+            str(prep.matcher.version),
+            prep.alignment,
+            repr(float(cfg.det_score_floor)),
+            str(int(cfg.max_pixels)),
+        ]
+    )
+
+
+def shard_fingerprint(prep: Prepared, ids: list[str]) -> str:
+    return catalog.fingerprint([settings_fingerprint(prep), *ids])
+
+
 def prepare(cfg: EmbedConfig) -> Prepared:
     """Check every argument, model file and storage location; list the inputs. No work yet."""
     from raylead.faces import Preprocessor
@@ -196,6 +245,8 @@ def prepare(cfg: EmbedConfig) -> Prepared:
         ensure_ray()
         if not (cfg.gpus_per_actor or cluster_gpus()):
             raise ConfigError("--fp16 needs GPU workers (TensorRT); this Ray cluster has none: drop --fp16")
+    if cfg.gpus_per_actor:
+        check_gpus_reachable(cfg.gpus_per_actor, "--gpus-per-actor")
     source, out = cfg.source_location(), cfg.out_location()
     if source.contains(out):
         raise ConfigError(
@@ -234,8 +285,9 @@ def _read_and_preprocess(batch: dict[str, np.ndarray], source: Location, preproc
         try:
             data.append(source.child(image_id).read_bytes())
             errors.append("")
-        except (FileNotFoundError, PermissionError, IsADirectoryError, PathEscapeError) as exc:
-            # this image cannot be read (gone since listing, not allowed): a row, not a crash.
+        except (OSError, PathEscapeError) as exc:
+            # this image cannot be read (gone since listing, not allowed, a symlink loop, a FIFO):
+            # a row, not a crash.
             # A storage outage (StorageError after retries) fails the task instead: Ray retries
             # it, and a job that still fails resumes from its finished shards on a rerun.
             data.append(None)
@@ -286,7 +338,8 @@ class EmbedActor:
 # ------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------
-def _completed(out: Location, i: int, ids: list[str]) -> catalog.ShardInfo | None:
+def _completed(prep: Prepared, i: int, ids: list[str]) -> catalog.ShardInfo | None:
+    out = prep.out
     marker = out.child(marker_name(i))
     if not marker.exists():
         return None
@@ -294,7 +347,7 @@ def _completed(out: Location, i: int, ids: list[str]) -> catalog.ShardInfo | Non
         info = catalog.ShardInfo.from_json(marker.read_json())
     except CorruptDataError:
         return None
-    if info.input_fingerprint != catalog.fingerprint(ids) or info.path != shard_name(i):
+    if info.input_fingerprint != shard_fingerprint(prep, ids) or info.path != shard_name(i):
         return None
     if not out.child(info.path).exists():
         return None
@@ -326,7 +379,7 @@ def _write_shard(
         ok=ok,
         failed=len(ids) - ok,
         sha256=catalog.sha256_bytes(data),
-        input_fingerprint=catalog.fingerprint(ids),
+        input_fingerprint=shard_fingerprint(prep, ids),
     )
     prep.out.child(marker_name(i)).write_json(info.to_json())
     return info
@@ -443,7 +496,7 @@ def embed_collection(
     done: dict[int, catalog.ShardInfo] = {}
     pending: dict[int, list[str]] = {}
     for i, ids in enumerate(shards):
-        info = _completed(prep.out, i, ids)
+        info = _completed(prep, i, ids)
         if info is None:
             pending[i] = ids
         else:
@@ -500,11 +553,14 @@ def ensure_collection(cfg: EmbedConfig, *, vectors: bool = True) -> catalog.Coll
     prep = prepare(cfg)
     if catalog.is_collection(prep.out):
         manifest = catalog.read_manifest(prep.out)
+        # the same images, shards and settings (source, matcher, alignment, floor: in each shard's
+        # fingerprint); the same number of images is not enough (one photo swapped for another)
+        planned = [shard_fingerprint(prep, ids) for ids in plan_shards(prep.image_ids, cfg.shard_size)]
         same = (
             manifest.matcher == prep.matcher.name
             and manifest.matcher_version == prep.matcher.version
             and manifest.alignment == prep.alignment
-            and manifest.rows == len(prep.image_ids)
+            and [s.input_fingerprint for s in manifest.shards] == planned
         )
         if same:
             log.info("reusing embeddings at %s (%d rows, %s)", prep.out.uri, manifest.rows, manifest.matcher)

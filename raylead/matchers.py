@@ -278,6 +278,12 @@ class OnnxMatcher:
         if len(outputs) >= 5:
             raise ConfigError(f"{path} has {len(outputs)} outputs: a detector, not a recognition model")
         in_name, in_shape = inputs[0]
+        if in_shape[1] != 3:  # symbolic or not 3: raylead feeds [N, 3, side, side] crops
+            layout = "NHWC" if in_shape[3] == 3 else "not 3-channel"
+            raise ConfigError(
+                f"{path}: input is {list(in_shape)} ({layout}); raylead feeds 3-channel NCHW crops "
+                "[N, 3, side, side]: export the model with that input"
+            )
         h, w = in_shape[2], in_shape[3]
         side = h if isinstance(h, int) else w if isinstance(w, int) else 112  # symbolic: ArcFace's 112
         if (isinstance(h, int) and h != side) or (isinstance(w, int) and w != side):

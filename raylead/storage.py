@@ -15,6 +15,7 @@ part of a ``repr``, a log line or an error message.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -24,6 +25,7 @@ import posixpath
 import random
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -138,6 +140,9 @@ def safe_relpath(rel: str) -> str:
     return norm
 
 
+_PERMANENT_ERRNOS = frozenset({errno.ELOOP, errno.ENXIO, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
+
+
 def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
     """Call ``fn`` with exponential backoff on transient I/O errors.
 
@@ -157,6 +162,8 @@ def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
         except (ValueError, TypeError, AttributeError, KeyError):
             raise  # programming errors
         except Exception as exc:  # botocore/aiohttp raise many types for a dead or flaky endpoint
+            if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+                raise  # a symlink loop, a socket or FIFO, a name too long: it stays so
             kind = type(exc).__name__
             if kind == "NoCredentialsError":  # permanent: waiting cannot bring them
                 raise StorageError(
@@ -365,6 +372,9 @@ class Location:
     # -- reads ----------------------------------------------------------------------------
     def read_bytes(self) -> bytes:
         def _read() -> bytes:
+            if not self.is_s3 and not stat.S_ISREG(os.stat(self.path).st_mode) and not os.path.isdir(self.path):
+                # a FIFO would block the read forever, a socket or device is no file to read
+                raise OSError(errno.ENXIO, "not a regular file", self.path)
             with self.fs.open(self.path, "rb") as fh:
                 return bytes(fh.read())
 

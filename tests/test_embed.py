@@ -16,7 +16,7 @@ import pytest
 from corpus import write_mixed_folder
 
 from raylead.catalog import Collection, read_collection
-from raylead.embed import EmbedConfig, embed_collection
+from raylead.embed import EmbedConfig, embed_collection, ensure_collection
 from raylead.storage import Location
 
 RAYLEAD = [sys.executable, "-m", "raylead.cli"]
@@ -127,9 +127,56 @@ def test_killed_embed_resumes_with_every_image_once(tmp_path, lfw_dir, lfw_dlib,
     np.testing.assert_array_equal(resumed.embeddings, expected)
 
 
+def test_a_rerun_never_takes_shards_made_from_other_images_or_settings(tmp_path, lfw_dir, ray_local) -> None:
+    """Finished shards are reused only for the same images *and* settings: the same file names
+    from another folder (ckpt-1000/samples then ckpt-2000/samples into one --out), another
+    --det-score-floor, or a collection whose images changed but kept their count were all taken
+    as done (the vectors of the first run under the second's manifest)."""
+    people = sorted(p for p in lfw_dir.iterdir() if p.is_dir())
+    names = [f"s{i}.jpg" for i in range(4)]
+
+    def folder(name: str, offset: int) -> Path:
+        for i, n in enumerate(names):
+            (tmp_path / name).mkdir(exist_ok=True)
+            shutil.copyfile(sorted(people[offset + i].glob("*.jpg"))[0], tmp_path / name / n)
+        return tmp_path / name
+
+    a, b = folder("ckpt-1000", 0), folder("ckpt-2000", 4)
+    out = str(tmp_path / "out")
+    embed_collection(EmbedConfig(source=str(a), out=out, shard_size=2))
+    again = embed_collection(EmbedConfig(source=str(b), out=out, shard_size=2))
+    assert (again.shards_written, again.shards_skipped) == (2, 0)
+    fresh = read_collection(embed_collection(EmbedConfig(source=str(b), out=str(tmp_path / "fresh"), shard_size=2)).out)
+    np.testing.assert_array_equal(read_collection(out).embeddings, fresh.embeddings)
+    same = embed_collection(EmbedConfig(source=str(b), out=out, shard_size=2))
+    assert (same.shards_written, same.shards_skipped) == (0, 2)  # resuming still skips finished shards
+    floor = embed_collection(EmbedConfig(source=str(b), out=out, shard_size=2, det_score_floor=0.5))
+    assert floor.shards_written == 2
+    # ensure_collection (what attacks and audits call): one photo swapped for another, same count
+    (b / names[0]).unlink()
+    shutil.copyfile(sorted(people[9].glob("*.jpg"))[0], b / "t.jpg")
+    col = ensure_collection(EmbedConfig(source=str(b), out=out, shard_size=2, det_score_floor=0.5))
+    assert sorted(col.image_ids) == sorted([*names[1:], "t.jpg"])
+
+
+def test_unreadable_listed_files_become_rows(tmp_path, lfw_dir, ray_local) -> None:
+    """A symlink loop or a FIFO named like an image: one failure row each, at once (the loop was
+    retried for 60 s as a storage outage and failed the job; a FIFO blocked its read forever)."""
+    _subset(lfw_dir, tmp_path / "in", identities=1, per=2)
+    os.symlink("loop.jpg", tmp_path / "in" / "loop.jpg")
+    os.mkfifo(tmp_path / "in" / "pipe.jpg")
+    t0 = time.monotonic()
+    col = read_collection(embed_collection(EmbedConfig(source=str(tmp_path / "in"), out=str(tmp_path / "out"))).out)
+    status = dict(zip(col.image_ids, col.statuses, strict=True))
+    assert status["loop.jpg"].startswith("read_error") and status["pipe.jpg"].startswith("read_error"), status
+    assert sum(s == "ok" for s in status.values()) == 2 and time.monotonic() - t0 < 50
+
+
 @pytest.mark.parametrize(
     ("extra", "expect"),
     [
+        (["--det-score-floor", "nan"], "--det-score-floor must be a number, got nan"),
+        (["--gpus-per-actor", "1"], "--gpus-per-actor=1 but this machine's Ray has 0 GPUs"),
         (["--matcher", "facenet"], "unknown matcher"),
         (["--matcher", "onnx", "--model", "/nonexistent/model.onnx"], "/nonexistent/model.onnx"),
         (["--detector", "/nonexistent/det.onnx"], "/nonexistent/det.onnx"),

@@ -224,20 +224,20 @@ def test_pickle_round_trip_before_and_after_use(
         assert m.version == again.version and m.dim == again.dim
 
 
-def _square_model(path: Path, h: int, w: int) -> str:
-    """A small real ONNX recogniser with a [N, 3, h, w] input: one strided convolution (fixed
-    random weights) to a 4×4×4 grid, flattened to a 64-d embedding."""
+def _square_model(path: Path, h: int, w: int, channels: int = 3) -> str:
+    """A small real ONNX recogniser with a [N, channels, h, w] input: one strided convolution
+    (fixed random weights) to a 4×4×4 grid, flattened to a 64-d embedding."""
     from onnx import TensorProto, helper, numpy_helper
 
     kh, kw = h // 4, w // 4
-    weights = np.random.default_rng(0).normal(size=(4, 3, kh, kw)).astype(np.float32)
+    weights = np.random.default_rng(0).normal(size=(4, channels, kh, kw)).astype(np.float32)
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["input", "w"], ["grid"], kernel_shape=[kh, kw], strides=[kh, kw]),
             helper.make_node("Flatten", ["grid"], ["embedding"], axis=1),
         ],
         "square",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, h, w])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, h, w])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 64])],
         [numpy_helper.from_array(weights, "w")],
     )
@@ -273,3 +273,6 @@ def test_a_model_of_another_square_input_gets_arcface_crops_of_that_size(
         _ = OnnxMatcher(model=_square_model(tmp_path / "rect.onnx", 160, 128)).dim
     with pytest.raises(ConfigError, match="multiple of 16 from 64 to 512"):
         _ = OnnxMatcher(model=_square_model(tmp_path / "odd.onnx", 100, 100)).dim
+    # a grey-input model passed every check before work and failed in each Ray actor (223 lines)
+    with pytest.raises(ConfigError, match=r"input is \['N', 1, 112, 112\] \(not 3-channel\); raylead feeds"):
+        OnnxMatcher(model=_square_model(tmp_path / "grey.onnx", 112, 112, channels=1)).check()
