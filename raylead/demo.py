@@ -92,6 +92,7 @@ def run_demo(out: str) -> list[str]:
     from raylead.report import ReportConfig, build_report
 
     root = Location.parse(out)
+    root.check_reachable(write=True)  # a file or a read-only place: one line, before any work
     data = build_photo_folder(root)
     lines = [f"photos: {len(data.identities)} people ({', '.join(data.identities)}) in {data.photos.uri}"]
     lines += altered_audit(installed_photos(), root.child("audit").uri, threshold=DEMO_DLIB_THRESHOLD)

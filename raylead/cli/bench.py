@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -10,9 +11,21 @@ import typer
 
 from raylead.cli import app
 from raylead.cli.common import S3Endpoint, S3Key, S3Secret, s3_options
+from raylead.errors import ConfigError
 
 bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+def _check_json(out: Path | None) -> None:
+    """``--json`` must be a file that can be written: checked before the benchmark runs."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise ConfigError(f"--json {out} is a folder; give a file name such as {out / 'bench.json'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise ConfigError(f"--json {out} cannot be written ({parent} is not a writable folder); choose another path")
 
 
 def _write_json(result: dict[str, object], out: Path | None) -> None:
@@ -38,6 +51,7 @@ def bench_embed_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON result here too.")] = None,
 ) -> None:
     """Bare matcher vs the full embed pipeline on the same images; prints images/s and the ratio."""
+    _check_json(json_out)
     from raylead.bench.embed import bench_embed
     from raylead.embed import EmbedConfig
 
@@ -75,6 +89,7 @@ def bench_search_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON result here too.")] = None,
 ) -> None:
     """FAISS IndexFlatIP exact search vs raylead's sharded IVF-PQ search on clustered vectors."""
+    _check_json(json_out)
     from raylead.bench.search import SearchBenchConfig, bench_search
 
     cfg = SearchBenchConfig(
@@ -99,6 +114,7 @@ def bench_rerank_vectors_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON result here too.")] = None,
 ) -> None:
     """An S3 index's exact vectors downloaded vs read in place (candidates' rows only), same queries."""
+    _check_json(json_out)
     from raylead.bench.vectors import RerankVectorsBenchConfig, bench_rerank_vectors
 
     cfg = RerankVectorsBenchConfig(
