@@ -29,7 +29,7 @@ K8S = REPO / "k8s"
 CRD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
 NAMESPACE = "raylead"
 S3_SECRET = "raylead-s3"
-JOB_KINDS = ("embed", "index", "attack", "audit")
+JOB_KINDS = ("embed", "index", "calibrate", "attack", "audit")
 RAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayCronJob": "raycronjobs"}
 WORKING_DIR = "/opt/raylead"  # where k8s/Dockerfile puts jobs/; uploaded as the Ray job's working_dir
 
@@ -848,6 +848,10 @@ def validate_job_config(kind: str, data: Any, where: str) -> Any:
 
         job = from_mapping(module.IndexJob, data, where)
         return from_mapping(IndexBuildConfig, job.options, where)
+    if kind == "calibrate":
+        from raylead.attacks.calibrate import CalibrateConfig
+
+        return from_mapping(CalibrateConfig, data, where)
     assert kind == "attack", kind
     from raylead.attacks import idiap, tinsley, webster
 
