@@ -34,7 +34,8 @@ def main(job: AttackJob) -> str:
 
 def prepare(job: AttackJob) -> tuple[Any, Callable[[Any], Any], Callable[[Any], list[str]], str | None, bool]:
     """The attack's validated config, its run and headline functions, and the report file
-    (``report``) and ``redact`` options: everything checked before any work."""
+    (``report``, an .html name) and ``redact`` options: everything checked before any work (the
+    files the options name, e.g. ``threshold_from``, are read first thing by the run function)."""
     from raylead.attacks import idiap, tinsley, webster
     from raylead.config import from_mapping
     from raylead.errors import ConfigError
@@ -54,6 +55,10 @@ def prepare(job: AttackJob) -> tuple[Any, Callable[[Any], Any], Callable[[Any], 
     report, redact = options.pop("report", None), options.pop("redact", False)
     if not isinstance(redact, bool) or (redact and report is None):
         raise ConfigError(f"{where}: redact applies to the report: add report: FILE.html, or drop redact")
+    if report is not None:
+        from raylead.report import check_report_file
+
+        check_report_file(str(report), f"{where}: report")
     cfg = from_mapping(config_cls, options, where=where)
     return cfg, run, headline, None if report is None else str(report), redact
 

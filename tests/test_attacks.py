@@ -850,3 +850,179 @@ def test_run_idiap_with_a_train_index_never_loads_train_vectors(
     assert ids_only.embeddings.shape == (200, 0) and ids_only.dim == 32 and ids_only.ids[:2] == ["p0/0.jpg", "p0/1.jpg"]
     with pytest.raises(ValueError, match="not loaded"):
         SearchBase.prepare(ids_only.embeddings, 5, "exact")
+
+
+# ------------------------------------------------------------------------------------------
+# bad arguments stop before any work (README: "Bad arguments stop before any work")
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_work(monkeypatch, tmp_path: Path) -> dict[str, str]:
+    """Image folders T, H, S (photos never read) and a calibration for onnx; from now on any
+    embedding or collection read fails the test: every refusal must come before them."""
+    from raylead import catalog, embed
+    from raylead.attacks.calibrate import CALIBRATION_KIND
+
+    def work(*_a, **_k):
+        raise AssertionError("inputs were loaded or embedded before the arguments were refused")
+
+    monkeypatch.setattr(embed, "ensure_collection", work)
+    monkeypatch.setattr(catalog, "read_collection", work)
+    paths = {}
+    for role in ("T", "H", "S"):
+        for person in ("p0", "p1"):
+            (tmp_path / role / person).mkdir(parents=True)
+            (tmp_path / role / person / "a.jpg").write_bytes(b"\xff\xd8 never decoded")
+        paths[role] = str(tmp_path / role)
+    onnx_cal = tmp_path / "onnx-cal.json"
+    onnx_cal.write_text(
+        json.dumps(
+            {"kind": CALIBRATION_KIND, "threshold": 0.4, "fmr_target": 1e-3, "impostor_pairs": 5000,
+             "matcher": {"name": "onnx", "version": "m.onnx@1", "dim": 512}}
+        )
+    )
+    paths["onnx_cal"] = str(onnx_cal)
+    (tmp_path / "not-an-index").mkdir()
+    paths["not_index"] = str(tmp_path / "not-an-index")
+    paths["out"] = str(tmp_path / "out")
+    paths["missing"] = str(tmp_path / "missing.json")
+    return paths
+
+
+def run_cli(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
+    """``raylead ARGV`` in this process (so the no_work guards hold): exit code and stderr."""
+    import sys
+
+    from raylead.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["raylead", *argv])
+    rc = run()
+    return rc, capsys.readouterr().err
+
+
+REFUSED_BEFORE_WORK = [
+    ("idiap", ["--threshold", "5"], "--threshold must be a cosine similarity in [-1, 1]"),
+    ("idiap", ["--threshold", "nan"], "--threshold must be a cosine similarity in [-1, 1]"),
+    ("idiap", ["--threshold-from", "{missing}"], "calibration file {missing} does not exist"),
+    ("idiap", ["--threshold-from", "{T}"], "calibration file {T} cannot be read"),
+    ("idiap", ["--threshold-from", "{onnx_cal}"], "calibration {onnx_cal} was made with matcher 'onnx m.onnx@1'"),
+    ("idiap", ["--train-index", "/no/such"], "--train-index /no/such does not exist"),
+    ("idiap", ["--train-index", "{not_index}"], "--train-index: {not_index} has no index.json"),
+    ("idiap", ["--report", "evidence.pdf"], "--report must name an .html file"),
+    ("tinsley", ["--det-score-floor", "nan"], "--det-score-floor must be a finite number"),
+    ("tinsley", ["--threshold", "dlib=5"], "--threshold for dlib must be a cosine similarity"),
+    ("tinsley", ["--threshold-from", "{missing}"], "calibration file {missing} does not exist"),
+    ("tinsley", ["--threshold-from", "{onnx_cal}"], "--threshold-from {onnx_cal} was made with matcher 'onnx', "
+     "which is not in --matchers (dlib)"),
+    ("tinsley", ["--train-index", "dlib=/no/such"], "--train-index /no/such does not exist"),
+    ("tinsley", ["--report", "evidence.pdf"], "--report must name an .html file"),
+    ("webster", ["--det-score-floor", "inf"], "--det-score-floor must be a finite number"),
+    ("webster", ["--report", "evidence"], "--report must name an .html file"),
+]
+
+
+@pytest.mark.parametrize(("attack", "flags", "says"), REFUSED_BEFORE_WORK)
+def test_bad_attack_arguments_are_refused_before_any_work(
+    monkeypatch, capsys, no_work: dict[str, str], attack: str, flags: list[str], says: str
+) -> None:
+    """Each refusal is one line naming the flag, with exit code 2, before any input is loaded or
+    embedded (the guards fail the test otherwise) and before --out is created."""
+    inputs = {
+        "idiap": ["--train", no_work["T"], "--synthetic", no_work["S"]],
+        "tinsley": ["--train", no_work["T"], "--holdout", no_work["H"], "--synthetic", no_work["S"]],
+        "webster": ["--queries", no_work["T"], "--samples", no_work["S"]],
+    }[attack]
+    flags = [f.format(**no_work) for f in flags]
+    rc, err = run_cli(monkeypatch, capsys, ["attack", attack, *inputs, "--out", no_work["out"], *flags])
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("raylead: error: "), err
+    assert says.format(**no_work) in err, err
+    assert not Path(no_work["out"]).exists()  # no results folder, no embeddings folder in it
+
+
+def test_the_late_checks_still_hold_once_the_inputs_are_loaded(tmp_path: Path, small_sets) -> None:
+    """What only the loaded inputs can tell stays checked after loading: a calibration of the
+    attack's matcher name but another version, and (tinsley) one matching no matcher's version."""
+    from raylead.attacks.calibrate import CALIBRATION_KIND
+
+    cal = tmp_path / "dlib-v9.json"
+    cal.write_text(
+        json.dumps(
+            {"kind": CALIBRATION_KIND, "threshold": 0.4, "fmr_target": 1e-3, "impostor_pairs": 5000,
+             "matcher": {"name": "dlib", "version": "v9", "dim": 32}}
+        )
+    )
+    with pytest.raises(ConfigError, match="made with matcher 'dlib v9' but this attack uses 'dlib test'"):
+        run_idiap(IdiapConfig(train=small_sets["train"], synthetic=small_sets["synthetic"],
+                              out=str(tmp_path / "i"), threshold_from=str(cal)))
+    with pytest.raises(ConfigError, match="--threshold-from .*dlib-v9.json is for none of the matchers"):
+        run_tinsley(TinsleyConfig(train=small_sets["train"], holdout=small_sets["holdout"],
+                                  synthetic=small_sets["synthetic"], out=str(tmp_path / "t"),
+                                  threshold_from=(str(cal),)))
+
+
+def test_attack_configs_refuse_bad_values_in_validate() -> None:
+    """The checks with no I/O run when a config is built (CLI or job YAML), so a job refuses them too."""
+    from raylead.config import from_mapping
+
+    base = {"train": "t", "synthetic": "s", "out": "o"}
+    for bad, says in (
+        ({"threshold": 1.5}, "--threshold must be a cosine similarity"),
+        ({"threshold": -2}, "--threshold must be a cosine similarity"),
+        ({"det_score_floor": math.inf}, "--det-score-floor must be a finite number"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            from_mapping(IdiapConfig, {**base, **bad})
+    with pytest.raises(ConfigError, match="--det-score-floor must be a finite number"):
+        TinsleyConfig(train="t", holdout="h", synthetic="s", out="o", det_score_floor=math.nan).validate()
+    with pytest.raises(ConfigError, match="--det-score-floor must be a finite number"):
+        WebsterConfig(queries="q", samples="s", out="o", det_score_floor=-math.inf).validate()
+    # files are read by check_files (before any work), not by validate: a job config names them freely
+    assert from_mapping(IdiapConfig, {**base, "threshold_from": "c.json", "train_index": "s3://b/idx"})
+
+
+def _attack_job_module():
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("raylead_job_attack_checks", repo / "jobs" / "attack.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"report": "{tmp}/evidence.pdf"}, "attack idiap: report must name an .html file"),
+        ({"threshold_from": "{tmp}/missing.json"}, "calibration file {tmp}/missing.json does not exist"),
+        ({"train_index": "{tmp}/no-index"}, "--train-index {tmp}/no-index does not exist"),
+        ({"threshold": 5}, "--threshold must be a cosine similarity"),
+    ],
+)
+def test_attack_job_refuses_bad_options_before_any_work(
+    monkeypatch, capsys, no_work: dict[str, str], tmp_path: Path, options: dict, says: str
+) -> None:
+    """jobs/attack.py: the same refusals, one line on stderr, exit code 2, nothing under out."""
+    import yaml
+
+    module = _attack_job_module()
+    opts = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in options.items()}
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        yaml.safe_dump({"attack": "idiap", "train": no_work["T"], "synthetic": no_work["S"], "out": no_work["out"],
+                        **opts})
+    )
+    rc = module.run_job("attack", module.AttackJob, module.main, argv=["--config", str(config)],
+                        transform=module.from_yaml)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("raylead attack: error: "), err
+    assert says.format(tmp=tmp_path) in err, err
+    assert not Path(no_work["out"]).exists()
+    if "report" in opts:  # prepare() itself refuses it, as it promises
+        with pytest.raises(ConfigError, match="attack idiap: report must name an .html file"):
+            module.prepare(module.AttackJob(**module.from_yaml({"attack": "idiap", **{
+                k: no_work[r] for k, r in (("train", "T"), ("synthetic", "S"), ("out", "out"))}, **opts})))

@@ -237,3 +237,59 @@ def test_calibrate_cli(tmp_path, write_collection) -> None:
     assert d["impostor_sampling"]["mode"] == "sample" and d["impostor_pairs"] == 500
     bad = CliRunner().invoke(app, ["calibrate", coll, "--fmr", "2", "--out", str(out)])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--impostor-pairs", "10", "--seed", "-1"], "--seed must be a whole number ≥ 0"),
+        (["--seed", "-5"], "--seed must be a whole number ≥ 0"),
+        (["--impostor-pairs", "inf"], "--impostor-pairs must be 'all' or a positive whole number"),
+        (["--impostor-pairs", "-inf"], "--impostor-pairs must be 'all' or a positive whole number"),
+        (["--impostor-pairs", "nan"], "--impostor-pairs must be 'all' or a"),
+        (["--impostor-pairs", "1.5"], "--impostor-pairs must be 'all' or a positive whole number"),
+        (["--impostor-pairs", "0"], "--impostor-pairs must be 'all' or a positive whole number"),
+    ],
+)
+def test_calibrate_refuses_bad_seed_and_pairs_before_any_work(tmp_path, monkeypatch, capsys, flags, says) -> None:
+    """One line, exit code 2, before the labelled folder is embedded (the guard fails the test
+    otherwise) and before anything is written beside --out (was: a numpy traceback after the
+    embedding for --seed -1, an OverflowError for inf)."""
+    import sys
+
+    from raylead import catalog, embed
+    from raylead.cli import run
+
+    def work(*_a, **_k):
+        raise AssertionError("the labelled set was loaded or embedded before the arguments were refused")
+
+    monkeypatch.setattr(embed, "ensure_collection", work)
+    monkeypatch.setattr(catalog, "read_collection", work)
+    for person in ("p0", "p1"):
+        (tmp_path / "faces" / person).mkdir(parents=True)
+        (tmp_path / "faces" / person / "a.jpg").write_bytes(b"\xff\xd8 never decoded")
+    out = tmp_path / "cal" / "dlib.json"
+    monkeypatch.setattr(sys, "argv", ["raylead", "calibrate", str(tmp_path / "faces"), "--out", str(out), *flags])
+    rc = run()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("raylead: error: "), err
+    assert says in err, err
+    assert not (tmp_path / "cal").exists()  # no embeddings folder beside --out
+
+
+def test_calibrate_config_checks_seed_and_pairs() -> None:
+    from raylead.attacks.calibrate import parse_impostor_pairs
+    from raylead.config import from_mapping
+
+    assert parse_impostor_pairs("1e3") == 1000 and parse_impostor_pairs("ALL") is None
+    for bad in ({"seed": -1}, {"impostor_pairs": 0}):
+        with pytest.raises(ConfigError, match="--seed|--impostor-pairs"):
+            from_mapping(CalibrateConfig, {"labelled": "l", "out": "o", **bad})
+    with pytest.raises(ConfigError, match="impostor.pairs .*whole number"):
+        from_mapping(CalibrateConfig, {"labelled": "l", "out": "o", "impostor_pairs": math.inf})
+    assert from_mapping(CalibrateConfig, {"labelled": "l", "out": "o", "seed": 2**70}).seed == 2**70
+
+
+def test_read_calibration_of_a_folder_is_one_line(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read .*give the JSON file"):
+        read_calibration(str(tmp_path))

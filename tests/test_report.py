@@ -565,3 +565,18 @@ def test_1500_pair_report_loads_in_under_5_seconds(
             f"browser load event {rec.load_seconds:.2f}s (navigate→load {rec.wall_seconds:.2f}s)"
         )
     assert rec.load_seconds < 5.0 and rec.wall_seconds < 5.0
+
+
+def test_report_file_name_rule_names_the_callers_flag() -> None:
+    """One rule for the report's file name, named as each caller spells it (raylead report --out,
+    attack --report, a job's report:), so an attack can check it before it runs."""
+    from raylead.report import check_report_file
+
+    check_report_file("r.html")
+    check_report_file("s3://b/R.HTM")
+    for flag in ("--out", "--report", "attack idiap: report"):
+        says = f"{flag} must name an .html file, e.g. report.html; got 'x.pdf'"
+        with pytest.raises(ConfigError, match=f"^{re.escape(says)}$"):
+            check_report_file("x.pdf", flag)
+    with pytest.raises(ConfigError, match="^--out must name an .html file"):
+        ReportConfig(results="r", out="evidence.pdf").validate()

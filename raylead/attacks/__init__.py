@@ -455,6 +455,14 @@ def check_triage(spec: str | None, options: dict[str, Any]) -> None:
         raise ConfigError("--triage-option needs --triage SPEC (the filter they are for); drop them or add it")
 
 
+def check_det_score_floor(value: float) -> None:
+    """``--det-score-floor``: a finite detector score (checked by the configs before any work)."""
+    if not math.isfinite(value):
+        raise ConfigError(
+            f"--det-score-floor must be a finite number, got {value!r}; give e.g. 0.5 (0 keeps every face)"
+        )
+
+
 def set_aside(
     images: EmbeddedSet, det_score_floor: float, triage: Triage | None = None
 ) -> tuple[EmbeddedSet, SetAside]:
@@ -466,8 +474,7 @@ def set_aside(
     reason ``triage: <its reason>``. Rows without a detector score (pre-aligned inputs) are kept
     and counted. Returns the kept set and the record of what was set aside.
     """
-    if not math.isfinite(det_score_floor):
-        raise ConfigError(f"--det-score-floor must be a finite number, got {det_score_floor!r}")
+    check_det_score_floor(det_score_floor)
     det = images.det_scores
     low = np.isfinite(det) & (det < det_score_floor)
     kept = images.take(~low)
@@ -521,6 +528,34 @@ class Threshold:
         }
 
 
+def check_threshold(value: float, flag: str = "--threshold") -> None:
+    """A threshold θ must be a cosine similarity: finite and in [-1, 1]."""
+    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+        raise ConfigError(f"{flag} must be a cosine similarity in [-1, 1], e.g. 0.5; got {value!r}")
+
+
+def check_calibration(
+    from_file: str, s3: S3Options | None, matcher: str, matcher_version: str | None = None
+) -> dict[str, Any]:
+    """The calibration file ``from_file`` (``--threshold-from``), read and checked: it must exist,
+    be a raylead calibration and be for ``matcher`` (and its version, when both are known).
+    Attacks call it before any work with the matcher's name only; the version is checked once
+    the inputs (and so the matcher's version) are known."""
+    from raylead.attacks.calibrate import read_calibration
+
+    cal = read_calibration(from_file, s3)
+    if cal["matcher"]["name"] != matcher or (
+        matcher_version and cal["matcher"].get("version") and cal["matcher"]["version"] != matcher_version
+    ):
+        made = f"{cal['matcher']['name']} {cal['matcher'].get('version', '')}".strip()
+        used = f"{matcher} {matcher_version or ''}".strip()
+        raise ConfigError(
+            f"calibration {from_file} was made with matcher {made!r} but this attack uses {used!r}; "
+            f"run `raylead calibrate` with the attack's matcher"
+        )
+    return cal
+
+
 def resolve_threshold(
     value: float | None,
     from_file: str | None,
@@ -536,23 +571,11 @@ def resolve_threshold(
     if value is not None and from_file is not None:
         raise ConfigError("give --threshold or --threshold-from, not both")
     if value is not None:
-        if not (math.isfinite(value) and -1.0 <= value <= 1.0):
-            raise ConfigError(f"--threshold must be a cosine similarity in [-1, 1], got {value!r}")
+        check_threshold(value)
         return Threshold(float(value), "--threshold", matcher)
     if from_file is None:
         return None
-    from raylead.attacks.calibrate import read_calibration
-
-    cal = read_calibration(from_file, s3)
-    if cal["matcher"]["name"] != matcher or (
-        matcher_version and cal["matcher"].get("version") and cal["matcher"]["version"] != matcher_version
-    ):
-        made = f"{cal['matcher']['name']} {cal['matcher'].get('version', '')}".strip()
-        used = f"{matcher} {matcher_version or ''}".strip()
-        raise ConfigError(
-            f"calibration {from_file} was made with matcher {made!r} but this attack uses {used!r}; "
-            f"run `raylead calibrate` with the attack's matcher"
-        )
+    cal = check_calibration(from_file, s3, matcher, matcher_version)
     if cal.get("fmr_resolvable") is False:
         log.warning(
             "calibration %s had %s impostor pairs, too few to measure FMR %g: its θ %.4f only says that no "
@@ -664,6 +687,24 @@ class SearchBase:
     def close(self) -> None:
         if self.searcher is not None and self.owns_searcher:
             self.searcher.close()
+
+
+def check_index_file(uri: str, s3: S3Options | None, flag: str = "--train-index") -> None:
+    """``--train-index URI``, before any work: it must exist and hold a finished index's manifest
+    (read with the attack's S3 options). Whether it indexes the training collection is checked
+    by :func:`check_index_of` once that collection is loaded."""
+    from raylead.index import read_index_manifest
+
+    loc = Location.parse(uri, s3 if uri.startswith("s3://") else None)
+    if not loc.exists():
+        raise ConfigError(
+            f"{flag} {loc.uri} does not exist; build the training collection's index with "
+            "`raylead index build TRAIN_COLLECTION --out URI`"
+        )
+    try:
+        read_index_manifest(loc)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
 
 
 def check_index_of(index: str | Location, train: EmbeddedSet, source: str) -> None:

@@ -317,7 +317,13 @@ def read_calibration(uri: str, s3: S3Options | None = None) -> dict[str, Any]:
         raise ConfigError(
             f"calibration file {loc.uri} does not exist; run `raylead calibrate ... --out FILE`"
         )
-    data = loc.read_json()
+    try:
+        data = loc.read_json()
+    except OSError as exc:  # a folder, no permission, a FIFO: no calibration to read
+        raise ConfigError(
+            f"calibration file {loc.uri} cannot be read ({exc.strerror or type(exc).__name__}); "
+            "give the JSON file `raylead calibrate ... --out FILE` wrote"
+        ) from None
     if not isinstance(data, dict) or data.get("kind") != CALIBRATION_KIND:
         raise ConfigError(f"{loc.uri} is not a raylead calibration file (written by `raylead calibrate`)")
     try:
@@ -356,10 +362,16 @@ class CalibrateConfig:
     def validate(self) -> None:
         if not (0.0 < self.fmr < 1.0):
             raise ConfigError(f"--fmr must be between 0 and 1 (exclusive), e.g. 1e-4; got {self.fmr!r}")
-        if self.impostor_pairs is not None and self.impostor_pairs < 1:
+        if self.impostor_pairs is not None and (
+            isinstance(self.impostor_pairs, bool)
+            or not isinstance(self.impostor_pairs, int)
+            or self.impostor_pairs < 1
+        ):
             raise ConfigError(
-                f"--impostor-pairs must be 'all' or a positive number, got {self.impostor_pairs!r}"
+                f"--impostor-pairs must be 'all' or a positive whole number, got {self.impostor_pairs!r}"
             )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a whole number ≥ 0, e.g. 0; got {self.seed!r}")
         if self.bins < 1:
             raise ConfigError(f"--bins must be ≥ 1, got {self.bins!r}")
         if self.max_pairs < 1:
@@ -372,12 +384,12 @@ def parse_impostor_pairs(text: str) -> int | None:
     if text.strip().lower() == "all":
         return None
     try:
-        value = int(float(text))
+        number = float(text)
     except ValueError:
         raise ConfigError(f"--impostor-pairs must be 'all' or a number of pairs, got {text!r}") from None
-    if value < 1:
-        raise ConfigError(f"--impostor-pairs must be 'all' or a positive number, got {text!r}")
-    return value
+    if not (math.isfinite(number) and number.is_integer() and number >= 1):
+        raise ConfigError(f"--impostor-pairs must be 'all' or a positive whole number, e.g. 100000; got {text!r}")
+    return int(number)
 
 
 def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:

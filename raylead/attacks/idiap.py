@@ -33,8 +33,12 @@ from raylead.attacks import (
     Threshold,
     Triage,
     best_match,
+    check_calibration,
+    check_det_score_floor,
+    check_index_file,
     check_index_of,
     check_same_matcher,
+    check_threshold,
     check_triage,
     fmt,
     groups_of,
@@ -347,19 +351,31 @@ class IdiapConfig:
             raise ConfigError(f"--top-k must be ≥ 1 (the paper uses 1500), got {self.top_k}")
         if self.engine not in ("auto", "exact", "approximate"):
             raise ConfigError(f"--engine must be auto, exact or approximate, got {self.engine!r}")
-        if not math.isfinite(self.det_score_floor):
-            raise ConfigError(f"--det-score-floor must be a number, got {self.det_score_floor!r}")
+        check_det_score_floor(self.det_score_floor)
         if self.bins < 1:
             raise ConfigError(f"--bins must be ≥ 1, got {self.bins}")
         if self.threshold is not None and self.threshold_from is not None:
             raise ConfigError("give --threshold or --threshold-from, not both")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
         MatcherSpec.parse(self.matcher)
+
+    def check_files(self) -> None:
+        """The files the options name, read before any work (I/O, so not in :meth:`validate`,
+        which building a config runs): ``--threshold-from`` is a calibration for this matcher,
+        ``--train-index`` a finished index. Whether the index holds T's rows and the
+        calibration T's matcher version are checked once T is loaded."""
+        if self.threshold_from is not None:
+            check_calibration(self.threshold_from, self.s3, MatcherSpec.parse(self.matcher).name)
+        if self.train_index is not None:
+            check_index_file(self.train_index, self.s3)
 
 
 def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     """Load/embed T and S, run the attack, write ``pairs.parquet``, ``best_matches.parquet``,
     ``set_aside.parquet`` and ``metrics.json`` under ``cfg.out``; returns the metrics."""
     cfg.validate()
+    cfg.check_files()
     out = out_location(cfg.out, cfg.s3)
     spec = MatcherSpec.parse(cfg.matcher)
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri

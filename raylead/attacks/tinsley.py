@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +36,11 @@ from raylead.attacks import (
     Triage,
     auc_mann_whitney,
     best_match,
+    check_det_score_floor,
+    check_index_file,
     check_index_of,
     check_same_matcher,
+    check_threshold,
     check_triage,
     fmt,
     histogram,
@@ -295,14 +297,32 @@ class TinsleyConfig:
                     f"{flag} names matcher {unknown[0]!r}, which is not in --matchers ({self.matchers})"
                 )
         for label, value in self.thresholds.items():
-            if not (math.isfinite(value) and -1.0 <= value <= 1.0):
-                raise ConfigError(
-                    f"--threshold for {label} must be a cosine similarity in [-1, 1], got {value}"
-                )
+            check_threshold(value, f"--threshold for {label}")
+        check_det_score_floor(self.det_score_floor)
         if self.engine not in ("auto", "exact", "approximate"):
             raise ConfigError(f"--engine must be auto, exact or approximate, got {self.engine!r}")
         if self.bins < 1:
             raise ConfigError(f"--bins must be ≥ 1, got {self.bins}")
+
+    def check_files(self) -> dict[str, dict[str, Any]]:
+        """The files the options name, read before any work (I/O, so not in :meth:`validate`,
+        which building a config runs): each ``--threshold-from`` is a calibration for a matcher
+        of ``--matchers`` (by name; its version is matched once the inputs are loaded), each
+        ``--train-index`` a finished index. Returns the calibrations by file."""
+        from raylead.attacks.calibrate import read_calibration
+
+        names = {s.name for s in parse_matchers(self.matchers)}
+        calibrations = {f: read_calibration(f, self.s3) for f in self.threshold_from}
+        for f, cal in calibrations.items():
+            made = cal["matcher"]["name"]
+            if made not in names:
+                raise ConfigError(
+                    f"--threshold-from {f} was made with matcher {made!r}, which is not in --matchers "
+                    f"({self.matchers}); drop it or add that matcher"
+                )
+        for uri in self.train_index.values():
+            check_index_file(uri, self.s3)
+        return calibrations
 
 
 def _label_pairs(text: str | None, flag: str, convert: Any) -> dict[str, Any]:
@@ -348,6 +368,7 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
     ``metrics.json`` under ``cfg.out``; returns the metrics.
     """
     cfg.validate()
+    calibrations = cfg.check_files()
     out = out_location(cfg.out, cfg.s3)
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
     specs = parse_matchers(cfg.matchers)
@@ -375,10 +396,8 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
         name, version = check_same_matcher({"train": train, "holdout": holdout, "synthetic": syn_all})
         value = explicit.get(label, explicit.get(spec.name))
         from_file = None
-        for f in cfg.threshold_from:
-            from raylead.attacks.calibrate import read_calibration
-
-            made = read_calibration(f, cfg.s3)["matcher"]
+        for f, cal in calibrations.items():
+            made = cal["matcher"]
             if made["name"] == name and made.get("version", version) in (version, "", None):
                 if from_file is not None:
                     raise ConfigError(f"two --threshold-from files are for matcher {name}: {from_file}, {f}")

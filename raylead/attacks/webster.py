@@ -33,6 +33,7 @@ from raylead.attacks import (
     ResultWriter,
     SetAside,
     Triage,
+    check_det_score_floor,
     check_same_matcher,
     check_triage,
     fmt,
@@ -345,6 +346,7 @@ class WebsterConfig:
             )
         if not (self.l2 > 0 and math.isfinite(self.l2)):
             raise ConfigError(f"l2 must be a positive number, got {self.l2!r}")
+        check_det_score_floor(self.det_score_floor)
         MatcherSpec.parse(self.matcher)
 
 
@@ -364,9 +366,9 @@ def run_webster(cfg: WebsterConfig) -> dict[str, Any]:
     """Load/embed queries and samples, identify, count, flag; write ``counts.parquet``,
     ``assignments.parquet``, ``set_aside.parquet``, ``metrics.json``; return the metrics."""
     cfg.validate()
+    members = read_members(cfg.members, cfg.s3) if cfg.members else None  # before any work
     out = out_location(cfg.out, cfg.s3)
     spec = MatcherSpec.parse(cfg.matcher)
-    members = read_members(cfg.members, cfg.s3) if cfg.members else None
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
     queries = load_set(cfg.queries, spec, "queries", emb_dir, cfg.s3, actors=cfg.actors)
     samples_all = load_set(cfg.samples, spec, "samples", emb_dir, cfg.s3, actors=cfg.actors)

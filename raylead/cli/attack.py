@@ -54,11 +54,18 @@ ReportOpt = Annotated[
     typer.Option(help="Also write the evidence report (self-contained HTML + PNG plots) to this file."),
 ]
 RedactOpt = Annotated[bool, typer.Option(help="With --report: pixelate and blur every face, for sharing.")]
+
+
 def _check_report_flags(report: str | None, redact: bool) -> None:
+    """--report/--redact, checked before the attack runs (the report is written after it)."""
     if redact and report is None:
         from raylead.errors import ConfigError
 
         raise ConfigError("--redact applies to the report: add --report FILE.html, or drop --redact")
+    if report is not None:
+        from raylead.report import check_report_file
+
+        check_report_file(report, "--report")
 
 
 def _echo(

@@ -48,6 +48,13 @@ METRICS_FILE = "metrics.json"
 ATTACKS = ("idiap", "tinsley", "webster")
 
 
+def check_report_file(path: str, flag: str = "--out") -> None:
+    """The report's file name must end in .html (or .htm); ``flag``: how the caller names it
+    (``--out`` of ``raylead report``, ``--report`` of an attack, ``report:`` of a job)."""
+    if not path.lower().endswith((".html", ".htm")):
+        raise ConfigError(f"{flag} must name an .html file, e.g. report.html; got {path!r}")
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """``raylead report RESULTS_DIR --out FILE.html [--calibration FILE] [--redact]``."""
@@ -65,8 +72,7 @@ class ReportConfig:
     s3: S3Options | None = field(default=None, compare=False, repr=False, metadata={"config": False})
 
     def validate(self) -> None:
-        if not self.out.lower().endswith((".html", ".htm")):
-            raise ConfigError(f"--out must name an .html file, got {self.out!r}")
+        check_report_file(self.out)
         for name in ("page_size", "max_identities", "max_pairs", "samples_per_identity"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
