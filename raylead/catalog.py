@@ -51,6 +51,12 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def storable(text: str) -> str:
+    """``text`` as valid UTF-8 for Parquet: a file name that is not UTF-8 (listed with
+    surrogate escapes) keeps its undecodable bytes as ``\\xNN``; any other text is unchanged."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def fingerprint(items: Iterable[str]) -> str:
     """A stable fingerprint of an ordered list of strings (an input block's image ids)."""
     h = hashlib.sha256()

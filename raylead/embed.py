@@ -282,6 +282,10 @@ def _read_and_preprocess(batch: dict[str, np.ndarray], source: Location, preproc
     data: list[bytes | None] = []
     errors: list[str] = []
     for image_id in ids:
+        if catalog.storable(image_id) != image_id:  # its id could not be stored, nor shown to anyone
+            data.append(None)
+            errors.append("read_error: file name is not UTF-8 (rename the file)")
+            continue
         try:
             data.append(source.child(image_id).read_bytes())
             errors.append("")
@@ -367,9 +371,9 @@ def _write_shard(
         "raylead.dim": str(dim),
         "raylead.alignment": prep.alignment,
     }
-    table = catalog.shard_table(
-        ids, [r["identity"] for r in ordered], emb, [r["det_score"] for r in ordered], statuses, dim, metadata
-    )
+    identities = [None if r["identity"] is None else catalog.storable(r["identity"]) for r in ordered]
+    stored_ids = [catalog.storable(i) for i in ids]
+    table = catalog.shard_table(stored_ids, identities, emb, [r["det_score"] for r in ordered], statuses, dim, metadata)
     data = catalog.table_to_parquet_bytes(table)
     prep.out.child(shard_name(i)).write_bytes(data)
     ok = sum(s == catalog.STATUS_OK for s in statuses)

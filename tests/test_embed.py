@@ -160,16 +160,20 @@ def test_a_rerun_never_takes_shards_made_from_other_images_or_settings(tmp_path,
 
 
 def test_unreadable_listed_files_become_rows(tmp_path, lfw_dir, ray_local) -> None:
-    """A symlink loop or a FIFO named like an image: one failure row each, at once (the loop was
-    retried for 60 s as a storage outage and failed the job; a FIFO blocked its read forever)."""
+    """A symlink loop, a FIFO named like an image, a file name that is not UTF-8: one failure row
+    each, at once (the loop was retried for 60 s as a storage outage and failed the job; a FIFO
+    blocked its read forever)."""
     _subset(lfw_dir, tmp_path / "in", identities=1, per=2)
     os.symlink("loop.jpg", tmp_path / "in" / "loop.jpg")
     os.mkfifo(tmp_path / "in" / "pipe.jpg")
+    # a Latin-1 file name (not UTF-8): the shard could not be written, the job failed on every rerun
+    shutil.copyfile(sorted(lfw_dir.rglob("*.jpg"))[0], tmp_path / "in" / os.fsdecode(b"caf\xe9.jpg"))
     t0 = time.monotonic()
     col = read_collection(embed_collection(EmbedConfig(source=str(tmp_path / "in"), out=str(tmp_path / "out"))).out)
     status = dict(zip(col.image_ids, col.statuses, strict=True))
     assert status["loop.jpg"].startswith("read_error") and status["pipe.jpg"].startswith("read_error"), status
-    assert sum(s == "ok" for s in status.values()) == 2 and time.monotonic() - t0 < 50
+    assert status["caf\\xe9.jpg"] == "read_error: file name is not UTF-8 (rename the file)", status
+    assert sum(s == "ok" for s in status.values()) == 2 and len(status) == 5 and time.monotonic() - t0 < 50
 
 
 @pytest.mark.parametrize(
