@@ -38,7 +38,7 @@ from raylead.errors import ConfigError, PathEscapeError, StorageError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 T = TypeVar("T")
 
 # Local outputs may hold faces and biometric templates: owner-only.

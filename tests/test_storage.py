@@ -54,8 +54,10 @@ def test_local_atomic_write_list_and_owner_only(tmp_path) -> None:
     root.child("a", "x.JPG").write_bytes(b"1")
     root.child("b.png").write_bytes(b"2")
     root.child("notes.txt").write_bytes(b"3")
-    assert root.list_files(IMAGE_EXTENSIONS) == ["a/x.JPG", "b.png"]
-    assert root.list_files() == ["a/x.JPG", "b.png", "notes.txt"]
+    root.child("c.jfif").write_bytes(b"4")  # JPEG under its other names is an image too
+    root.child("d.JPE").write_bytes(b"5")
+    assert root.list_files(IMAGE_EXTENSIONS) == ["a/x.JPG", "b.png", "c.jfif", "d.JPE"]
+    assert root.list_files() == ["a/x.JPG", "b.png", "c.jfif", "d.JPE", "notes.txt"]
     mode = stat.S_IMODE(os.stat(root.child("b.png").path).st_mode)
     assert mode == 0o600
     assert stat.S_IMODE(os.stat(root.path).st_mode) == 0o700
