@@ -9,7 +9,7 @@ the flags (``memory_budget: 8GiB``, ``shard_max: 2GiB``, ``local: true``) or as 
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylead.jobs import cli_spellings, run_job, text_of
+from raylead.jobs import Spellings, cli_spellings, config_keys, run_job, text_of
 from raylead.runtime import exit_process
 
 
@@ -39,14 +39,18 @@ def _executor(local: Any) -> str:
 
 
 def from_yaml(data: dict[str, Any]) -> dict[str, Any]:
-    from raylead.config import parse_size
+    """Flat options → IndexJob; an unknown key is refused naming every key accepted (the flag
+    spellings ``memory_budget``, ``shard_max``, ``local`` included)."""
+    from raylead.config import check_keys, parse_size
+    from raylead.index import IndexBuildConfig
 
     data = dict(data)
-    spellings = {
+    spellings: Spellings = {
         "memory_budget": ("memory_budget_bytes", lambda v: parse_size(text_of(v), "memory_budget")),
         "shard_max": ("shard_max_bytes", lambda v: parse_size(text_of(v), "shard_max")),
         "local": ("executor", _executor),
     }
+    check_keys(data, config_keys(IndexBuildConfig, spellings, ("embeddings", "out")), "index config")
     return {
         "embeddings": data.pop("embeddings", None),
         "out": data.pop("out", None),

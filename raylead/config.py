@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,16 +18,19 @@ from raylead.errors import ConfigError
 C = TypeVar("C")
 
 
-def from_mapping(cls: type[C], data: Mapping[str, Any], where: str = "config") -> C:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are ConfigErrors."""
+def from_mapping(
+    cls: type[C], data: Mapping[str, Any], where: str = "config", also: Iterable[str] = ()
+) -> C:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are ConfigErrors.
+
+    ``also``: other keys the caller accepts (and has already turned into fields, e.g. a job YAML's
+    flag spellings ``alpha``, ``memory_budget``), named beside the fields when a key is unknown."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping of option names to values, got {type(data).__name__}")
     # fields marked metadata={"config": False} (e.g. credentials) never come from config files
     fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("config", True)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        names = ", ".join(map(repr, unknown))
-        raise ConfigError(f"unknown option(s) {names} in {where}; allowed: {', '.join(sorted(fields))}")
+    check_keys(data, [*fields, *also], where)
+    check_keys(data, fields, where)  # an ``also`` key the caller left unconverted
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
@@ -39,6 +43,15 @@ def from_mapping(cls: type[C], data: Mapping[str, Any], where: str = "config") -
     if callable(validate):
         validate()
     return obj
+
+
+def check_keys(data: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    """A ConfigError naming the keys of ``data`` not in ``allowed``, and every allowed key."""
+    names = set(allowed)
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        listed = ", ".join(map(repr, unknown))
+        raise ConfigError(f"unknown option(s) {listed} in {where}; allowed: {', '.join(sorted(names))}")
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:
@@ -81,9 +94,16 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-        return from_mapping(hint, value, where)  # type: ignore[type-var,arg-type]
+        key_hint, value_hint = args if len(args) == 2 else (Any, Any)
+        return {
+            coerce(k, key_hint, f"{where} key"): coerce(v, value_hint, f"{where}: {k}") for k, v in value.items()
+        }
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping of option names to values, got {value!r}")
+        return from_mapping(hint, value, where)
     return value
 
 
@@ -93,6 +113,11 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"config file {str(p)!r} does not exist; pass --config PATH.yaml")
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(p)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
 
@@ -117,11 +142,14 @@ _UNITS = {
 
 def parse_size(text: str, what: str) -> int:
     """``8GiB``, ``500MB``, ``1e9`` or a plain number of bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
         raise ConfigError(f"{what}={text!r} is not a size: write e.g. 8GiB, 500MB or 1000000")
-    value = int(float(m.group(1)) * _UNITS[unit])
+    number = float(m.group(1)) * _UNITS[unit]
+    if not math.isfinite(number):
+        raise ConfigError(f"{what}={text!r} is too large: give a finite size such as 8GiB")
+    value = int(number)
     if value < 1:
         raise ConfigError(f"{what}={text!r} is not positive: give a size such as 8GiB")
     return value

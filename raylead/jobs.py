@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from raylead.config import from_mapping, load_yaml
@@ -36,6 +36,19 @@ def cli_spellings(data: Mapping[str, Any], spellings: Spellings, where: str) -> 
             raise ConfigError(f"{where}: give {flag} or {name}, not both (they are one option)")
         out[name] = convert(out.pop(flag))
     return out
+
+
+def config_keys(config_cls: Any, *also: Iterable[str]) -> list[str]:
+    """The keys a job YAML may give for ``config_cls``: its config fields (not those kept out of
+    config files, such as credentials), plus ``also`` (flag spellings such as ``alpha`` or
+    ``memory_budget``, job-level keys such as ``report``); for :func:`raylead.config.check_keys`
+    and :func:`raylead.config.from_mapping`'s ``also``, so that a typo's message lists them all."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(config_cls) if f.metadata.get("config", True)]
+    for extra in also:
+        names += [str(k) for k in extra]
+    return sorted(set(names))
 
 
 MATCHER_FLAGS = ("model", "detector", "model_root", "pack")  # --model ... of commands taking --matcher

@@ -333,3 +333,107 @@ def test_scenario_job_builds_what_the_cli_builds(tmp_path) -> None:
         assert (tmp_path / "job" / name).read_text() == (tmp_path / "cli" / name).read_text()
     done = _run("scenario", {"labelled": "x", "out": "y", "n_holdout": "many"}, tmp_path)
     assert done.returncode == 2 and "n_holdout must be a number" in done.stderr
+
+
+def _scenario_config(data: dict):
+    from raylead.attacks.scenarios import ScenarioBuildConfig
+    from raylead.config import from_mapping
+
+    return from_mapping(ScenarioBuildConfig, _job_module("scenario").from_yaml(data), "scenario.yaml")
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        # the docs: giving both spellings of one option is refused (the flat one used to win silently)
+        ({"pairs": {"n_train": 5}, "n_train": 10},
+         "scenario config: give n_train or pairs: {n_train: ...}, not both (they are one option)"),
+        ({"kind": "membership", "membership": {"seed": 1}, "seed": 2},
+         "scenario config: give seed or membership: {seed: ...}, not both (they are one option)"),
+        # an option of the other kind used to be ignored
+        ({"kind": "membership", "n_holdout": 5},
+         "scenario config: n_holdout applies to kind pairs, not to kind membership: drop it or set kind: pairs"),
+        ({"synthetic_size": 5, "novel_samples": 3},
+         "scenario config: novel_samples applies to kind membership, not to kind pairs: "
+         "drop it or set kind: membership"),
+        ({"kind": "pairs", "membership": {"n_train": 3}},
+         "scenario config: membership applies to kind membership, not to kind pairs: "
+         "drop it or set kind: membership"),
+        # a non-mapping for the settings was an AttributeError
+        ({"pairs": 5}, "scenario.yaml: pairs must be a mapping of option names to values, got 5"),
+        ({"seed": -1}, "--seed must be a whole number ≥ 0, got -1"),
+    ],
+)
+def test_scenario_job_refuses_ambiguous_or_ignored_keys(data, says) -> None:
+    from raylead.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _scenario_config({"labelled": "l", "out": "o", **data})
+    assert str(err.value) == says
+
+
+def test_scenario_job_flat_and_nested_keys_combine() -> None:
+    cfg = _scenario_config({"labelled": "l", "out": "o", "pairs": {"n_holdout": 7}, "n_train": 9, "seed": 4})
+    assert (cfg.pairs.n_train, cfg.pairs.n_holdout, cfg.pairs.seed) == (9, 7, 4)
+    cfg = _scenario_config({"labelled": "l", "out": "o", "kind": "membership", "novel_samples": 3, "n_train": 5})
+    assert (cfg.membership.novel_samples, cfg.membership.n_train) == (3, 5)
+
+
+def _search_job(data: dict):
+    from raylead.config import from_mapping
+    from raylead.search import SearchJob
+
+    return from_mapping(SearchJob, _job_module("search").from_yaml(data), "search.yaml")
+
+
+def test_search_job_takes_a_config_mapping_and_names_every_key() -> None:
+    """`config: {k: 5, engine: exact}` used to be dropped silently (k 10, engine auto); a typo's
+    message listed `config, index, out, ...` without k, engine, nprobe or local."""
+    from raylead.errors import ConfigError
+
+    base = {"queries": "q", "index": "i", "out": "o"}
+    job = _search_job({**base, "config": {"k": 5, "engine": "exact"}, "local": True})
+    assert (job.config.k, job.config.engine, job.use_ray) == (5, "exact", False)
+    assert _search_job({**base, "k": 5, "engine": "exact", "local": True}) == job
+    for data, says in [
+        ({"config": {"k": 5}, "k": 0}, "search config: give k flat or under config:, not both"),
+        ({"config": 5}, "search config: config must be a mapping of search settings"),
+        ({"config": {"out": "x"}}, "unknown option(s) 'out' in search config: config; allowed: device, engine, k,"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            _search_job({**base, **data})
+        assert str(err.value).startswith(says) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        _search_job({**base, "kk": 1})
+    msg = str(err.value)
+    assert msg.startswith("unknown option(s) 'kk' in search config; allowed: ")
+    allowed = msg.split("allowed: ", 1)[1].split(", ")
+    assert {"k", "engine", "nprobe", "k_factor", "query_block", "local", "use_ray", "pairs", "threshold",
+            "rerank_vectors", "queries", "index", "out", "config"} <= set(allowed)
+
+
+def test_index_job_names_its_flag_spellings_among_the_keys() -> None:
+    from raylead.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _job_module("index").from_yaml({"embeddings": "e", "out": "o", "memory": "8GiB"})
+    msg = str(err.value)
+    assert msg.startswith("unknown option(s) 'memory' in index config; allowed: ") and "\n" not in msg
+    allowed = msg.split("allowed: ", 1)[1].split(", ")
+    assert {"memory_budget", "memory_budget_bytes", "shard_max", "shard_max_bytes", "local", "executor",
+            "shards", "embeddings", "out"} <= set(allowed)
+
+
+def test_attack_job_mapping_values_are_checked() -> None:
+    """tinsley `thresholds: {dlib: high}` was a TypeError; `train_index: {dlib: 5}` was accepted."""
+    from raylead.errors import ConfigError
+
+    module = _job_module("attack")
+    base = {"attack": "tinsley", "train": "t", "holdout": "h", "synthetic": "s", "out": "o"}
+    for data, says in [
+        ({"thresholds": {"dlib": "high"}}, "attack tinsley: thresholds: dlib must be a number, got 'high'"),
+        ({"train_index": {"dlib": 5}}, "attack tinsley: train_index: dlib must be a string, got 5"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            module.prepare(module.AttackJob(**module.from_yaml({**base, **data})))
+        assert str(err.value) == says

@@ -246,3 +246,138 @@ def test_scenario_build_on_s3_with_the_s3_flags(s3_server, tmp_path: Path, monke
     assert out.child("truth.csv").read_bytes() == (tmp_path / "out" / "truth.csv").read_bytes()
     first = sorted(out.child("synthetic").list_files())[0]
     assert out.child("synthetic").child(first).read_bytes() == (tmp_path / "out" / "synthetic" / first).read_bytes()
+
+
+def _faces(root: Path, n_ids: int = 30, per_id: int = 10) -> Path:
+    for ident, files in fake_photos(n_ids, per_id).items():
+        (root / ident).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (root / f).write_bytes(f.encode())
+    return root
+
+
+def _on_disk_equals_truth(out: Path) -> None:
+    """Every role folder holds exactly the files scenario.json / truth.csv say, nothing else."""
+    meta = json.loads((out / "scenario.json").read_text())
+    truth = list(csv.DictReader((out / "truth.csv").open()))
+    generated = "samples" if meta["kind"] == "membership" else "synthetic"
+    assert sorted(os.listdir(out / generated)) == sorted(r["image_id"] for r in truth)
+    folders = {"train", "holdout"} if meta["kind"] == "pairs" else {"train", "queries"}
+    for role in folders:
+        assert sorted(os.listdir(out / role)) == sorted(meta["roles"][role])
+        assert sum(len(os.listdir(out / role / i)) for i in meta["roles"][role]) == meta["counts"][role]["images"]
+    roles = {"train", "holdout", "synthetic", "queries", "samples"}
+    assert {p.name for p in out.iterdir()} & roles == set(meta["counts"]) & roles
+    assert (out / "members.txt").read_text().split() == meta["members"]
+
+
+def test_rebuild_into_the_same_folder_holds_exactly_the_new_build(tmp_path: Path) -> None:
+    """A smaller rebuild into an existing --out used to keep the old build's files (100 synthetic
+    files beside a 50-row truth.csv, 60 training folders for 30 training identities, stale training
+    identities in holdout/): the folder now holds exactly what the new ground truth says."""
+    src = _faces(tmp_path / "faces", 40)
+    out = tmp_path / "scenario"
+
+    def build(kind: str = "pairs", **pairs) -> None:
+        build_scenario(
+            ScenarioBuildConfig(
+                labelled=str(src),
+                out=str(out),
+                kind=kind,
+                pairs=PairsScenarioConfig(train_photos=4, leak_photos=2, **pairs),
+                membership=MembershipScenarioConfig(n_train=8, n_nonmember=5, novel_samples=6),
+            )
+        )
+        _on_disk_equals_truth(out)
+
+    build(n_train=20, n_holdout=10, synthetic_size=40)
+    (out / "notes.txt").write_text("mine")  # the user's file beside a build is left alone
+    build(n_train=10, n_holdout=10, synthetic_size=15, seed=1)
+    assert len(os.listdir(out / "synthetic")) == 15 and len(os.listdir(out / "train")) == 10
+    meta = json.loads((out / "scenario.json").read_text())
+    assert not set(meta["roles"]["train"]) & set(os.listdir(out / "holdout"))
+    build("membership")  # another kind: the pairs folders go
+    assert not (out / "holdout").exists() and not (out / "synthetic").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert all((src / p).read_bytes() == p.encode() for ps in fake_photos(40).values() for p in ps)
+
+
+def test_an_interrupted_build_is_started_over(tmp_path: Path, monkeypatch) -> None:
+    """scenario.json is a placeholder until the build ends: a rerun after a crash still
+    recognises the folder as a scenario build (and never refuses it as someone else's)."""
+    import raylead.attacks.scenarios as scenarios
+
+    src = _faces(tmp_path / "faces")
+    cfg = ScenarioBuildConfig(
+        labelled=str(src), out=str(tmp_path / "s"), pairs=PairsScenarioConfig(n_train=10, n_holdout=5)
+    )
+
+    def crash(sc, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scenarios, "write_ground_truth", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_scenario(cfg)
+    monkeypatch.undo()
+    build_scenario(cfg)
+    _on_disk_equals_truth(tmp_path / "s")
+
+
+@pytest.mark.parametrize("content", ["file", "folder", "scenario.json"])
+def test_a_folder_that_is_not_a_scenario_build_is_refused_and_left_intact(tmp_path: Path, content) -> None:
+    src = _faces(tmp_path / "faces")
+    out = tmp_path / "mine"
+    (out / "train" / "alice").mkdir(parents=True)
+    (out / "train" / "alice" / "1.jpg").write_bytes(b"photo")
+    if content == "file":
+        (out / "thesis.tex").write_text("x")
+    elif content == "scenario.json":
+        (out / "scenario.json").write_text("not raylead's")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    small = PairsScenarioConfig(n_train=10, n_holdout=5)
+    with pytest.raises(ConfigError) as err:
+        build_scenario(ScenarioBuildConfig(labelled=str(src), out=str(out), pairs=small))
+    msg = str(err.value)
+    assert "\n" not in msg and f"--out {out}" in msg and "choose an empty or new folder" in msg
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / "train" / "alice" / "1.jpg").read_bytes() == b"photo"
+
+
+def test_rebuild_of_role_collections_holds_exactly_the_new_build(tmp_path: Path, write_collection) -> None:
+    from raylead.catalog import read_collection
+
+    photos = fake_photos(40, 10)
+    ids = [p for ps in photos.values() for p in ps]
+    emb = np.eye(len(ids), 512, dtype=np.float32)
+    coll = write_collection(tmp_path / "c", ids, [p.split("/")[0] for p in ids], emb)
+    out = tmp_path / "s"
+    for kind in ("membership", "pairs"):
+        sc, written = build_scenario(
+            ScenarioBuildConfig(
+                labelled=coll,
+                out=str(out),
+                kind=kind,
+                pairs=PairsScenarioConfig(n_train=10, n_holdout=10, train_photos=4, leak_photos=2),
+                membership=MembershipScenarioConfig(n_train=8, n_nonmember=5, novel_samples=6),
+            )
+        )
+    truth_files = {"members.txt", "truth.csv", "scenario.json"}
+    assert {p.name for p in out.iterdir()} == {"train", "holdout", "synthetic", *truth_files}
+    assert sorted(read_collection(written["synthetic"]).image_ids) == sorted(r["image_id"] for r in sc.truth_rows())
+
+
+@pytest.mark.parametrize("kind", ["pairs", "membership"])
+def test_a_negative_seed_is_one_line_naming_the_flag(kind) -> None:
+    cfg = PairsScenarioConfig(seed=-1) if kind == "pairs" else MembershipScenarioConfig(seed=-1)
+    with pytest.raises(ConfigError, match=r"^--seed must be a whole number ≥ 0, got -1$"):
+        (plan_pairs if kind == "pairs" else plan_membership)(fake_photos(), cfg)
+
+
+def test_too_few_novel_photos_names_novel_samples_not_synthetic_size() -> None:
+    with pytest.raises(ConfigError) as err:
+        plan_membership(fake_photos(20), MembershipScenarioConfig(n_train=10, n_nonmember=5, novel_samples=1000))
+    msg = str(err.value)
+    assert "--novel-samples: need 1000" in msg and "--n-nonmember" in msg
+    assert "synthetic-size" not in msg and "holdout" not in msg
+    with pytest.raises(ConfigError, match=r"--synthetic-size: need \d+, have \d+; .*--n-holdout"):
+        plan_pairs(fake_photos(40), PairsScenarioConfig(n_train=10, n_holdout=10, synthetic_size=500))

@@ -65,6 +65,7 @@ class PairsScenarioConfig:
     other_photos: int = 2  # per "other" identity when synthetic_size is not given
 
     def validate(self) -> None:
+        _check_non_negative("seed", self.seed)
         _check_fraction(self.leak_fraction)
         for name in ("n_train", "train_photos", "leak_photos"):
             _check_positive(name, getattr(self, name))
@@ -89,6 +90,7 @@ class MembershipScenarioConfig:
     query_unleaked_members: bool = False
 
     def validate(self) -> None:
+        _check_non_negative("seed", self.seed)
         _check_fraction(self.leak_fraction)
         for name in ("n_train", "reference_photos", "train_photos", "sample_photos"):
             _check_positive(name, getattr(self, name))
@@ -107,7 +109,7 @@ def _check_positive(name: str, x: int) -> None:
 
 
 def _check_non_negative(name: str, x: int) -> None:
-    if not isinstance(x, int) or x < 0:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be a whole number ≥ 0, got {x!r}")
 
 
@@ -196,9 +198,15 @@ def _ext(path: str) -> str:
 
 
 def _round_robin(
-    rng: np.random.Generator, photos: Mapping[str, list[str]], n: int | None, per_id: int
+    rng: np.random.Generator,
+    photos: Mapping[str, list[str]],
+    n: int | None,
+    per_id: int,
+    flag: str = "--synthetic-size",
+    hint: str = "lower it or use fewer training/holdout identities",
 ) -> list[tuple[str, str]]:
-    """Up to ``n`` (identity, photo) picks spread evenly over identities (one each per round)."""
+    """Up to ``n`` (identity, photo) picks spread evenly over identities (one each per round);
+    too few photos for ``n`` is a ConfigError naming ``flag`` and the ``hint`` to fix it."""
     ids = _shuffled(rng, sorted(photos))
     queues = {i: _shuffled(rng, photos[i]) for i in ids}
     picks: list[tuple[str, str]] = []
@@ -214,8 +222,7 @@ def _round_robin(
                 picks.append((i, queues[i][r]))
     if n is not None and len(picks) < n:
         raise ConfigError(
-            f"not enough photos of other people for --synthetic-size: need {n}, have {len(picks)}; "
-            "lower it or use fewer training/holdout identities"
+            f"not enough photos of other people for {flag}: need {n}, have {len(picks)}; {hint}"
         )
     return picks
 
@@ -268,7 +275,14 @@ def plan_pairs(photos: Mapping[str, list[str]], cfg: PairsScenarioConfig) -> Sce
             f"--synthetic-size {cfg.synthetic_size} is smaller than the {len(synthetic)} leaked photos; "
             "raise it"
         )
-    synthetic += _round_robin(r_other, {i: photos[i] for i in other_ids}, n_other, cfg.other_photos)
+    synthetic += _round_robin(
+        r_other,
+        {i: photos[i] for i in other_ids},
+        n_other,
+        cfg.other_photos,
+        flag="--synthetic-size",
+        hint="lower it or use fewer training/holdout identities (--n-train, --n-holdout)",
+    )
     order = r_order.permutation(len(synthetic))
     for k, j in enumerate(order, start=1):
         ident, p = synthetic[j]
@@ -326,7 +340,14 @@ def plan_membership(photos: Mapping[str, list[str]], cfg: MembershipScenarioConf
     for i in leaked:
         samples += [(i, p) for p in perm[i][ref_n + trn_n : need_t]]
     if cfg.novel_samples:
-        samples += _round_robin(r_novel, {i: photos[i] for i in novel_ids}, cfg.novel_samples, 0)
+        samples += _round_robin(
+            r_novel,
+            {i: photos[i] for i in novel_ids},
+            cfg.novel_samples,
+            0,
+            flag="--novel-samples",
+            hint="lower it or use fewer training/non-member identities (--n-train, --n-nonmember)",
+        )
     for k, j in enumerate(r_order.permutation(len(samples)), start=1):
         ident, p = samples[j]
         entries.append(Entry("samples", f"samples/x_{k:05d}{_ext(p)}", p, ident))
@@ -397,6 +418,60 @@ def write_ground_truth(sc: Scenario, out: Location) -> None:
             "roles": sc.roles,
         }
     )
+
+
+ROLE_FOLDERS = ("train", "holdout", "synthetic", "queries", "samples")  # what a scenario build writes
+GROUND_TRUTH = ("members.txt", "truth.csv", "scenario.json")
+
+
+def _entries(out: Location) -> list[str]:
+    """The names directly under ``out`` (none when it does not exist)."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise ConfigError(f"--out {out.uri} is a file; choose an empty or new folder for the scenario")
+    if out.is_s3:
+        out.fs.invalidate_cache()
+        root = out.path.rstrip("/")
+        found = [str(p).rstrip("/") for p in out.fs.ls(root, detail=False)]
+        return [posixpath.basename(p) for p in found if p != root]  # s3fs may list the prefix itself
+    return os.listdir(out.path)
+
+
+def clear_previous_build(out: Location) -> list[str]:
+    """Make ``out`` ready for a new scenario build; returns what was removed.
+
+    An empty or missing folder is used as is. A folder holding a previous scenario build (its
+    ``scenario.json``) loses that build's role folders and ground-truth files, so that what the
+    new build writes is all the folder holds of a scenario (other files there are left alone).
+    Anything else is refused: a scenario build never deletes files it did not write."""
+    names = set(_entries(out))
+    if not names:
+        return []
+    if "scenario.json" not in names:
+        raise ConfigError(
+            f"--out {out.uri} is not empty and holds no scenario build (no scenario.json); "
+            "choose an empty or new folder"
+        )
+    try:
+        previous = out.child("scenario.json").read_json()
+        ok = isinstance(previous, dict) and "kind" in previous and isinstance(previous.get("counts"), dict)
+    except Exception:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"--out {out.uri} holds a scenario.json that raylead did not write; choose an empty or new folder"
+        )
+    removed = []
+    # every role folder a build may write (not only the previous build's roles: a build of another
+    # kind interrupted before its scenario.json leaves its own); scenario.json last, so that an
+    # interrupted clean-up is still recognised as a scenario build
+    for name in (*ROLE_FOLDERS, *GROUND_TRUTH):
+        if name in names:
+            out.child(name).remove()
+            removed.append(name)
+    log.info("removed the previous scenario build in %s: %s", out.uri, ", ".join(removed))
+    return removed
 
 
 def materialise(sc: Scenario, source: Location, out: Location, copy: bool = False) -> str:
@@ -526,6 +601,10 @@ def build_scenario(cfg: ScenarioBuildConfig) -> tuple[Scenario, dict[str, str]]:
         )
     sc = plan_pairs(photos, cfg.pairs) if cfg.kind == "pairs" else plan_membership(photos, cfg.membership)
     out.check_reachable(write=True)
+    clear_previous_build(out)
+    # a placeholder until write_ground_truth replaces it (last): a rerun after an interrupted build
+    # recognises the folder as a scenario build and starts it over
+    out.child("scenario.json").write_json({"kind": sc.kind, "complete": False, "counts": {}})
     if coll is not None:
         written = write_role_collections(sc, coll, out)
     else:
