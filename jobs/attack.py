@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylead.jobs import Spellings, cli_spellings, key_values, run_job, text_of, with_matcher_flags
+from raylead.jobs import MATCHER_FLAGS, Spellings, cli_spellings, key_values, run_job, text_of, with_matcher_flags
 from raylead.runtime import exit_process
 
 
@@ -59,7 +59,8 @@ def prepare(job: AttackJob) -> tuple[Any, Callable[[Any], Any], Callable[[Any], 
         from raylead.report import check_report_file
 
         check_report_file(str(report), f"{where}: report")
-    cfg = from_mapping(config_cls, options, where=where)
+    accepted = (*_spellings(job.attack), *(MATCHER_FLAGS if job.attack != "tinsley" else ()), "report", "redact")
+    cfg = from_mapping(config_cls, options, where=where, also=accepted)  # a typo's error lists them all
     return cfg, run, headline, None if report is None else str(report), redact
 
 

@@ -424,6 +424,23 @@ def test_index_job_names_its_flag_spellings_among_the_keys() -> None:
             "shards", "embeddings", "out"} <= set(allowed)
 
 
+@pytest.mark.parametrize(
+    ("attack", "spelled"),
+    [("webster", {"alpha", "alphas", "model", "pack", "report", "redact", "triage_option", "queries"}),
+     ("tinsley", {"threshold", "thresholds", "train_index", "report", "triage_option", "matchers"})],
+)  # fmt: skip
+def test_attack_job_names_its_flag_spellings_among_the_keys(attack: str, spelled: set[str]) -> None:
+    """A typo's message lists every key the job takes, the flag spellings (alpha, report, model)
+    included; it listed the config fields only."""
+    from raylead.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _job_module("attack").prepare(_job_module("attack").AttackJob(attack, {"out": "o", "qeries": "q"}))
+    msg = str(err.value)
+    assert msg.startswith(f"unknown option(s) 'qeries' in attack {attack}; allowed: ") and "\n" not in msg
+    assert spelled <= set(msg.split("allowed: ", 1)[1].split(", ")), msg
+
+
 def test_attack_job_mapping_values_are_checked() -> None:
     """tinsley `thresholds: {dlib: high}` was a TypeError; `train_index: {dlib: 5}` was accepted."""
     from raylead.errors import ConfigError

@@ -154,6 +154,13 @@ def test_build_from_folder_symlinks_and_cli(tmp_path: Path) -> None:
     assert len(samples) == 2 * 4 + 5 and not (tmp_path / "m" / "samples" / samples[0]).is_symlink()
     bad = CliRunner().invoke(app, ["scenario", "build", str(src), "--out", str(src / "x")])
     assert bad.exit_code != 0
+    # a flag of the other kind was silently ignored (the scenario built was not the one asked for)
+    for kind, flag in (("membership", "--n-holdout"), ("pairs", "--novel-samples")):
+        args = ["scenario", "build", str(src), "--out", str(tmp_path / "s"), "--kind", kind, flag, "3"]
+        stray = CliRunner().invoke(app, args)
+        assert isinstance(stray.exception, ConfigError), stray.output  # `raylead` makes it exit 2, one line
+        assert f"{flag} does not apply to --kind {kind}" in str(stray.exception)
+        assert not (tmp_path / "s").exists()
 
 
 def test_role_collections_match_what_embedding_the_folders_gives(tmp_path: Path, write_collection) -> None:

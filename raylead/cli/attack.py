@@ -298,7 +298,13 @@ def scenario_build(
         build_scenario,
         scenario_lines,
     )
+    from raylead.errors import ConfigError
 
+    other = {"pairs": {"--n-nonmember": n_nonmember, "--novel-samples": novel_samples},
+             "membership": {"--n-holdout": n_holdout, "--synthetic-size": synthetic_size}}.get(kind, {})  # fmt: skip
+    stray = [flag for flag, v in other.items() if v is not None]
+    if stray:  # it would be ignored: say so rather than build something else than asked
+        raise ConfigError(f"{stray[0]} does not apply to --kind {kind}; drop it (see 'raylead scenario build --help')")
     given_pairs: dict[str, Any] = dict(n_train=n_train, n_holdout=n_holdout, synthetic_size=synthetic_size)
     pairs = replace(
         PairsScenarioConfig(seed=seed, leak_fraction=leak_fraction),
