@@ -342,25 +342,42 @@ class EmbedActor:
 # ------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------
-def _completed(prep: Prepared, i: int, ids: list[str]) -> catalog.ShardInfo | None:
+@dataclass
+class Finished:
+    """A finished shard: its manifest entry and its failure rows by reason (None: a marker
+    written before the counts were kept; the shard is then read to count them)."""
+
+    info: catalog.ShardInfo
+    reasons: dict[str, int] | None
+
+
+def _reasons(statuses: list[Any]) -> dict[str, int]:
+    return dict(Counter(str(s).split(":", 1)[0] for s in statuses if s != catalog.STATUS_OK))
+
+
+def _completed(prep: Prepared, i: int, ids: list[str]) -> Finished | None:
     out = prep.out
     marker = out.child(marker_name(i))
     if not marker.exists():
         return None
     try:
-        info = catalog.ShardInfo.from_json(marker.read_json())
+        data = marker.read_json()
+        info = catalog.ShardInfo.from_json(data)
     except CorruptDataError:
         return None
     if info.input_fingerprint != shard_fingerprint(prep, ids) or info.path != shard_name(i):
         return None
     if not out.child(info.path).exists():
         return None
-    return info
+    counted = data.get("failures_by_reason")
+    try:
+        reasons = {str(k): int(v) for k, v in counted.items()} if isinstance(counted, dict) else None
+    except (TypeError, ValueError):
+        reasons = None
+    return Finished(info, reasons if reasons is not None and sum(reasons.values()) == info.failed else None)
 
 
-def _write_shard(
-    prep: Prepared, i: int, ids: list[str], rows: dict[str, dict[str, Any]]
-) -> catalog.ShardInfo:
+def _write_shard(prep: Prepared, i: int, ids: list[str], rows: dict[str, dict[str, Any]]) -> Finished:
     dim = int(prep.matcher.dim)
     ordered = [rows[image_id] for image_id in ids]
     emb = np.stack([r["embedding"] for r in ordered]) if ordered else np.zeros((0, dim), np.float32)
@@ -385,18 +402,21 @@ def _write_shard(
         sha256=catalog.sha256_bytes(data),
         input_fingerprint=shard_fingerprint(prep, ids),
     )
-    prep.out.child(marker_name(i)).write_json(info.to_json())
-    return info
+    reasons = _reasons(statuses)
+    prep.out.child(marker_name(i)).write_json(info.to_json() | {"failures_by_reason": reasons})
+    return Finished(info, reasons)
 
 
-def _failure_counts(prep: Prepared, shards: list[catalog.ShardInfo]) -> dict[str, int]:
+def _failure_counts(prep: Prepared, shards: list[Finished]) -> dict[str, int]:
+    """Failure rows by reason: from the markers (a no-op rerun reads no shard), reading a shard
+    only when its marker predates the counts."""
     counts: Counter[str] = Counter()
     for s in shards:
-        if s.failed:
-            table = catalog.read_parquet_checked(prep.out.child(s.path), s.sha256)
-            for status in table.column("status").to_pylist():
-                if status != catalog.STATUS_OK:
-                    counts[str(status).split(":", 1)[0]] += 1
+        reasons = s.reasons
+        if reasons is None and s.info.failed:
+            table = catalog.read_parquet_checked(prep.out.child(s.info.path), s.info.sha256)
+            reasons = _reasons(table.column("status").to_pylist())
+        counts.update(reasons or {})
     return dict(counts)
 
 
@@ -497,17 +517,17 @@ def embed_collection(
     t0 = time.monotonic()
     prep = prepared or prepare(cfg)
     shards = plan_shards(prep.image_ids, cfg.shard_size)
-    done: dict[int, catalog.ShardInfo] = {}
+    done: dict[int, Finished] = {}
     pending: dict[int, list[str]] = {}
     for i, ids in enumerate(shards):
-        info = _completed(prep, i, ids)
-        if info is None:
+        finished = _completed(prep, i, ids)
+        if finished is None:
             pending[i] = ids
         else:
-            done[i] = info
+            done[i] = finished
     skipped = len(done)
     total = len(prep.image_ids)
-    finished_images = sum(info.rows for info in done.values())
+    finished_images = sum(f.info.rows for f in done.values())
     if on_progress:
         on_progress(finished_images, total)
     log.info(
@@ -527,7 +547,7 @@ def embed_collection(
             buffers[i][row["image_id"]] = row  # keyed by id: a retried task cannot duplicate
             if len(buffers[i]) == len(pending[i]):
                 done[i] = _write_shard(prep, i, pending[i], buffers.pop(i))
-                finished_images += done[i].rows
+                finished_images += done[i].info.rows
                 if on_progress:
                     on_progress(finished_images, total)
         if buffers:
@@ -543,7 +563,7 @@ def embed_collection(
         matcher_version=prep.matcher.version,
         dim=int(prep.matcher.dim),
         alignment=prep.alignment,
-        shards=ordered,
+        shards=[f.info for f in ordered],
         failures_by_reason=_failure_counts(prep, ordered),
     )
     catalog.write_manifest(prep.out, manifest)

@@ -76,11 +76,10 @@ def test_s3_in_and_out_gives_identical_embeddings(tmp_path, lfw_dir, s3_server, 
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
 
 
-def test_bad_files_become_rows_with_reasons(tmp_path, lfw_dir, ray_local) -> None:
+def test_bad_files_become_rows_with_reasons(tmp_path, lfw_dir, ray_local, monkeypatch) -> None:
     n_inputs, good, bad = write_mixed_folder(tmp_path / "mixed", lfw_dir)
-    result = embed_collection(
-        EmbedConfig(source=str(tmp_path / "mixed"), out=str(tmp_path / "out"), shard_size=8)
-    )
+    cfg = EmbedConfig(source=str(tmp_path / "mixed"), out=str(tmp_path / "out"), shard_size=8)
+    result = embed_collection(cfg)
     col = read_collection(result.out)
     _assert_every_input_once(col, n_inputs)
     status = dict(zip(col.image_ids, col.statuses, strict=True))
@@ -92,6 +91,16 @@ def test_bad_files_become_rows_with_reasons(tmp_path, lfw_dir, ray_local) -> Non
     assert reasons["bad/noface.png"] == "no_face"
     assert reasons["bad/page.png"] == "decode_error"
     assert sum(result.manifest.failures_by_reason.values()) == len(bad)
+    # a rerun with nothing to do counts the reasons from the markers: it reads no shard (it read
+    # every shard holding a failure, i.e. nearly the whole collection at scale)
+    from raylead import catalog
+
+    reads: list[str] = []
+    real = catalog.read_parquet_checked
+    monkeypatch.setattr(catalog, "read_parquet_checked", lambda loc, sha: reads.append(loc.uri) or real(loc, sha))
+    again = embed_collection(cfg)
+    assert again.shards_written == 0 and reads == []
+    assert again.manifest.failures_by_reason == result.manifest.failures_by_reason
 
 
 def _markers(out: Path) -> list[Path]:
