@@ -367,7 +367,12 @@ def _completed(prep: Prepared, i: int, ids: list[str]) -> Finished | None:
         return None
     if info.input_fingerprint != shard_fingerprint(prep, ids) or info.path != shard_name(i):
         return None
-    if not out.child(info.path).exists():
+    try:  # one stat: a shard gone, or cut short after its marker was written, is embedded again
+        size = out.child(info.path).size()
+    except FileNotFoundError:
+        return None
+    if isinstance(data.get("bytes"), int) and size != data["bytes"]:  # markers before sizes: unchecked
+        log.warning("shard %s is %d bytes, its marker says %d: embedding it again", info.path, size, data["bytes"])
         return None
     counted = data.get("failures_by_reason")
     try:
@@ -403,7 +408,8 @@ def _write_shard(prep: Prepared, i: int, ids: list[str], rows: dict[str, dict[st
         input_fingerprint=shard_fingerprint(prep, ids),
     )
     reasons = _reasons(statuses)
-    prep.out.child(marker_name(i)).write_json(info.to_json() | {"failures_by_reason": reasons})
+    marker = info.to_json() | {"bytes": len(data), "failures_by_reason": reasons}
+    prep.out.child(marker_name(i)).write_json(marker)
     return Finished(info, reasons)
 
 

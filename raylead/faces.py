@@ -84,7 +84,7 @@ def crop_size(crop: str) -> int:
 
 #: Image formats accepted (identified by content, never by file extension). JPEG also
 #: opens the multi-picture (MPO) JPEGs many cameras write.
-FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF")  # AVIF: Pillow built with it
 
 #: dlib's 5-point model marks the nose *base*; ArcFace's template point is the nose *tip*.
 #: The tip is estimated as ``base + DLIB_NOSE_TO_TIP * (eye_midpoint - base)``; 0.30 was

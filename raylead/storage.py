@@ -38,7 +38,11 @@ from raylead.errors import ConfigError, PathEscapeError, StorageError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# listed as inputs; a format the decoder lacks (HEIC without a plug-in) is a decode_error row, not left out
+IMAGE_EXTENSIONS = (
+    *(".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+    *(".avif", ".heic", ".heif"),
+)
 T = TypeVar("T")
 
 # Local outputs may hold faces and biometric templates: owner-only.
@@ -143,6 +147,20 @@ def safe_relpath(rel: str) -> str:
 _PERMANENT_ERRNOS = frozenset({errno.ELOOP, errno.ENXIO, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
 
 
+# S3 error codes that name the request's URI as invalid: retrying the same URI cannot help
+_INVALID_URI_CODES = frozenset({"InvalidBucketName", "InvalidURI", "KeyTooLongError"})
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception (s3fs raises OSError from botocore's ClientError)."""
+    for e in (exc, exc.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            return str(code) if code else None
+    return None
+
+
 def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
     """Call ``fn`` with exponential backoff on transient I/O errors.
 
@@ -173,6 +191,11 @@ def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
             if kind == "ParamValidationError":  # permanent: the request itself is invalid (bucket name...)
                 raise ConfigError(
                     f"{scrub_userinfo(what)} failed: {_invalid_request(exc)}; fix the s3://BUCKET/PREFIX URI"
+                ) from None
+            code = _s3_error_code(exc)
+            if code in _INVALID_URI_CODES:  # the server refused the name itself: it stays refused
+                raise ConfigError(
+                    f"{scrub_userinfo(what)} failed: {code}: {_clean(exc)}; fix the s3://BUCKET/PREFIX URI"
                 ) from None
             if time.monotonic() + delay > deadline:
                 raise StorageError(

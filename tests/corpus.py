@@ -42,6 +42,8 @@ def bad_files() -> dict[str, bytes]:
         "bomb.png": png_header_claiming(60000, 60000),
         "random.jpg": rng.integers(0, 255, 4096, dtype=np.uint8).tobytes(),
         "noface.png": _save(Image.new("RGB", (200, 200), (90, 140, 200)), "PNG"),
+        # a phone photo's HEIC (no decoder here): listed, and a row with its reason
+        "phone.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
     }
 
 
@@ -57,6 +59,7 @@ def odd_encodings(face_jpeg: Path) -> dict[str, bytes]:
         "palette.png": _save(im.convert("P", palette=Image.Palette.ADAPTIVE, colors=256), "PNG"),
         "alpha.png": _save(rgba, "PNG"),
         "really_a_png.jpg": _save(im, "PNG"),
+        "face.avif": _save(im, "AVIF", quality=90),
         'it\'s "quoted" <b>&amp;.jpg': face_jpeg.read_bytes(),
         "ünïcødé_名前.jpg": face_jpeg.read_bytes(),
         "<img src=x onerror=alert(1)>.jpg": face_jpeg.read_bytes(),

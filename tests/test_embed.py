@@ -90,6 +90,7 @@ def test_bad_files_become_rows_with_reasons(tmp_path, lfw_dir, ray_local, monkey
     assert reasons["bad/empty.jpg"] == "empty_file"
     assert reasons["bad/noface.png"] == "no_face"
     assert reasons["bad/page.png"] == "decode_error"
+    assert reasons["bad/phone.heic"] == "decode_error"  # listed (it was left out without a word)
     assert sum(result.manifest.failures_by_reason.values()) == len(bad)
     # a rerun with nothing to do counts the reasons from the markers: it reads no shard (it read
     # every shard holding a failure, i.e. nearly the whole collection at scale)
@@ -336,3 +337,18 @@ def test_det_size_is_checked_and_labels_the_collection(detector, aligned, det_si
         return
     cfg.validate()
     assert cfg.alignment("arcface112") == alignment
+
+
+def test_a_rerun_embeds_again_a_shard_cut_short_after_its_marker(tmp_path, lfw_dir, ray_local) -> None:
+    """A shard truncated after its completion marker was written (a full disk, a partial copy)
+    was trusted by the rerun, and the collection then failed its checksum at every read."""
+    src = tmp_path / "in"
+    _subset(lfw_dir, src, identities=2, per=2)
+    cfg = EmbedConfig(source=str(src), out=str(tmp_path / "out"), shard_size=2)
+    before = read_collection(embed_collection(cfg).out).embeddings
+    shard = tmp_path / "out" / "shards" / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    again = embed_collection(cfg)
+    assert (again.shards_written, again.shards_skipped) == (1, 1)
+    col = read_collection(again.out)  # checksums verified
+    np.testing.assert_array_equal(col.embeddings, before)

@@ -176,6 +176,17 @@ def test_a_detector_is_not_a_matcher(scrfd_model: Path) -> None:
         OnnxMatcher(model=str(scrfd_model)).check()
 
 
+def test_a_file_that_is_not_a_dlib_recogniser_is_refused_before_work(scrfd_model: Path, tmp_path: Path) -> None:
+    """An existing file of another kind (an .onnx, dlib's shape predictor) passed the check and
+    failed later in every matcher actor."""
+    DlibMatcher().check()  # the packaged model passes
+    for wrong in (scrfd_model, Path(DlibMatcher().model_path).with_name("shape_predictor_5_face_landmarks.dat")):
+        assert wrong.is_file()
+        with pytest.raises(ModelNotFoundError, match="is not a dlib face recognition model") as info:
+            make_matcher("dlib", model=str(wrong)).check()
+        assert str(wrong) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_model_root_pack_discovery(mbf_model: Path, scrfd_model: Path, tmp_path: Path) -> None:
     # InsightFace layout <root>/models/<pack>/*.onnx, holding a detector and a recogniser
     pack = tmp_path / "models" / "mypack"

@@ -178,6 +178,20 @@ def test_invalid_bucket_name_is_permanent(monkeypatch, caplog) -> None:
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
 
 
+def test_a_bucket_name_the_server_refuses_is_permanent(s3_server, monkeypatch, caplog) -> None:
+    """`s3://My_Bucket` passes botocore's own check; the server's InvalidBucketName was retried
+    for the whole retry budget as if the endpoint were down."""
+    monkeypatch.setenv("RAYLEAD_IO_RETRY_SECONDS", "30")
+    opts = S3Options(endpoint_url=s3_server.endpoint, access_key=s3_server.access_key, secret_key=s3_server.secret_key)
+    loc = Location.parse("s3://My_Bucket/out/a.json", opts)
+    with caplog.at_level("WARNING", logger="raylead.storage"):
+        with pytest.raises(ConfigError) as info:
+            loc.write_json({})
+    msg = str(info.value)
+    assert "InvalidBucketName" in msg and "fix the s3://BUCKET/PREFIX URI" in msg and "\n" not in msg, msg
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
 def test_endpoint_userinfo_is_scrubbed_from_reachability_errors() -> None:
     opts = S3Options(endpoint_url="http://minioadmin:Endpoint/Pw@123@127.0.0.1:9", access_key="a", secret_key="b")
     with pytest.raises(StorageError) as info:
