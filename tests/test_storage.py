@@ -184,9 +184,8 @@ def test_a_bucket_name_the_server_refuses_is_permanent(s3_server, monkeypatch, c
     monkeypatch.setenv("RAYLEAD_IO_RETRY_SECONDS", "30")
     opts = S3Options(endpoint_url=s3_server.endpoint, access_key=s3_server.access_key, secret_key=s3_server.secret_key)
     loc = Location.parse("s3://My_Bucket/out/a.json", opts)
-    with caplog.at_level("WARNING", logger="raylead.storage"):
-        with pytest.raises(ConfigError) as info:
-            loc.write_json({})
+    with caplog.at_level("WARNING", logger="raylead.storage"), pytest.raises(ConfigError) as info:
+        loc.write_json({})
     msg = str(info.value)
     assert "InvalidBucketName" in msg and "fix the s3://BUCKET/PREFIX URI" in msg and "\n" not in msg, msg
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
