@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from raylead import generators
 from raylead.catalog import parquet_from_bytes, table_to_parquet_bytes
-from raylead.errors import ConfigError, CorruptDataError, LeakageRegression, RayleadError
+from raylead.errors import ConfigError, CorruptDataError, LeakageRegression, RayleadError, StorageError
 from raylead.storage import Location, S3Options, retry_io
 
 log = logging.getLogger(__name__)
@@ -291,11 +291,7 @@ def read_history(loc: Location) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def _history_lock(loc: Location) -> Iterator[None]:
-    """Appends to a local history one at a time (an audit run beside the nightly pending one).
-    Object storage has no lock: there, one writer per history (the CronJob's Forbid policy)."""
-    if loc.is_s3:
-        yield
-        return
+    """Appends to a local history one at a time (an audit run beside the nightly pending one)."""
     import fcntl
 
     folder, name = os.path.split(loc.path)
@@ -309,21 +305,43 @@ def _history_lock(loc: Location) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def _with_row(loc: Location, table: pa.Table | None, row: dict[str, Any]) -> tuple[bytes, list[dict[str, Any]]]:
+    """The history file with ``row`` added, and its rows. Columns this version does not know (a
+    newer raylead's) are kept, null in the new row."""
+    schema = HISTORY_SCHEMA
+    if table is not None:
+        schema = pa.schema(list(HISTORY_SCHEMA) + [f for f in table.schema if f.name not in HISTORY_SCHEMA.names])
+    everything = [] if table is None else table.select(schema.names).to_pylist()
+    if any(r["checkpoint"] == row["checkpoint"] for r in everything):
+        raise ConfigError(f"checkpoint {row['checkpoint']} is already in the audit history {loc.uri}")
+    everything.append(row)
+    rows = [{k: r.get(k) for k in HISTORY_SCHEMA.names} for r in everything]
+    return table_to_parquet_bytes(pa.Table.from_pylist(everything, schema=schema)), rows
+
+
+HISTORY_WRITE_ATTEMPTS = 20
+
+
 def append_history(loc: Location, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Read, add, rewrite atomically (under a lock where storage has one); a row for a checkpoint
-    already present replaces nothing. Columns this version does not know (a newer raylead's) are
-    kept, null in the new row."""
-    with _history_lock(loc):
-        table = _read_table(loc)
-        schema = HISTORY_SCHEMA
-        if table is not None:
-            schema = pa.schema(list(HISTORY_SCHEMA) + [f for f in table.schema if f.name not in HISTORY_SCHEMA.names])
-        everything = [] if table is None else table.select(schema.names).to_pylist()
-        if any(r["checkpoint"] == row["checkpoint"] for r in everything):
-            raise ConfigError(f"checkpoint {row['checkpoint']} is already in the audit history {loc.uri}")
-        everything.append(row)
-        loc.write_bytes(table_to_parquet_bytes(pa.Table.from_pylist(everything, schema=schema)))
-    return [{k: r.get(k) for k in HISTORY_SCHEMA.names} for r in everything]
+    """Read, add, rewrite atomically, one writer at a time: locally under a lock file; on S3 by a
+    conditional PUT (If-Match the version read), read again when another writer got there first.
+    A row for a checkpoint already present replaces nothing."""
+    if not loc.is_s3:
+        with _history_lock(loc):
+            data, rows = _with_row(loc, _read_table(loc), row)
+            loc.write_bytes(data)
+        return rows
+    for attempt in range(HISTORY_WRITE_ATTEMPTS):
+        etag = loc.etag()  # before reading: a newer file than this version fails the PUT, never the reverse
+        data, rows = _with_row(loc, None if etag is None else _read_table(loc), row)
+        if loc.write_bytes_if(data, etag):
+            return rows
+        log.info("audit history %s was changed by another audit while appending; reading it again", loc.uri)
+        time.sleep(min(0.05 * 2**attempt, 2.0) * (0.5 + np.random.random()))
+    raise StorageError(
+        f"audit history {loc.uri} kept changing under {HISTORY_WRITE_ATTEMPTS} attempts to append "
+        f"{row['checkpoint']}: rerun this audit when the other audits writing it have finished"
+    )
 
 
 # a leak fraction is comparable only with one measured the same way: generator (and its options),

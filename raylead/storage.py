@@ -161,8 +161,11 @@ def _s3_error_code(exc: BaseException) -> str | None:
     return None
 
 
-def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
-    """Call ``fn`` with exponential backoff on transient I/O errors.
+def retry_io(
+    fn: Callable[[], T], what: str, budget_s: float | None = None, passthrough: frozenset[str] = frozenset()
+) -> T:
+    """Call ``fn`` with exponential backoff on transient I/O errors; the S3 error codes in
+    ``passthrough`` are raised at once, as they came.
 
     The total time spent retrying is bounded by ``budget_s`` (default
     ``RAYLEAD_IO_RETRY_SECONDS`` or 60 s); after that a :class:`StorageError` names what failed.
@@ -193,6 +196,8 @@ def retry_io(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
                     f"{scrub_userinfo(what)} failed: {_invalid_request(exc)}; fix the s3://BUCKET/PREFIX URI"
                 ) from None
             code = _s3_error_code(exc)
+            if code in passthrough:  # the caller handles these S3 answers
+                raise
             if code in _INVALID_URI_CODES:  # the server refused the name itself: it stays refused
                 raise ConfigError(
                     f"{scrub_userinfo(what)} failed: {code}: {_clean(exc)}; fix the s3://BUCKET/PREFIX URI"
@@ -466,6 +471,43 @@ class Location:
             retry_io(lambda: self.fs.pipe_file(self.path, data), f"writing {self.uri}")
             return
         self._write_local(lambda fh: fh.write(data))
+
+    def etag(self) -> str | None:
+        """S3 only: the object's current ETag (None when it does not exist), for
+        :meth:`write_bytes_if`."""
+        if not self.is_s3:
+            raise ValueError(f"etag() is for s3:// objects, not {self.uri}")
+
+        def _head() -> str | None:
+            try:
+                return str(self.fs.info(self.path, refresh=True)["ETag"])
+            except FileNotFoundError:
+                return None
+
+        return retry_io(_head, f"checking {self.uri}")
+
+    def write_bytes_if(self, data: bytes, etag: str | None) -> bool:
+        """S3 only: one PUT that lands only if the object is still the version ``etag`` names
+        (None: only if there is none yet). False when another writer changed it first: read it
+        again and retry. A server without conditional writes makes this a plain PUT."""
+        if not self.is_s3:
+            raise ValueError(f"write_bytes_if() is for s3:// objects, not {self.uri}")
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            retry_io(
+                lambda: self.fs.pipe_file(self.path, data, **condition),
+                f"writing {self.uri}",
+                passthrough=frozenset({"PreconditionFailed", "NotImplemented"}),
+            )
+        except OSError as exc:
+            code = _s3_error_code(exc)
+            if code == "PreconditionFailed":
+                return False
+            if code != "NotImplemented":
+                raise
+            log.warning("%s: the S3 server has no conditional writes; writing without", scrub_userinfo(self.uri))
+            self.write_bytes(data)
+        return True
 
     def write_file(self, local_path: str) -> None:
         """Publish the local file ``local_path`` here atomically, without holding it in memory:

@@ -323,6 +323,35 @@ def test_concurrent_appends_to_a_local_history_lose_no_row(tmp_path: Path) -> No
     assert sorted(r["checkpoint"] for r in read_history(Location.parse(path))) == [f"/c/{i}" for i in range(6)]
 
 
+def test_concurrent_appends_to_an_s3_history_lose_no_row(s3_server) -> None:
+    """The same race on object storage: each append is a PUT conditional on the version it read
+    (If-Match its ETag); the loser reads again. Without it 6 concurrent appends kept 1 row.
+    (The spawned writers inherit the server's AWS_* from the fixture.)"""
+    import multiprocessing
+
+    path = "s3://raylead/audit-race/history.parquet"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_one, args=(path, i)) for i in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 6
+    assert sorted(r["checkpoint"] for r in read_history(Location.parse(path))) == [f"/c/{i}" for i in range(6)]
+
+
+def test_an_s3_append_that_loses_the_race_reads_again(s3_server) -> None:
+    """Deterministic half of the race: a writer that read version A does not overwrite version B."""
+    loc = Location.parse("s3://raylead/audit-race/one.parquet")
+    assert loc.etag() is None
+    assert loc.write_bytes_if(b"A", None)
+    assert not loc.write_bytes_if(b"B", None)  # someone created it first
+    tag_a = loc.etag()
+    assert loc.write_bytes_if(b"B", tag_a)
+    assert not loc.write_bytes_if(b"C", tag_a)  # B landed since A was read
+    assert loc.read_bytes() == b"B"
+
+
 def test_config_validation() -> None:
     base = {"generator": "folder", "train_index": "/i", "out": "/o", "checkpoint": "/c", "threshold": 0.9}
     assert from_mapping(AuditConfig, base).mode == "run"
