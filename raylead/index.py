@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Sequence
@@ -229,6 +230,11 @@ class VectorSource:
     fingerprint: str
     description: str
 
+    @property
+    def embedded_with(self) -> tuple[str, str] | None:
+        """(matcher, version) of the embeddings, where known."""
+        return None
+
     def part(self, start: int, stop: int) -> RowsInput:
         raise NotImplementedError
 
@@ -277,6 +283,10 @@ class CollectionSource(VectorSource):
         self.shards: tuple[ShardInfo, ...] = () if self.manifest is None else tuple(self.manifest.shards)
         # starts[i]: ok-row number of shard i's first ok row; starts[-1] == n
         self.starts = np.concatenate([[0], np.cumsum([s.ok for s in self.shards])]).astype(np.int64)
+
+    @property
+    def embedded_with(self) -> tuple[str, str] | None:
+        return None if self.manifest is None else (self.manifest.matcher, self.manifest.matcher_version)
 
     def _rows(self, first: int, last: int, start: int, stop: int, select: np.ndarray | None) -> CollectionRows:
         shards = self.shards[first:last]
@@ -410,6 +420,8 @@ class IndexManifest:
     build_seconds: float
     created: float
     metric: str = "inner_product"
+    # the collection's matcher and version (None: built from arrays, or before this was recorded)
+    embedded_with: tuple[str, str] | None = None
 
     @property
     def resident_bytes(self) -> int:
@@ -431,6 +443,7 @@ class IndexManifest:
             "resident_bytes": self.resident_bytes,
             "build_seconds": self.build_seconds,
             "created": self.created,
+            **({} if self.embedded_with is None else {"embedded_with": list(self.embedded_with)}),
         }
 
     @classmethod
@@ -455,12 +468,39 @@ class IndexManifest:
                 build_seconds=float(d.get("build_seconds", 0.0)),
                 created=float(d.get("created", 0.0)),
                 metric=str(d.get("metric", "inner_product")),
+                embedded_with=_pair(d.get("embedded_with")),
             )
         except (KeyError, TypeError, ValueError, OverflowError, ConfigError) as exc:
             raise CorruptDataError(f"{where} is malformed ({exc!r}); rebuild the index") from None
         if m.vector_dtype not in ("float16", "float32") or sum(s.rows for s in m.shards) != m.ntotal:
             raise CorruptDataError(f"{where} is inconsistent (dtype or row counts); rebuild the index")
+        starts = np.cumsum([0] + [s.rows for s in m.shards])[:-1]
+        if any(s.shard != i or s.row_start != int(a) for i, (s, a) in enumerate(zip(m.shards, starts, strict=True))):
+            # target ids are mapped by global row: shards out of order would name the wrong images
+            raise CorruptDataError(
+                f"{where} lists its shards out of order (shard numbers or row starts); rebuild the index"
+            )
         return m
+
+
+def _pair(value: Any) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise ValueError(f"embedded_with must be [matcher, version], got {value!r}")
+    return (value[0], value[1])
+
+
+def check_embedded_with(manifest: IndexManifest, where: str, matcher: str, version: str, what: str) -> None:
+    """Refuse scoring ``what`` (embedded with ``matcher`` ``version``) against an index of another
+    matcher's embeddings: cosines across two matchers mean nothing (same-size ones give scores
+    near zero, read as "no leak"). Indexes that do not record it pass."""
+    if manifest.embedded_with is not None and manifest.embedded_with != (matcher, version):
+        theirs = " ".join(manifest.embedded_with)
+        raise ConfigError(
+            f"the index {where} holds {theirs} embeddings but {what} are {matcher} {version}: scores "
+            "across matchers mean nothing; use an index built from a collection of the same matcher"
+        )
 
 
 def read_index_manifest(root: Location) -> IndexManifest:
@@ -483,8 +523,8 @@ def read_checked(loc: Location, entry: FileEntry) -> bytes:
     data = loc.read_bytes()
     if len(data) != entry.bytes or sha256_bytes(data) != entry.sha256:
         raise CorruptDataError(
-            f"{loc.uri} failed its checksum (truncated or corrupted); rerun `raylead index build` with the "
-            "same arguments after deleting it and its shard's .done.json marker"
+            f"{loc.uri} failed its checksum (truncated or corrupted): delete it, then rerun `raylead index "
+            "build` with the same arguments (it rebuilds the shards whose files are missing)"
         )
     return data
 
@@ -752,15 +792,24 @@ def build_index(
     fp = build_fingerprint(source.fingerprint, plan, config, n, dim)
     log.info("index plan: %s — %s", plan.factory, plan.reason)
 
+    src_root = getattr(source, "root", None)
+    if isinstance(src_root, Location) and (root.contains(src_root) or src_root.contains(root)):
+        raise ConfigError(
+            f"--out {root.uri} and the embeddings {src_root.uri} share a folder (an --overwrite or a "
+            "rebuild would delete the collection's files): choose an --out outside the collection"
+        )
     if root.child(INDEX_MANIFEST).exists() and not config.overwrite:
         existing = read_index_manifest(root)
-        if existing.fingerprint == fp:
+        if existing.fingerprint != fp:
+            raise ConfigError(
+                f"{root.uri} already holds an index of other inputs or settings: "
+                "choose another --out or pass --overwrite"
+            )
+        missing = _missing_files(root, existing)
+        if not missing:
             log.info("%s is already a finished index of these inputs; nothing to do", root.uri)
             return existing
-        raise ConfigError(
-            f"{root.uri} already holds an index of other inputs or settings: "
-            "choose another --out or pass --overwrite"
-        )
+        log.warning("%s: %s missing or cut short; rebuilding what needs it", root.uri, ", ".join(missing[:3]))
     build_loc = root.child(BUILD_FILE)
     if build_loc.exists() and not config.overwrite:
         prev = build_loc.read_json()
@@ -776,8 +825,8 @@ def build_index(
                 f"--overwrite refused: {root.uri} does not look like a raylead index folder; "
                 "give a new or index --out folder"
             )
-        log.info("--overwrite: removing %s", root.uri)
-        root.remove()
+        log.info("--overwrite: removing the index files in %s", root.uri)
+        _remove_index_files(root)
     root.check_reachable(write=True)
     build_loc.write_json(
         {
@@ -819,6 +868,7 @@ def build_index(
         shards=tuple(entries[s] for s in range(len(ranges))),
         build_seconds=round(time.monotonic() - t0, 3),
         created=time.time(),
+        embedded_with=source.embedded_with,
     )
     root.child(INDEX_MANIFEST).write_json(manifest.to_json())
     log.info(
@@ -830,6 +880,28 @@ def build_index(
         manifest.build_seconds,
     )
     return manifest
+
+
+def _missing_files(root: Location, manifest: IndexManifest) -> list[str]:
+    """The manifest's files that are absent or not their recorded size (one stat each; a
+    same-size corruption is caught by the readers' checksums)."""
+    missing = []
+    for entry in (manifest.trained, *(f for s in manifest.shards for f in s.files())):
+        loc = root.child(entry.path)
+        try:
+            if loc.size() != entry.bytes:
+                missing.append(entry.path)
+        except (FileNotFoundError, IsADirectoryError):
+            missing.append(entry.path)
+    return missing
+
+
+def _remove_index_files(root: Location) -> None:
+    """What an index build writes, and nothing else of the folder."""
+    ours = re.compile(r"(build\.json|index\.json|trained\.(faissindex|done\.json)|shards/shard-\d+\.[a-z.]+)")
+    for rel in root.list_files():
+        if ours.fullmatch(rel):
+            root.child(rel).remove()
 
 
 def _trained(
@@ -845,8 +917,8 @@ def _trained(
                 data = read_checked(loc, entry)
                 log.info("reusing the trained index %s", loc.uri)
                 return data, entry
-        except (CorruptDataError, KeyError, TypeError, ValueError):
-            log.warning("trained index marker or file is damaged; training again")
+        except (CorruptDataError, OSError, KeyError, TypeError, ValueError):
+            log.warning("trained index marker or file is damaged or missing; training again")
     rows = sample_rows(source.n, plan.train_size, config.seed)
     sample = _load_sample(source.sample_parts(rows), config)
     t = time.monotonic()

@@ -39,6 +39,7 @@ from raylead.index import (
     MemoryIndex,
     ShardEntry,
     build_memory_index,
+    check_embedded_with,
     file_matches,
     read_checked,
     read_ids,
@@ -1346,6 +1347,8 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     idx = open_index(job.location(job.index))
     if q.n:
         exact_mod.check_same_dim(q.dim, idx.manifest.dim, "the index")
+    if (qm := source.manifest) is not None:
+        check_embedded_with(idx.manifest, job.index, qm.matcher, qm.matcher_version, f"the queries {job.queries}")
     fp = _job_fingerprint(job, source.fingerprint, idx.manifest_sha256)
     done_summary = _finished_summary(out, fp)
     if done_summary is not None:

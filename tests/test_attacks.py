@@ -1026,3 +1026,27 @@ def test_attack_job_refuses_bad_options_before_any_work(
         with pytest.raises(ConfigError, match="attack idiap: report must name an .html file"):
             module.prepare(module.AttackJob(**module.from_yaml({"attack": "idiap", **{
                 k: no_work[r] for k, r in (("train", "T"), ("synthetic", "S"), ("out", "out"))}, **opts})))
+
+
+def test_an_index_of_another_matchers_embeddings_is_refused(tmp_path: Path, small_sets, write_collection) -> None:
+    """The same training images embedded by another matcher of the same size: the ids matched,
+    so idiap scored dlib synthetic vectors against onnx training vectors and reported "0.0 %"
+    (and `raylead search` gave 2 of 80 self-matches). The index records its matcher now."""
+    from raylead.index import IndexBuildConfig, build_index, source_from_collection
+    from raylead.search import SearchConfig, SearchJob, run_search
+
+    t, lab, _ = clustered(20, 4, seed=60, noise=0.5)  # an index needs >= 64 vectors
+    ids, people = [f"p{i}/{j}.jpg" for j, i in enumerate(lab)], [f"p{i}" for i in lab]
+    train = write_collection(tmp_path / "T", ids, people, t)
+    other = write_collection(tmp_path / "T-onnx", ids, people, t, matcher="onnx", version="m.onnx@1")
+    index = str(tmp_path / "idx")
+    m = build_index(source_from_collection(other), index, IndexBuildConfig(executor="local"))
+    assert m.embedded_with == ("onnx", "m.onnx@1")
+    common = {"train": train, "synthetic": small_sets["synthetic"], "threshold": 0.8}
+    with pytest.raises(ConfigError, match="holds onnx m.onnx@1 embeddings but the training set .* dlib test"):
+        run_idiap(IdiapConfig(out=str(tmp_path / "o"), train_index=index, **common))
+    with pytest.raises(ConfigError, match="holds onnx m.onnx@1 embeddings but the queries .* dlib test"):
+        run_search(SearchJob(train, index, str(tmp_path / "s"), SearchConfig(k=3), use_ray=False))
+    # the matching index passes
+    build_index(source_from_collection(train), str(tmp_path / "idx2"), IndexBuildConfig(executor="local"))
+    run_idiap(IdiapConfig(out=str(tmp_path / "ok"), train_index=str(tmp_path / "idx2"), **common))

@@ -293,3 +293,19 @@ def test_calibrate_config_checks_seed_and_pairs() -> None:
 def test_read_calibration_of_a_folder_is_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cannot be read .*give the JSON file"):
         read_calibration(str(tmp_path))
+
+
+@pytest.mark.parametrize("threshold", ["NaN", "7.5", "-3", "Infinity"])
+def test_a_calibration_threshold_that_is_not_a_cosine_is_refused(tmp_path, threshold) -> None:
+    """An edited or damaged file's NaN / 7.5 read as "0 % leak" and -3 as 100 %, exit 0."""
+    from raylead.attacks.calibrate import CALIBRATION_KIND
+    from raylead.errors import CorruptDataError
+
+    good = {"kind": CALIBRATION_KIND, "threshold": 0.5, "fmr_target": 0.01, "impostor_pairs": 10,
+            "matcher": {"name": "dlib"}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(good))
+    assert read_calibration(str(path))["threshold"] == 0.5
+    path.write_text(json.dumps(good).replace("0.5", threshold))
+    with pytest.raises(CorruptDataError, match="not a cosine in \\[-1, 1\\]; rerun `raylead calibrate`"):
+        read_calibration(str(path))

@@ -93,12 +93,13 @@ def test_other_inputs_refused_then_overwritten(small_indexes, clustered_small, t
         build_index(
             source_from_arrays(clustered_small.base[:3000]), str(root), IndexBuildConfig(executor="local")
         )
+    (root / "notes.txt").write_text("mine")  # --overwrite removes the index's files, not the folder
     m = build_index(
         source_from_arrays(clustered_small.base[:3000]),
         str(root),
         IndexBuildConfig(executor="local", overwrite=True),
     )
-    assert m.ntotal == 3000
+    assert m.ntotal == 3000 and (root / "notes.txt").read_text() == "mine"
     plain = tmp_path / "not-an-index"
     plain.mkdir()
     (plain / "precious.txt").write_text("keep me")
@@ -198,6 +199,48 @@ def test_corrupt_shard_is_detected_and_rebuilt(clustered_small, tmp_path):
     assert (root / m.shards[0].index.path).stat().st_mtime_ns == good
     assert m2.shards[1].vectors.sha256 == m.shards[1].vectors.sha256
     IndexSearcher(str(root), use_ray=False).close()
+
+
+def test_a_missing_index_file_is_rebuilt_by_the_same_command(clustered_small, tmp_path):
+    """`index build` with the same arguments said "nothing to do" over a deleted shard file (what
+    the readers' checksum error advises), and the next search crashed on the missing file."""
+    root = tmp_path / "idx"
+    source = source_from_arrays(clustered_small.base[:4000])
+    cfg = IndexBuildConfig(shards=2, executor="local")
+    m = build_index(source, str(root), cfg)
+    (root / m.shards[1].index.path).unlink()
+    good = (root / m.shards[0].index.path).stat().st_mtime_ns
+    m2 = build_index(source, str(root), cfg)
+    assert (root / m.shards[0].index.path).stat().st_mtime_ns == good  # only the damaged shard
+    assert m2.shards[1].index.sha256 == m.shards[1].index.sha256
+    IndexSearcher(str(root), use_ray=False).close()
+
+
+def test_shards_listed_out_of_order_are_refused(small_indexes, tmp_path):
+    """Target ids are mapped by global row: a manifest whose shard list was reordered gave
+    scores under the wrong target images."""
+    d = json.loads(Path(small_indexes[4], INDEX_MANIFEST).read_text())
+    d["shards"][0], d["shards"][1] = d["shards"][1], d["shards"][0]
+    root = tmp_path / "copy"
+    root.mkdir()
+    (root / INDEX_MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(CorruptDataError, match="out of order"):
+        open_index(str(root))
+
+
+def test_an_index_never_shares_a_folder_with_its_collection(write_collection, clustered_small, tmp_path):
+    """`index build C --out C` wrote the index beside the collection, and `--overwrite` then
+    deleted the collection (manifest and shards) with it."""
+    from raylead.catalog import read_collection
+
+    emb = clustered_small.base[:500]
+    coll = write_collection(tmp_path / "coll", [f"{i}.jpg" for i in range(500)], [None] * 500, emb)
+    source = source_from_collection(coll)
+    for out in (Path(coll), Path(coll) / "index", tmp_path):
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match="outside the collection"):
+                build_index(source, str(out), IndexBuildConfig(executor="local", overwrite=overwrite))
+    np.testing.assert_array_equal(read_collection(coll).embeddings, emb)
 
 
 def test_manifest_tampering_is_refused(small_indexes, tmp_path):

@@ -332,6 +332,26 @@ def test_long_lists_are_capped_and_counted(hostile: Path, tmp_path: Path) -> Non
     assert doc.count('class="card') == 2 + 2 + 4  # + webster's one flagged identity's 4 samples
 
 
+def test_a_table_that_is_not_the_one_its_metrics_name_is_refused(hostile: Path, tmp_path: Path) -> None:
+    """A pairs.parquet copied in from another run was shown under this run's headline figures,
+    and a deleted one gave "the top 0 pairs" without a word: tables are checked against the
+    checksums metrics.json records."""
+    import shutil
+
+    from raylead.errors import CorruptDataError
+
+    idiap = tmp_path / "idiap"
+    shutil.copytree(hostile / "idiap", idiap)
+    assert json.loads((idiap / "metrics.json").read_text())["checksums"].keys() >= {"pairs.parquet"}
+    build_report(ReportConfig(results=str(idiap), out=str(tmp_path / "ok.html")))
+    (idiap / "pairs.parquet").write_bytes((hostile / "webster" / "counts.parquet").read_bytes())
+    with pytest.raises(CorruptDataError, match="pairs.parquet is not the table its metrics.json was written with"):
+        build_report(ReportConfig(results=str(idiap), out=str(tmp_path / "r.html")))
+    (idiap / "pairs.parquet").unlink()
+    with pytest.raises(CorruptDataError, match="pairs.parquet is missing .*rerun the attack"):
+        build_report(ReportConfig(results=str(idiap), out=str(tmp_path / "r.html")))
+
+
 def test_results_dir_without_metrics_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(ConfigError, match="no metrics.json"):

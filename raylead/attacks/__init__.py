@@ -708,12 +708,16 @@ def check_index_file(uri: str, s3: S3Options | None, flag: str = "--train-index"
 
 
 def check_index_of(index: str | Location, train: EmbeddedSet, source: str) -> None:
-    """Refuse an index that was not built from the training collection ``source`` (other rows)."""
+    """Refuse an index that was not built from the training collection ``source`` (other rows,
+    or another matcher's vectors of the same rows)."""
     import pyarrow as pa
 
+    from raylead.index import check_embedded_with
     from raylead.search import open_index
 
-    if not open_index(index).target_id_array().equals(pa.array(train.ids, pa.large_string())):
+    opened = open_index(index)
+    check_embedded_with(opened.manifest, str(index), train.matcher, train.matcher_version, f"the training set {source}")
+    if not opened.target_id_array().equals(pa.array(train.ids, pa.large_string())):
         raise ConfigError(
             f"index {index} was not built from the training collection {source} "
             "(its rows differ); build it with `raylead index build` on that collection"
@@ -880,6 +884,7 @@ class ResultWriter:
     def __init__(self, out: Location) -> None:
         self.out = out
         self.files: dict[str, str] = {}
+        self.checksums: dict[str, str] = {}  # the report refuses tables that are not these
         self._stale_removed = False
 
     def _remove_stale_metrics(self) -> None:
@@ -901,12 +906,15 @@ class ResultWriter:
         table = pa.table(arrays)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        self.out.child(name).write_bytes(buf.getvalue())
+        data = buf.getvalue()
+        self.out.child(name).write_bytes(data)
         self.files[name] = description or f"{table.num_rows} rows: {', '.join(table.column_names)}"
+        self.checksums[name] = hashlib.sha256(data).hexdigest()
 
     def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         metrics = dict(metrics)
         metrics["files"] = dict(sorted(self.files.items()))
+        metrics["checksums"] = dict(sorted(self.checksums.items()))
         metrics.setdefault("created", time.time())
         self.out.child(METRICS_FILE).write_json(_jsonable(metrics))
         return metrics

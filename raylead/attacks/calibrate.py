@@ -327,7 +327,7 @@ def read_calibration(uri: str, s3: S3Options | None = None) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("kind") != CALIBRATION_KIND:
         raise ConfigError(f"{loc.uri} is not a raylead calibration file (written by `raylead calibrate`)")
     try:
-        float(data["threshold"])
+        threshold = float(data["threshold"])
         float(data["fmr_target"])
         int(data["impostor_pairs"])
         str(data["matcher"]["name"])
@@ -335,6 +335,11 @@ def read_calibration(uri: str, s3: S3Options | None = None) -> dict[str, Any]:
         raise CorruptDataError(
             f"calibration file {loc.uri} is malformed ({exc!r}); rerun `raylead calibrate`"
         ) from None
+    if not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):  # NaN read as "0 % leak", -3 as 100 %
+        raise CorruptDataError(
+            f"calibration file {loc.uri} has threshold {threshold!r}, not a cosine in [-1, 1]; "
+            "rerun `raylead calibrate`"
+        )
     return data
 
 

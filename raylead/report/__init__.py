@@ -157,16 +157,30 @@ def find_results(results: Location) -> list[AttackResult]:
 
 
 def _arrow(loc: Location, name: str) -> Any:
-    """A result table as a pyarrow Table (``None`` when the attack did not write it)."""
+    """A result table as a pyarrow Table (``None`` when the attack did not write it). Results that
+    record their tables' checksums get exactly those tables: a missing one, or one from another
+    run or damaged, is refused (the page would show other evidence than its figures)."""
     import pyarrow as pa
 
-    from raylead.catalog import parquet_from_bytes
+    from raylead.catalog import parquet_from_bytes, sha256_bytes
 
     f = loc.child(name)
+    sums = _read_metrics(loc).get("checksums")
+    want = sums.get(name) if isinstance(sums, dict) else None
+    if want is None and isinstance(sums, dict):
+        return None  # this run did not write it (a file by that name is another run's)
     if not f.exists():
-        return None
+        if want is None:
+            return None
+        raise CorruptDataError(f"{f.uri} is missing (its {METRICS_FILE} lists it); rerun the attack")
     try:
-        return parquet_from_bytes(f.read_bytes())
+        data = f.read_bytes()
+        if want is not None and sha256_bytes(data) != want:
+            raise CorruptDataError(
+                f"{f.uri} is not the table its {METRICS_FILE} was written with (another run's, or damaged); "
+                "rerun the attack"
+            )
+        return parquet_from_bytes(data)
     except (pa.ArrowInvalid, OSError) as exc:
         raise CorruptDataError(
             f"{f.uri} is not a readable Parquet table ({str(exc)[:100]}); rerun the attack"
