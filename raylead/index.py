@@ -520,7 +520,13 @@ def read_index_manifest_and_sha256(root: Location) -> tuple[IndexManifest, str]:
 
 
 def read_checked(loc: Location, entry: FileEntry) -> bytes:
-    data = loc.read_bytes()
+    try:
+        data = loc.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise CorruptDataError(
+            f"{loc.uri} is missing (the index manifest lists it): rerun `raylead index build` with the same "
+            "arguments (it rebuilds the shards whose files are missing)"
+        ) from None
     if len(data) != entry.bytes or sha256_bytes(data) != entry.sha256:
         raise CorruptDataError(
             f"{loc.uri} failed its checksum (truncated or corrupted): delete it, then rerun `raylead index "

@@ -1251,7 +1251,7 @@ def _finished_part(out: Location, n: int, fp: str, rng: tuple[int, int]) -> dict
         if d.get("path") != path or list(d.get("queries", ())) != list(rng):
             return None
         data = out.child(path).read_bytes()
-    except (CorruptDataError, FileNotFoundError):
+    except (CorruptDataError, OSError):  # gone, or not a file: search that block again
         return None
     if len(data) != d.get("bytes") or sha256_bytes(data) != d.get("sha256"):
         log.warning("%s failed its checksum; searching that query block again", out.child(path).uri)

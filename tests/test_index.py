@@ -209,6 +209,8 @@ def test_a_missing_index_file_is_rebuilt_by_the_same_command(clustered_small, tm
     cfg = IndexBuildConfig(shards=2, executor="local")
     m = build_index(source, str(root), cfg)
     (root / m.shards[1].index.path).unlink()
+    with pytest.raises(CorruptDataError, match="is missing .*rerun `raylead index build` with the same arguments"):
+        IndexSearcher(str(root), use_ray=False)  # was a FileNotFoundError traceback
     good = (root / m.shards[0].index.path).stat().st_mtime_ns
     m2 = build_index(source, str(root), cfg)
     assert (root / m.shards[0].index.path).stat().st_mtime_ns == good  # only the damaged shard
