@@ -264,6 +264,12 @@ HISTORY_SCHEMA = pa.schema(
     ]
 )
 ADDED_COLUMNS = ("triage", "alignment", "det_score_floor", "generator_options")  # null in older histories
+# set in every row an audit writes, and needed to read one back (the key, its order, the θ it is compared by)
+HISTORY_REQUIRED = ("checkpoint", "checkpoint_name", "threshold")
+DAMAGED_HISTORY = (
+    "the history was edited or damaged: restore it from a backup, or remove the bad rows "
+    "(their checkpoints are audited again by the next `raylead audit pending`)"
+)
 
 
 def _read_table(loc: Location) -> pa.Table | None:
@@ -280,6 +286,23 @@ def _read_table(loc: Location) -> pa.Table | None:
     missing = set(HISTORY_SCHEMA.names) - set(table.column_names)
     if missing:
         raise CorruptDataError(f"audit history {loc.uri} lacks columns {sorted(missing)}; is it an audit history?")
+    for column in HISTORY_SCHEMA:  # this version's columns as it writes them (a newer raylead's kept as they are)
+        i = table.schema.get_field_index(column.name)
+        if i < 0:
+            raise CorruptDataError(f"audit history {loc.uri} holds the column {column.name!r} twice; {DAMAGED_HISTORY}")
+        if table.schema.field(i).type != column.type:
+            try:
+                table = table.set_column(i, column, table.column(i).cast(column.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                raise CorruptDataError(
+                    f"audit history {loc.uri}: column {column.name!r} holds {table.schema.field(i).type} values, "
+                    f"not {column.type}; {DAMAGED_HISTORY}"
+                ) from None
+        if column.name in HISTORY_REQUIRED and table.column(i).null_count:
+            raise CorruptDataError(
+                f"audit history {loc.uri}: column {column.name!r} is empty (null) in "
+                f"{table.column(i).null_count} row(s); {DAMAGED_HISTORY}"
+            )
     return table
 
 
@@ -550,6 +573,7 @@ def prepare(cfg: AuditConfig) -> Prepared:
     """Check the config, the index, the matcher, the threshold and the output before any work."""
     from raylead import catalog
     from raylead.attacks import MatcherSpec, resolve_threshold
+    from raylead.index import check_embedded_with
     from raylead.matchers import make_matcher
     from raylead.search import open_index
 
@@ -566,7 +590,8 @@ def prepare(cfg: AuditConfig) -> Prepared:
             f"matcher {spec.name} gives {matcher.dim}-d embeddings but the index {index_loc.uri} holds "
             f"{index.manifest.dim}-d ones: use the matcher the training set was embedded with"
         )
-    src = index.manifest.source
+    check_embedded_with(index.manifest, index_loc.uri, spec.name, str(matcher.version), "the audit's samples")
+    src = index.manifest.source  # indexes built before they recorded their matcher: ask the collection
     try:
         src_loc = cfg.loc(src) if src else None
         coll = catalog.read_manifest(src_loc) if src_loc is not None and catalog.is_collection(src_loc) else None

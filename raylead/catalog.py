@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raylead.errors import ConfigError, CorruptDataError
+from raylead.errors import ConfigError, CorruptDataError, PathEscapeError
 from raylead.storage import Location, safe_relpath
 
 MANIFEST = "manifest.json"
@@ -117,7 +117,17 @@ def parquet_from_bytes(data: bytes) -> pa.Table:
 
 
 def read_parquet_checked(loc: Location, expected_sha256: str | None) -> pa.Table:
-    data = loc.read_bytes()
+    try:
+        data = loc.read_bytes()
+    except FileNotFoundError:
+        raise CorruptDataError(
+            f"{loc.uri} is missing though its manifest lists it; rerun the command that wrote it to rebuild it"
+        ) from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise CorruptDataError(
+            f"{loc.uri} is a folder or lies under a file, not a Parquet file; remove it and rerun the command "
+            "that wrote it to rebuild it"
+        ) from None
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
         raise CorruptDataError(
             f"{loc.uri} failed its checksum (truncated or corrupted); delete it and its .done.json "
@@ -144,7 +154,8 @@ class ShardInfo:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ShardInfo:
+    def from_json(cls, d: dict[str, Any], where: str = "manifest") -> ShardInfo:
+        """A shard entry of the manifest (or marker) ``where``."""
         try:
             return cls(
                 path=safe_relpath(str(d["path"])),
@@ -154,8 +165,10 @@ class ShardInfo:
                 sha256=str(d["sha256"]),
                 input_fingerprint=str(d.get("input_fingerprint", "")),
             )
+        except PathEscapeError as exc:
+            raise CorruptDataError(f"{where} is damaged: its shard {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-            raise CorruptDataError(f"malformed shard entry in manifest: {exc!r}") from None
+            raise CorruptDataError(f"malformed shard entry in {where}: {exc!r}") from None
 
 
 @dataclass
@@ -202,18 +215,25 @@ class CollectionManifest:
             raise CorruptDataError(f"{where} is not a raylead collection manifest")
         try:
             m = d["matcher"]
-            return cls(
+            manifest = cls(
                 source=str(d.get("source", "")),
                 matcher=str(m["name"]),
                 matcher_version=str(m.get("version", "")),
                 dim=int(m["dim"]),
                 alignment=str(d.get("alignment", "")),
-                shards=[ShardInfo.from_json(s) for s in d["shards"]],
+                shards=[ShardInfo.from_json(s, where) for s in d["shards"]],
                 failures_by_reason={str(k): int(v) for k, v in d.get("failures_by_reason", {}).items()},
                 created=float(d.get("created", 0.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CorruptDataError(f"{where} is malformed ({exc!r}); rebuild the collection") from None
+        twice = [p for p, n in Counter(s.path for s in manifest.shards).items() if n > 1]
+        if twice:
+            raise CorruptDataError(
+                f"{where} lists the shard {twice[0]} more than once; it is damaged: rebuild the collection "
+                "with `raylead embed`"
+            )
+        return manifest
 
 
 def write_manifest(root: Location, manifest: CollectionManifest) -> None:
@@ -285,7 +305,29 @@ def _ok_index(statuses: list[str]) -> np.ndarray:
     return np.flatnonzero(np.array([s == STATUS_OK for s in statuses], dtype=bool)).astype(np.int64)
 
 
+def check_shard_dim(table: pa.Table, dim: int, shard: str, manifest: str) -> None:
+    """Refuse a shard whose embeddings (their fixed width, and the ``raylead.dim`` of its schema
+    metadata when present) are not the ``dim`` wide its manifest says."""
+    kind = table.schema.field("embedding").type if "embedding" in table.column_names else None
+    width = kind.list_size if isinstance(kind, pa.FixedSizeListType) else None
+    meta = (table.schema.metadata or {}).get(b"raylead.dim")
+    if width != dim or (meta is not None and meta != str(dim).encode()):
+        held = f"{width}-wide embeddings" if width is not None else f"no fixed-width embeddings ({kind})"
+        if meta is not None and meta != str(width).encode():
+            held += f" (its schema metadata says raylead.dim {meta.decode('utf-8', 'replace')})"
+        raise CorruptDataError(
+            f"{shard} holds {held} but {manifest} says dim {dim}: the manifest was edited or the shard is "
+            "not this collection's; rebuild the collection with `raylead embed`"
+        )
+
+
 def _embeddings_at(table: pa.Table, rows: np.ndarray, dim: int) -> np.ndarray:
+    kind = table.schema.field("embedding").type
+    if not isinstance(kind, pa.FixedSizeListType) or kind.list_size != dim:
+        raise CorruptDataError(
+            f"a shard holds embeddings of type {kind} where its collection manifest says dim {dim}; "
+            "rebuild the collection with `raylead embed`"
+        )
     if not table.num_rows or not len(rows):
         return np.zeros((0, dim), np.float32)
     col = table.column("embedding").combine_chunks().take(pa.array(rows))
@@ -323,11 +365,21 @@ def read_collection(uri: str | Location, *, vectors: bool = True) -> Collection:
     read), for a side whose vectors a persisted index serves."""
     root = uri if isinstance(uri, Location) else Location.parse(uri)
     manifest = read_manifest(root)
+    where = root.child(MANIFEST).uri
     tables = []
     for s in manifest.shards:
-        table = read_parquet_checked(root.child(s.path), s.sha256)
+        loc = root.child(s.path)
+        table = read_parquet_checked(loc, s.sha256)
+        check_shard_dim(table, manifest.dim, loc.uri, where)
         tables.append(table if vectors else table.drop_columns(["embedding"]))
-    return tables_to_collection(manifest, tables, vectors)
+    coll = tables_to_collection(manifest, tables, vectors)
+    if len(set(coll.image_ids)) != len(coll.image_ids):
+        twice = next(i for i, n in Counter(coll.image_ids).items() if n > 1)
+        raise CorruptDataError(
+            f"{where} lists shards that hold the image {twice!r} more than once; it is damaged: rebuild "
+            "the collection with `raylead embed`"
+        )
+    return coll
 
 
 def new_manifest(

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from raylead.errors import ConfigError, PathEscapeError, StorageError
+from raylead.errors import ConfigError, CorruptDataError, PathEscapeError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,19 @@ def _walk_files(root: str) -> list[str]:
     return out
 
 
+class NotAFileError(CorruptDataError, OSError):
+    """A file that raylead wrote (a manifest, a marker, metrics) is a folder now, or lies under a
+    file: damaged output (exit 4). Also an OSError, as the IsADirectoryError it replaces was, for
+    the callers that catch that when reading a path the user gave."""
+
+    def __init__(self, message: str, strerror: str | None = None) -> None:
+        super().__init__(message)
+        self.strerror = strerror
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass(frozen=True)
 class Location:
     """A folder or file in local storage or an S3-compatible object store."""
@@ -448,15 +461,24 @@ class Location:
 
     def read_json_and_sha256(self) -> tuple[Any, str]:
         """The JSON value and the SHA-256 (hex) of the bytes it was parsed from: one read, so the
-        digest always describes the value (a manifest rewritten between two reads cannot split them)."""
-        data = self.read_bytes()
+        digest always describes the value (a manifest rewritten between two reads cannot split them).
+
+        A folder where the file should be is a :class:`NotAFileError` (a CorruptDataError, and
+        still the OSError that a caller reading a path it was given catches)."""
+        try:
+            data = self.read_bytes()
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            what = "is a folder" if isinstance(exc, IsADirectoryError) else "lies under a file, not a folder"
+            raise NotAFileError(
+                f"{self.uri} {what}, not a JSON file: it is damaged; remove it and rerun the step that wrote it",
+                exc.strerror,
+            ) from None
         try:
             return json.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            from raylead.errors import CorruptDataError
-
             raise CorruptDataError(
-                f"{self.uri} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+                f"{self.uri} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); it is damaged: "
+                "rerun the step that wrote it"
             ) from None
 
     # -- writes ---------------------------------------------------------------------------

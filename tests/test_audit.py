@@ -283,12 +283,46 @@ def test_history_keeps_columns_it_does_not_know(tmp_path: Path) -> None:
 
     loc = Location.parse(str(tmp_path / "history.parquet"))
     schema = pa.schema(list(HISTORY_SCHEMA) + [pa.field("future", pa.string())])
-    first = {n: None for n in HISTORY_SCHEMA.names} | {"checkpoint": "/c/1", "checkpoint_name": "1", "future": "x"}
+    first = {n: None for n in HISTORY_SCHEMA.names} | {
+        "checkpoint": "/c/1", "checkpoint_name": "1", "threshold": 0.9, "future": "x"
+    }
     loc.write_bytes(table_to_parquet_bytes(pa.Table.from_pylist([first], schema=schema)))
     rows = append_history(loc, first | {"checkpoint": "/c/2", "checkpoint_name": "2", "future": None})
     assert [r["checkpoint"] for r in rows] == ["/c/1", "/c/2"] and "future" not in rows[0]
     table = parquet_from_bytes(loc.read_bytes())
     assert table.column("future").to_pylist() == ["x", None]
+
+
+def test_history_values_of_the_wrong_type_or_null_are_one_line_errors(tmp_path: Path) -> None:
+    """A history edited by hand: a null threshold made `audit history` (and `audit run`, after all
+    its sampling) raise TypeError; a leak fraction stored as text did too."""
+    import pyarrow as pa
+
+    from raylead.catalog import table_to_parquet_bytes
+    from raylead.errors import CorruptDataError
+
+    base = {n: None for n in HISTORY_SCHEMA.names} | {"threshold": 0.9, "leak_fraction": 0.5, "verdict": "first"}
+    rows = [base | {"checkpoint": f"/c/{i}", "checkpoint_name": f"ckpt-{i}"} for i in (1, 2)]
+    loc = Location.parse(str(tmp_path / "history.parquet"))
+
+    def write(column: str, values: pa.Array) -> None:
+        table = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
+        table = table.set_column(table.schema.get_field_index(column), column, values)
+        loc.write_bytes(table_to_parquet_bytes(table))
+
+    write("threshold", pa.array([None, 0.9], pa.float64()))
+    with pytest.raises(CorruptDataError, match=r"history\.parquet: column 'threshold' is empty \(null\) in 1 row"):
+        read_history(loc)
+    with pytest.raises(CorruptDataError, match="'threshold' is empty"):
+        append_history(loc, rows[0] | {"checkpoint": "/c/3", "checkpoint_name": "ckpt-3"})
+    write("leak_fraction", pa.array(["0.25", "0.5"]))  # numbers as text: read as the numbers they are
+    assert [r["leak_fraction"] for r in read_history(loc)] == [0.25, 0.5]
+    write("leak_fraction", pa.array(["a quarter", "0.5"]))
+    with pytest.raises(CorruptDataError, match="column 'leak_fraction' holds string values, not double; .*backup"):
+        read_history(loc)
+    # leak_fraction may be null (NaN read back through pandas): shown as n/a, as before
+    write("leak_fraction", pa.array([None, 0.5], pa.float64()))
+    assert [r["leak_fraction"] for r in read_history(loc)] == [None, 0.5]
 
 
 def test_history_plot_draws_dollar_names_literally(tmp_path: Path) -> None:
@@ -303,7 +337,7 @@ def test_history_plot_draws_dollar_names_literally(tmp_path: Path) -> None:
 
 
 def _append_one(path: str, i: int) -> None:
-    row = {n: None for n in HISTORY_SCHEMA.names}
+    row = {n: None for n in HISTORY_SCHEMA.names} | {"threshold": 0.9}
     append_history(Location.parse(path), row | {"checkpoint": f"/c/{i}", "checkpoint_name": f"ckpt-{i}"})
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 
 import numpy as np
 import pytest
@@ -52,11 +54,90 @@ def test_corrupted_shard_is_detected(tmp_path) -> None:
 
 
 def test_manifest_paths_cannot_escape(tmp_path) -> None:
+    """Refused as damaged data (exit 4) naming the manifest; it was a StorageError (exit 3) naming
+    only the path, so which of several collections held it was left to guess."""
     root = _collection(tmp_path)
     manifest = root.child("manifest.json").read_json()
     manifest["shards"][0]["path"] = "../../etc/passwd"
     root.child("manifest.json").write_json(manifest)
-    with pytest.raises(PathEscapeError):
+    where = re.escape(root.child("manifest.json").uri)
+    with pytest.raises(CorruptDataError, match=f"^{where} is damaged: its shard path '../../etc/passwd' climbs out"):
+        catalog.read_collection(root)
+    assert not issubclass(CorruptDataError, PathEscapeError)
+
+
+def _edit_manifest(root: Location, edit) -> str:
+    """Apply ``edit`` to the collection's manifest; its URI, escaped for a ``match`` pattern."""
+    loc = root.child("manifest.json")
+    manifest = loc.read_json()
+    edit(manifest)
+    loc.write_json(manifest)
+    return re.escape(loc.uri)
+
+
+@pytest.mark.parametrize("dim", [2, 8])
+def test_manifest_dim_must_match_the_shards(tmp_path, dim: int) -> None:
+    """A manifest dim edited below the shards' width reshaped each vector into several wrong ones
+    (wrong figures, exit 0); above it, an IndexError traceback."""
+    root = _collection(tmp_path)
+    where = _edit_manifest(root, lambda m: m["matcher"].update(dim=dim))
+    shard = root.child("shards/part-00000.parquet")
+    for vectors in (True, False):
+        with pytest.raises(CorruptDataError, match=f"^{re.escape(shard.uri)} holds 4-wide embeddings but {where} says"):
+            catalog.read_collection(root, vectors=vectors)
+    # the shard reader the index build uses refuses it too
+    table = catalog.read_parquet_checked(shard, None)
+    with pytest.raises(CorruptDataError, match=f"says dim {dim}"):
+        catalog.ok_rows(table, dim)
+
+
+def test_shard_schema_dim_must_match_the_manifest(tmp_path) -> None:
+    root = _collection(tmp_path)
+    shard = root.child("shards/part-00000.parquet")
+    table = catalog.parquet_from_bytes(shard.read_bytes()).replace_schema_metadata({"raylead.dim": "5"})
+    shard.write_bytes(catalog.table_to_parquet_bytes(table))
+    _edit_manifest(root, lambda m: m["shards"][0].update(sha256=catalog.sha256_bytes(shard.read_bytes())))
+    with pytest.raises(CorruptDataError, match=r"part-00000.parquet holds 4-wide embeddings \(its schema metadata says "
+                       r"raylead.dim 5\) but .* says dim 4"):
+        catalog.read_collection(root)
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path) -> None:
+    root = _collection(tmp_path)
+    where = _edit_manifest(root, lambda m: m["shards"].append(dict(m["shards"][0])))
+    with pytest.raises(CorruptDataError, match=f"^{where} lists the shard shards/part-00000.parquet more than once"):
+        catalog.read_collection(root)
+
+
+def test_an_image_in_two_shards_is_refused(tmp_path) -> None:
+    """A copy of a shard under another name: every pair of its images was found twice."""
+    root = _collection(tmp_path)
+    data = root.child("shards/part-00000.parquet").read_bytes()
+    root.child("shards/part-00001.parquet").write_bytes(data)
+    where = _edit_manifest(root, lambda m: m["shards"].append(m["shards"][0] | {"path": "shards/part-00001.parquet"}))
+    with pytest.raises(CorruptDataError, match=f"^{where} lists shards that hold the image 'a/1.jpg' more than once"):
+        catalog.read_collection(root)
+
+
+def test_a_missing_or_folder_shard_is_corrupt_data(tmp_path) -> None:
+    """A listed shard deleted (or a folder in its place) was a FileNotFoundError traceback."""
+    root = _collection(tmp_path)
+    shard = root.child("shards/part-00000.parquet")
+    os.unlink(shard.path)
+    name = re.escape(shard.uri)
+    with pytest.raises(CorruptDataError, match=f"^{name} is missing though its manifest lists it; rerun"):
+        catalog.read_collection(root)
+    os.mkdir(shard.path)
+    with pytest.raises(CorruptDataError, match=f"^{name} is a folder .*; remove it and rerun"):
+        catalog.read_collection(root)
+
+
+def test_a_folder_manifest_is_corrupt_data(tmp_path) -> None:
+    root = _collection(tmp_path)
+    manifest = root.child("manifest.json")
+    os.unlink(manifest.path)
+    os.mkdir(manifest.path)
+    with pytest.raises(CorruptDataError, match=f"^{re.escape(manifest.uri)} is a folder, not a JSON file"):
         catalog.read_collection(root)
 
 

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from raylead.errors import ConfigError, PathEscapeError, StorageError
+from raylead.errors import ConfigError, CorruptDataError, PathEscapeError, StorageError
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options, safe_relpath
 
 ESCAPES = [
@@ -79,6 +79,28 @@ def test_local_atomic_write_list_and_owner_only(tmp_path) -> None:
     assert root.child("b.png").sha256() == hashlib.sha256(big.read_bytes()).hexdigest()
     root.child("b.png").download(str(tmp_path / "copy.bin"))
     assert (tmp_path / "copy.bin").read_bytes() == big.read_bytes()
+
+
+def test_json_that_is_a_folder_empty_or_under_a_file_is_a_one_line_corrupt_data_error(tmp_path) -> None:
+    """manifest.json, index.json or metrics.json as a folder raised IsADirectoryError (a traceback,
+    exit 1); an empty one said only "not valid JSON (Expecting value)", with no fix."""
+    root = Location.parse(str(tmp_path))
+    os.mkdir(tmp_path / "manifest.json")
+    for read in (root.child("manifest.json").read_json, root.child("manifest.json").read_json_and_sha256):
+        with pytest.raises(CorruptDataError, match=r"manifest\.json is a folder, not a JSON file: .*rerun the step"):
+            read()
+    # still the OSError it replaces, for a caller reading a path the user gave (a --threshold-from folder)
+    with pytest.raises(OSError) as caught:
+        root.child("manifest.json").read_json()
+    assert caught.value.strerror == "Is a directory" and "\n" not in str(caught.value)
+    (tmp_path / "file").write_bytes(b"{}")
+    with pytest.raises(CorruptDataError, match=r"file/index\.json lies under a file, not a folder, not a JSON file"):
+        root.child("file", "index.json").read_json()
+    (tmp_path / "metrics.json").write_bytes(b"")
+    with pytest.raises(CorruptDataError, match=r"metrics\.json is not valid JSON \(Expecting value\); .*rerun"):
+        root.child("metrics.json").read_json()
+    with pytest.raises(FileNotFoundError):  # absent stays absent: callers test exists() or catch this
+        root.child("absent.json").read_json()
 
 
 def test_contains() -> None:
