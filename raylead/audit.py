@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raylead import generators
+from raylead import generators, plugins
 from raylead.catalog import parquet_from_bytes, table_to_parquet_bytes
 from raylead.errors import ConfigError, CorruptDataError, LeakageRegression, RayleadError, StorageError
 from raylead.storage import Location, S3Options, retry_io
@@ -245,6 +245,7 @@ HISTORY_SCHEMA = pa.schema(
         ("alignment", pa.string()),  # how faces were found and cropped (the collection's alignment)
         ("det_score_floor", pa.float64()),
         ("generator_options", pa.string()),  # JSON, sorted keys
+        ("triage_options", pa.string()),  # JSON, sorted keys
         ("threshold", pa.float64()),
         ("threshold_source", pa.string()),
         ("samples", pa.int64()),  # sampled
@@ -263,7 +264,7 @@ HISTORY_SCHEMA = pa.schema(
         ("results", pa.string()),  # the checkpoint's output folder
     ]
 )
-ADDED_COLUMNS = ("triage", "alignment", "det_score_floor", "generator_options")  # null in older histories
+ADDED_COLUMNS = ("triage", "alignment", "det_score_floor", "generator_options", "triage_options")  # null in older
 # set in every row an audit writes, and needed to read one back (the key, its order, the θ it is compared by)
 HISTORY_REQUIRED = ("checkpoint", "checkpoint_name", "threshold")
 DAMAGED_HISTORY = (
@@ -369,16 +370,23 @@ def append_history(loc: Location, row: dict[str, Any]) -> list[dict[str, Any]]:
 
 # a leak fraction is comparable only with one measured the same way: generator (and its options),
 # matcher, how faces were found and cropped, detector-score floor, training index, triage filter
-# and threshold. Settings recorded later than a row was written (null there) are not held against it.
+# (and its options) and threshold. Settings recorded later than a row was written (null there) are
+# not held against it. Plug-in specs compare in their canonical spelling (./gen.py:f is gen.py:f).
 COMPARABLE_BY = ("generator", "matcher", "matcher_version", "train_index", "triage")
-RECORDED_LATER = ("alignment", "det_score_floor", "generator_options")
+RECORDED_LATER = ("alignment", "det_score_floor", "generator_options", "triage_options")
+PLUGIN_SPECS = ("generator", "triage")
+
+
+def _setting(row: dict[str, Any], key: str) -> Any:
+    value = row.get(key)
+    return plugins.canonical(value) if key in PLUGIN_SPECS and isinstance(value, str) else value
 
 
 def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
     later = all(a.get(k) is None or b.get(k) is None or a[k] == b[k] for k in RECORDED_LATER)
     return (
         later
-        and all(a.get(k) == b.get(k) for k in COMPARABLE_BY)
+        and all(_setting(a, k) == _setting(b, k) for k in COMPARABLE_BY)
         and math.isclose(float(a["threshold"]), float(b["threshold"]), rel_tol=0.0, abs_tol=1e-9)
     )
 
@@ -679,21 +687,22 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
         "each scored sample's best match in the training index: sample_id, train_id, train_identity, score, leak",
     )
     like = {  # what makes two leak fractions comparable (COMPARABLE_BY and θ); part of the row
-        "generator": cfg.generator,
+        "generator": plugins.canonical(cfg.generator),
         "matcher": prep.matcher_name,
         "matcher_version": prep.matcher_version,
         "train_index": prep.index.root.uri,
-        "triage": cfg.triage,
+        "triage": plugins.canonical(cfg.triage),
         "alignment": coll.manifest.alignment,
         "det_score_floor": float(cfg.det_score_floor),
         "generator_options": json.dumps(cfg.generator_options, sort_keys=True, default=str),
+        "triage_options": json.dumps(cfg.triage_options, sort_keys=True, default=str),
         "threshold": theta,
     }
     prev = previous_row(rows, checkpoint_name(checkpoint.uri), like)
     if prev is None and previous_row(rows, checkpoint_name(checkpoint.uri)) is not None:
         log.warning(
             "no earlier checkpoint in %s was audited with these settings (generator and its options, "
-            "matcher, alignment, detector-score floor, training index, triage) and θ %.4f: %s is not "
+            "matcher, alignment, detector-score floor, training index, triage and its options) and θ %.4f: %s is not "
             "compared with them (verdict 'first')",
             prep.history.uri,
             theta,

@@ -64,6 +64,17 @@ def parse(text: str, kind: str, flag: str, builtins: Mapping[str, Callable[..., 
     return PluginSpec(text, kind, module=target, attr=attr)
 
 
+def canonical(text: str | None) -> str | None:
+    """A spec as two audits compare it: a file's path normalised (``./gen.py:make`` and
+    ``tools/../gen.py:make`` are ``gen.py:make``), anything else stripped. Not made absolute: a
+    job's working directory moves between submissions."""
+    if text is None:
+        return None
+    text = text.strip()
+    target, sep, attr = text.rpartition(":")
+    return f"{os.path.normpath(target)}:{attr}" if sep and target.endswith(".py") else text
+
+
 def _load_file(path: str, spec: PluginSpec) -> Any:
     digest = hashlib.sha256(path.encode()).hexdigest()[:12]
     name = f"raylead_{spec.kind.replace(' ', '_')}_{digest}"

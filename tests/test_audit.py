@@ -266,13 +266,21 @@ def test_history_append_and_previous(tmp_path: Path) -> None:
     assert [r["triage"] for r in read_history(old)] == [None, "age.py:make"] == [r.get("triage") for r in grown]
     # how faces were found and cropped, the detector-score floor and the generator's options are
     # part of the measurement too; a row written before they were recorded (null) is not held to them
-    measured = {"alignment": "detect:dlib:dlib150", "det_score_floor": 0.0, "generator_options": "{}"}
+    measured = {"alignment": "detect:dlib:dlib150", "det_score_floor": 0.0, "generator_options": "{}",
+                "triage_options": "{}"}
     rows = [row("ckpt-1", 0.2), row("ckpt-2", 0.2) | measured]
     like = row("ckpt-3", 0.0) | measured
     assert previous_row(rows, "ckpt-3", like=like)["checkpoint_name"] == "ckpt-2"
     assert previous_row(rows[:1], "ckpt-3", like=like)["checkpoint_name"] == "ckpt-1"
-    for change in ({"alignment": "aligned:dlib150"}, {"det_score_floor": 0.5}, {"generator_options": '{"psi": 0.7}'}):
+    for change in ({"alignment": "aligned:dlib150"}, {"det_score_floor": 0.5}, {"generator_options": '{"psi": 0.7}'},
+                   {"triage_options": '{"n_aside": 1}'}):  # a triage option changes what is set aside
         assert previous_row(rows[1:], "ckpt-3", like=like | change) is None, change
+    # one plug-in file spelled two ways is one generator (the second spelling started a new series,
+    # so a rise between them went unreported); another file is not
+    rows = [row("ckpt-1", 0.2) | {"generator": "./plug/gen.py:make", "triage": "tools/../age.py:f"}]
+    assert previous_row(rows, "ckpt-2", like=row("ckpt-2", 0.0) | {"generator": "plug/gen.py:make",
+                                                                  "triage": "age.py:f"})["checkpoint_name"] == "ckpt-1"
+    assert previous_row(rows, "ckpt-2", like=row("ckpt-2", 0.0) | {"generator": "plug/gen2.py:make"}) is None
 
 
 def test_history_keeps_columns_it_does_not_know(tmp_path: Path) -> None:
