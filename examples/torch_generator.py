@@ -86,6 +86,14 @@ class TorchGenerator:
         return np.ascontiguousarray(img.cpu().numpy())
 
 
+def _first_detail(exc: BaseException) -> str:
+    """torch's state_dict errors open with a bare "Error(s) in loading state_dict for X:" line; the
+    first line after it says what does not fit (a missing key, a size mismatch)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = lines[1:] if len(lines) > 1 and lines[0].endswith(":") else lines
+    return (useful[0] if useful else type(exc).__name__)[:200]
+
+
 def load(
     checkpoint_uri: str,
     latent_dim: int = 128,
@@ -112,7 +120,7 @@ def load(
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise ConfigError(
             f"checkpoint {checkpoint_uri} does not fit {type(module).__name__}"
-            f"(latent_dim={latent_dim}, size={size}, width={width}): {str(exc).splitlines()[0][:200]}"
+            f"(latent_dim={latent_dim}, size={size}, width={width}): {_first_detail(exc)}"
         ) from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

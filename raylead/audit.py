@@ -579,7 +579,6 @@ class Prepared:
 
 def prepare(cfg: AuditConfig) -> Prepared:
     """Check the config, the index, the matcher, the threshold and the output before any work."""
-    from raylead import catalog
     from raylead.attacks import MatcherSpec, resolve_threshold
     from raylead.index import check_embedded_with
     from raylead.matchers import make_matcher
@@ -598,18 +597,9 @@ def prepare(cfg: AuditConfig) -> Prepared:
             f"matcher {spec.name} gives {matcher.dim}-d embeddings but the index {index_loc.uri} holds "
             f"{index.manifest.dim}-d ones: use the matcher the training set was embedded with"
         )
-    check_embedded_with(index.manifest, index_loc.uri, spec.name, str(matcher.version), "the audit's samples")
-    src = index.manifest.source  # indexes built before they recorded their matcher: ask the collection
-    try:
-        src_loc = cfg.loc(src) if src else None
-        coll = catalog.read_manifest(src_loc) if src_loc is not None and catalog.is_collection(src_loc) else None
-    except Exception:  # the source collection may have moved: the dimension check above still holds
-        coll = None
-    if coll is not None and (coll.matcher != spec.name or coll.matcher_version != matcher.version):
-        raise ConfigError(
-            f"the index {index_loc.uri} was built from {coll.matcher} {coll.matcher_version} embeddings, "
-            f"the audit embeds with {spec.name} {matcher.version}: use the same --matcher"
-        )
+    check_embedded_with(
+        index.manifest, index_loc.uri, spec.name, str(matcher.version), "the audit's samples", cfg.s3
+    )
     threshold = resolve_threshold(cfg.threshold, cfg.threshold_from, spec.name, matcher.version, cfg.s3)
     out = cfg.out_location()
     out.check_reachable(write=True)

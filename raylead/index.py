@@ -49,8 +49,10 @@ import pyarrow.parquet as pq
 from raylead.catalog import (
     CollectionManifest,
     ShardInfo,
+    is_collection,
     ok_rows,
     parquet_from_bytes,
+    read_manifest,
     read_manifest_and_sha256,
     read_parquet_checked,
     sha256_bytes,
@@ -65,7 +67,7 @@ from raylead.plan import (
 )
 from raylead.progress import progress_bar
 from raylead.runtime import ensure_ray
-from raylead.storage import Location, safe_relpath
+from raylead.storage import Location, S3Options, safe_relpath
 from raylead.vectors import row_digests
 
 log = logging.getLogger(__name__)
@@ -491,12 +493,30 @@ def _pair(value: Any) -> tuple[str, str] | None:
     return (value[0], value[1])
 
 
-def check_embedded_with(manifest: IndexManifest, where: str, matcher: str, version: str, what: str) -> None:
+def embedded_with(manifest: IndexManifest, s3: S3Options | None = None) -> tuple[str, str] | None:
+    """(matcher, version) of an index's vectors: recorded in its manifest, else (an index built
+    before it was recorded) its source collection's, when that can still be read."""
+    if manifest.embedded_with is not None or not manifest.source:
+        return manifest.embedded_with
+    try:
+        loc = Location.parse(manifest.source, s3 if manifest.source.startswith("s3://") else None)
+        if is_collection(loc):
+            m = read_manifest(loc)
+            return (m.matcher, m.matcher_version)
+    except (RayleadError, OSError):  # moved, or built from arrays: the dimension check still holds
+        pass
+    return None
+
+
+def check_embedded_with(
+    manifest: IndexManifest, where: str, matcher: str, version: str, what: str, s3: S3Options | None = None
+) -> None:
     """Refuse scoring ``what`` (embedded with ``matcher`` ``version``) against an index of another
     matcher's embeddings: cosines across two matchers mean nothing (same-size ones give scores
-    near zero, read as "no leak"). Indexes that do not record it pass."""
-    if manifest.embedded_with is not None and manifest.embedded_with != (matcher, version):
-        theirs = " ".join(manifest.embedded_with)
+    near zero, read as "no leak"). Indexes whose matcher cannot be known pass."""
+    known = embedded_with(manifest, s3)
+    if known is not None and known != (matcher, version):
+        theirs = " ".join(known)
         raise ConfigError(
             f"the index {where} holds {theirs} embeddings but {what} are {matcher} {version}: scores "
             "across matchers mean nothing; use an index built from a collection of the same matcher"
@@ -814,6 +834,9 @@ def build_index(
         missing = _missing_files(root, existing)
         if not missing:
             log.info("%s is already a finished index of these inputs; nothing to do", root.uri)
+            if existing.embedded_with is None and source.embedded_with is not None:  # built before it was kept
+                existing = dataclasses.replace(existing, embedded_with=source.embedded_with)
+                root.child(INDEX_MANIFEST).write_json(existing.to_json())
             return existing
         log.warning("%s: %s missing or cut short; rebuilding what needs it", root.uri, ", ".join(missing[:3]))
     build_loc = root.child(BUILD_FILE)

@@ -1210,8 +1210,8 @@ class SearchJob:
             raise ConfigError(
                 f"--pairs={self.pairs!r} is invalid: give a number of pairs ≥ 0 (0 turns them off)"
             )
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ConfigError(f"--threshold={self.threshold!r} is invalid: give a cosine score, e.g. 0.6")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and -1.0 <= self.threshold <= 1.0):
+            raise ConfigError(f"--threshold must be a cosine similarity in [-1, 1], e.g. 0.6; got {self.threshold!r}")
 
     def location(self, uri: str) -> Location:
         return Location.parse(uri, self.s3 if uri.startswith("s3://") else None)
@@ -1348,7 +1348,8 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     if q.n:
         exact_mod.check_same_dim(q.dim, idx.manifest.dim, "the index")
     if (qm := source.manifest) is not None:
-        check_embedded_with(idx.manifest, job.index, qm.matcher, qm.matcher_version, f"the queries {job.queries}")
+        where, what = job.index, f"the queries {job.queries}"
+        check_embedded_with(idx.manifest, where, qm.matcher, qm.matcher_version, what, job.s3)
     fp = _job_fingerprint(job, source.fingerprint, idx.manifest_sha256)
     done_summary = _finished_summary(out, fp)
     if done_summary is not None:

@@ -126,6 +126,13 @@ def _makedirs_private(path: str) -> None:
             os.mkdir(p, DIR_MODE)
 
 
+def check_file_target(path: str, flag: str, example: str) -> None:
+    """An output file's name, before any work: a local path must not be a folder (the write at
+    the end would fail after the work). On S3 a key and a prefix of the same name coexist."""
+    if not str(path).startswith("s3://") and os.path.isdir(os.path.expanduser(str(path))):
+        raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(str(path), example)}")
+
+
 def safe_relpath(rel: str) -> str:
     """Normalise a path relative to a root; refuse anything that escapes it."""
     if not isinstance(rel, str) or not rel or "\x00" in rel:

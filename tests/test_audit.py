@@ -196,6 +196,10 @@ def test_torch_example_is_deterministic_and_refuses_pickles(tmp_path: Path) -> N
     torch.save({"weights": tg.TinyGenerator}, evil)  # a pickled class, not tensors
     with pytest.raises(ConfigError, match="weights_only"):
         generators.load(f"{REPO}/examples/torch_generator.py:load", str(evil), {"latent_dim": 16, "size": 32})
+    # a checkpoint of another shape: the error says what does not fit (it ended at torch's bare
+    # "Error(s) in loading state_dict for TinyGenerator:")
+    with pytest.raises(ConfigError, match="does not fit TinyGenerator.*: (size mismatch|Missing key|Unexpected key)"):
+        generators.load(f"{REPO}/examples/torch_generator.py:load", str(ckpt), {"latent_dim": 8, "size": 32})
 
 
 def test_history_append_and_previous(tmp_path: Path) -> None:

@@ -34,3 +34,29 @@ def test_demo_out_that_is_a_file_is_refused_before_work(tmp_path: Path) -> None:
     target.write_text("x")
     _one_line_error(["demo", "--out", str(target)], f"cannot write to {target}", code=3)
     assert target.read_text() == "x"
+
+
+def test_output_files_that_are_folders_are_refused_before_work(tmp_path: Path) -> None:
+    """`calibrate --out F.json`, `report --out F.html`, `audit history --png F.png` and an attack's
+    `--report F.html` naming existing folders failed with an IsADirectoryError traceback after the
+    work. (The inputs need not exist: the output is checked first.)"""
+    for name in ("c.json", "r.html", "t.png"):
+        (tmp_path / name).mkdir()
+    cases = [
+        (["calibrate", str(tmp_path / "none"), "--out", str(tmp_path / "c.json")], "--out"),
+        (["report", str(tmp_path / "none"), "--out", str(tmp_path / "r.html")], "--out"),
+        (["attack", "idiap", "--train", "a", "--synthetic", "b", "--out", str(tmp_path / "o"),
+          "--threshold", "0.5", "--report", str(tmp_path / "r.html")], "--report"),
+        (["audit", "history", "--history", str(tmp_path / "h.parquet"), "--png", str(tmp_path / "t.png")], "--png"),
+    ]  # fmt: skip
+    for args, flag in cases:
+        target = args[args.index(flag) + 1]
+        _one_line_error(args, f"{flag} {target} is a folder; give a file name")
+    assert not (tmp_path / "o").exists()
+
+
+def test_search_threshold_outside_the_cosine_range_is_refused(tmp_path: Path) -> None:
+    """`search --threshold 93` (meant 0.93) wrote an empty range.parquet with exit 0; the attacks
+    and audit refused the same value."""
+    args = ["search", str(tmp_path / "q"), "--index", str(tmp_path / "i"), "--out", str(tmp_path / "o")]
+    _one_line_error([*args, "--threshold", "93"], "--threshold must be a cosine similarity in [-1, 1]")

@@ -716,7 +716,9 @@ def check_index_of(index: str | Location, train: EmbeddedSet, source: str) -> No
     from raylead.search import open_index
 
     opened = open_index(index)
-    check_embedded_with(opened.manifest, str(index), train.matcher, train.matcher_version, f"the training set {source}")
+    s3 = index.s3 if isinstance(index, Location) else None
+    what = f"the training set {source}"
+    check_embedded_with(opened.manifest, str(index), train.matcher, train.matcher_version, what, s3)
     if not opened.target_id_array().equals(pa.array(train.ids, pa.large_string())):
         raise ConfigError(
             f"index {index} was not built from the training collection {source} "

@@ -32,7 +32,7 @@ from raylead.attacks import (
     summary,
 )
 from raylead.errors import ConfigError, CorruptDataError
-from raylead.storage import Location, S3Options
+from raylead.storage import Location, S3Options, check_file_target
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,7 @@ class CalibrateConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a whole number ≥ 0, e.g. 0; got {self.seed!r}")
+        check_file_target(self.out, "--out", "calibration.json")
         if self.bins < 1:
             raise ConfigError(f"--bins must be ≥ 1, got {self.bins!r}")
         if self.max_pairs < 1:

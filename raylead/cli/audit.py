@@ -172,7 +172,10 @@ def history_cmd(
     """Print the leakage trend, one line per checkpoint in natural order; optionally plot it."""
     from raylead.audit import history_lines, plot_history, read_history
     from raylead.errors import ConfigError
+    from raylead.storage import check_file_target
 
+    if png:
+        check_file_target(png, "--png", "trend.png")
     s3 = s3_options(s3_endpoint, s3_key, s3_secret)
     loc = location(history, s3)
     if not loc.exists():

@@ -12,6 +12,7 @@ import typer
 from raylead.cli import app
 from raylead.cli.common import S3Endpoint, S3Key, S3Secret, s3_options
 from raylead.errors import ConfigError
+from raylead.storage import check_file_target
 
 bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -21,8 +22,7 @@ def _check_json(out: Path | None) -> None:
     """``--json`` must be a file that can be written: checked before the benchmark runs."""
     if out is None:
         return
-    if out.is_dir():
-        raise ConfigError(f"--json {out} is a folder; give a file name such as {out / 'bench.json'}")
+    check_file_target(str(out), "--json", "bench.json")
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
         raise ConfigError(f"--json {out} cannot be written ({parent} is not a writable folder); choose another path")

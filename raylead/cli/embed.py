@@ -47,7 +47,10 @@ def embed(
     ] = 0.0,
     det_size: Annotated[
         int | None,
-        typer.Option(help="SCRFD input side in pixels (default 320); 160 is ~3x faster on face-centred crops."),
+        typer.Option(
+            help="SCRFD input side in pixels (default 320); 160 makes SCRFD ~3x faster (the pipeline ~1.6x) "
+            "on face-centred crops."
+        ),
     ] = None,
     providers: Annotated[
         str | None,

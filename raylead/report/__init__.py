@@ -40,7 +40,7 @@ from typing import Any
 from raylead.errors import ConfigError, CorruptDataError, RayleadError
 from raylead.report import plots
 from raylead.report.images import Thumb, Thumbnails
-from raylead.storage import Location, S3Options, scrub_userinfo
+from raylead.storage import Location, S3Options, check_file_target, scrub_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def check_report_file(path: str, flag: str = "--out") -> None:
     (``--out`` of ``raylead report``, ``--report`` of an attack, ``report:`` of a job)."""
     if not path.lower().endswith((".html", ".htm")):
         raise ConfigError(f"{flag} must name an .html file, e.g. report.html; got {path!r}")
+    check_file_target(path, flag, "report.html")
 
 
 @dataclass(frozen=True)
