@@ -457,17 +457,25 @@ class SamplerActor:
     def __init__(
         self, spec: str, checkpoint: str, options: dict[str, Any], out: Location, s3: S3Options | None = None
     ) -> None:
-        self.gen = generators.load(spec, checkpoint, options, s3)
         self.label = spec
         self.out = out
+        self.error: RayleadError | None = None
+        try:
+            self.gen = generators.load(spec, checkpoint, options, s3)
+        except RayleadError as exc:  # raised at the first batch: one line, not Ray's actor-start retries
+            self.error = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.error is not None:
+            raise self.error
         seeds = np.asarray(batch["seed"], dtype=np.int64)
-        imgs = generators.as_images(self.gen.sample(seeds), len(seeds), self.label)
+        # a generator's own files as they are (folder's: one that cannot be decoded is a failure row
+        # with its reason when embedded), else its images as PNG
+        blobs = generators.sample_blobs(self.gen, seeds, self.label, encode_png)
         files = []
-        for seed, img in zip(seeds.tolist(), imgs, strict=True):
+        for seed, blob in zip(seeds.tolist(), blobs, strict=True):
             name = sample_file(seed)
-            self.out.child(name).write_bytes(encode_png(img))
+            self.out.child(name).write_bytes(blob)
             files.append(name)
         n = len(files)
         return {

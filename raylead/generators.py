@@ -13,7 +13,13 @@ The callable is a factory: ``callable(checkpoint_uri, **options)`` returns an ob
 * ``name: str`` and ``version: str`` — recorded in the audit history;
 * ``sample(seeds: np.ndarray) -> np.ndarray`` — uint8 ``[B, H, W, 3]`` RGB images, one per seed,
   the same image for the same seed on every call and every machine (a list of ``[H, W, 3]`` arrays
-  is accepted too, for sources whose images differ in size such as ``folder``).
+  is accepted too, for sources whose images differ in size such as ``folder``);
+* optionally ``sample_bytes(seeds) -> list[bytes]`` — the samples as encoded image files, written
+  as they are (:func:`sample_blobs`): a file that cannot be decoded becomes one failure row
+  downstream (``decode_error``, ``too_small``, ...) instead of stopping the audit. ``folder`` has it.
+
+What a factory or ``sample`` raises, or a ``sample`` output that is not images, is a one-line
+:class:`~raylead.errors.ConfigError` naming the spec (:func:`load`, :func:`sample_checked`).
 
 A factory (and its ``available``) that declares a parameter named ``s3`` also gets the run's S3
 settings (``--s3-endpoint/--s3-key/--s3-secret``) as a :class:`~raylead.storage.S3Options`, or
@@ -40,15 +46,26 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from raylead import plugins
-from raylead.errors import ConfigError
+from raylead.errors import ConfigError, RayleadError
 from raylead.plugins import PluginSpec
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
+
+log = logging.getLogger(__name__)
+PLACEHOLDER_SIDE = 1  # what folder's sample() gives for an unreadable image: embedding records it as too_small
+
+
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of an exception from plug-in code, on one line (for a ConfigError)."""
+    msg = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @runtime_checkable
@@ -97,17 +114,33 @@ class FolderGenerator:
             raise ConfigError(f"generator folder: {root.uri} is not a folder of images")
         return len(root.list_files(IMAGE_EXTENSIONS))
 
-    def sample(self, seeds: np.ndarray) -> list[np.ndarray]:
-        from raylead.faces import decode_image
-
+    def sample_bytes(self, seeds: np.ndarray) -> list[bytes]:
+        """The image files at those indices, as they are (not decoded)."""
         out = []
         for seed in np.asarray(seeds, dtype=np.int64).tolist():
             if not 0 <= seed < len(self.files):
                 raise ConfigError(
                     f"generator folder: seed {seed} is outside the {len(self.files)} images of {self.root.uri}"
                 )
-            data = self.root.child(self.files[seed]).read_bytes()
-            out.append(decode_image(data, max_pixels=self.max_pixels))
+            out.append(self.root.child(self.files[seed]).read_bytes())
+        return out
+
+    def sample(self, seeds: np.ndarray) -> list[np.ndarray]:
+        """The images at those indices, decoded; one that cannot be decoded (truncated, too small,
+        too large) is a 1x1 placeholder, logged, so that it becomes a failure row, not a crash."""
+        from raylead.faces import ImageFailure, decode_image
+
+        out = []
+        for seed, data in zip(np.asarray(seeds, dtype=np.int64).tolist(), self.sample_bytes(seeds), strict=True):
+            try:
+                out.append(decode_image(data, max_pixels=self.max_pixels))
+            except ImageFailure as exc:
+                log.warning(
+                    "generator folder: %s (seed %d) cannot be used (%s); it is sampled as a %dx%d placeholder "
+                    "that will be a failure row",
+                    self.files[seed], seed, exc.reason, PLACEHOLDER_SIDE, PLACEHOLDER_SIDE,
+                )
+                out.append(np.zeros((PLACEHOLDER_SIDE, PLACEHOLDER_SIDE, 3), dtype=np.uint8))
         return out
 
 
@@ -177,7 +210,18 @@ def available(
     factory: Callable[..., Any], checkpoint_uri: str, options: dict[str, Any], s3: S3Options | None = None
 ) -> int | None:
     fn = getattr(factory, "available", None)
-    return int(fn(checkpoint_uri, **_with_s3(fn, options, s3))) if callable(fn) else None
+    if not callable(fn):
+        return None
+    kwargs = _with_s3(fn, options, s3)
+    try:
+        return int(fn(checkpoint_uri, **kwargs))
+    except RayleadError:
+        raise
+    except Exception as exc:  # the user's code: one line, not a traceback
+        raise ConfigError(
+            f"generator {getattr(factory, '__name__', factory)!r}: available({checkpoint_uri!r}) raised "
+            f"{exception_line(exc)}; fix the checkpoint or the generator"
+        ) from None
 
 
 def load(
@@ -190,14 +234,40 @@ def load(
     returned object's protocol."""
     s = parse(spec) if isinstance(spec, str) else spec
     factory = resolve(s)
-    gen = factory(checkpoint_uri, **_with_s3(factory, dict(options or {}), s3))
+    kwargs = _with_s3(factory, dict(options or {}), s3)
+    try:
+        gen = factory(checkpoint_uri, **kwargs)
+    except RayleadError:
+        raise
+    except Exception as exc:  # the user's factory (loading the checkpoint): one line, not a Ray traceback
+        raise ConfigError(
+            f"generator {s.text!r} could not load {checkpoint_uri}: its factory raised {exception_line(exc)}; "
+            "fix the checkpoint or the generator's options"
+        ) from None
     missing = [a for a in ("name", "version", "sample") if not hasattr(gen, a)]
     if gen is None or missing:
         raise ConfigError(
             f"generator {s.text!r} returned {type(gen).__name__}, which lacks {', '.join(missing) or 'everything'}: "
             "a generator needs name, version and sample(seeds)"
         )
-    return gen
+    return CheckedGenerator(gen, s.text)
+
+
+class CheckedGenerator:
+    """What :func:`load` returns: the factory's generator, whose ``sample`` raising is a one-line
+    ConfigError naming the spec and the seeds; every other attribute is the generator's."""
+
+    def __init__(self, generator: Any, spec: str) -> None:
+        self.generator = generator
+        self.spec = spec
+
+    def __getattr__(self, attr: str) -> Any:  # name, version, uses_gpu, ...: the generator's own
+        if attr in ("generator", "spec"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(attr)
+        return getattr(self.generator, attr)
+
+    def sample(self, seeds: np.ndarray) -> Any:
+        return _user_call(self.generator.sample, "sample", seeds, self.spec)
 
 
 def as_images(out: Any, n: int, label: str) -> list[np.ndarray]:
@@ -206,6 +276,11 @@ def as_images(out: Any, n: int, label: str) -> list[np.ndarray]:
         if out.ndim != 4 or out.shape[-1] != 3:
             raise ConfigError(f"generator {label}: sample() returned shape {out.shape}, expected [B, H, W, 3]")
         items = list(out)
+    elif out is None or isinstance(out, str | bytes | dict) or not hasattr(out, "__iter__"):
+        raise ConfigError(
+            f"generator {label}: sample() returned {type(out).__name__} for {n} seeds; return uint8 "
+            "[B, H, W, 3] images (or a list of [H, W, 3] arrays), one per seed"
+        )
     else:
         items = list(out)
     if len(items) != n:
@@ -217,5 +292,47 @@ def as_images(out: Any, n: int, label: str) -> list[np.ndarray]:
             raise ConfigError(
                 f"generator {label}: sample() images must be uint8 [H, W, 3], got {a.dtype} {list(a.shape)}"
             )
+        if a.shape[0] == 0 or a.shape[1] == 0:
+            raise ConfigError(
+                f"generator {label}: sample() returned an empty {a.shape[1]}x{a.shape[0]} image; "
+                "every image needs at least one pixel"
+            )
         imgs.append(np.ascontiguousarray(a))
     return imgs
+
+
+def _user_call(fn: Callable[[np.ndarray], Any], what: str, seeds: Any, spec: str) -> Any:
+    """``fn(seeds)`` of a generator; what the user's code raises is a one-line ConfigError."""
+    seeds = np.asarray(seeds, dtype=np.int64)
+    try:
+        return fn(seeds)
+    except RayleadError:
+        raise
+    except Exception as exc:
+        which = f"seeds {seeds.min()}..{seeds.max()}" if len(seeds) > 1 else f"seeds {seeds.tolist()}"
+        raise ConfigError(
+            f"generator {spec!r}: {what}() raised {exception_line(exc)} for {which}; fix the generator "
+            "(out of memory: a smaller --sample-batch-size)"
+        ) from None
+
+
+def sample_checked(generator: Any, seeds: np.ndarray, spec: str) -> list[np.ndarray]:
+    """``generator.sample(seeds)`` as :func:`as_images` checks it; what the user's code raises is a
+    one-line ConfigError naming the spec and the seeds (for the audit's sampler actors)."""
+    return as_images(_user_call(generator.sample, "sample", seeds, spec), len(np.asarray(seeds)), spec)
+
+
+def sample_blobs(generator: Any, seeds: np.ndarray, spec: str, encode: Callable[[np.ndarray], bytes]) -> list[bytes]:
+    """The file to write for each seed: a generator's ``sample_bytes`` as they are (one that cannot be
+    decoded becomes a failure row when embedded), else ``encode`` of :func:`sample_checked`'s images."""
+    seeds = np.asarray(seeds, dtype=np.int64)
+    raw = getattr(generator, "sample_bytes", None)
+    if not callable(raw):
+        return [encode(img) for img in sample_checked(generator, seeds, spec)]
+    blobs = _user_call(raw, "sample_bytes", seeds, spec)
+    if not isinstance(blobs, list | tuple) or len(blobs) != len(seeds) or not all(isinstance(b, bytes) for b in blobs):
+        raise ConfigError(
+            f"generator {spec!r}: sample_bytes() must return a list of one bytes object per seed ({len(seeds)}), "
+            f"got {type(blobs).__name__}"
+        )
+    return list(blobs)

@@ -19,6 +19,7 @@ reason ``triage: <reason>``) and never scored, like an image without a usable fa
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import numpy as np
 
 from raylead import plugins
 from raylead.errors import ConfigError, RayleadError
+from raylead.generators import exception_line
 from raylead.plugins import PluginSpec
 from raylead.storage import Location
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BUILTINS: dict[str, Callable[..., Any]] = {}  # none: the age model is the user's
 MAX_REASON = 80  # characters kept of a filter's reason
+KEEP = ""  # "keep" in the actors' reason column: a column of only None comes back from Ray Data as NaN
 
 
 def parse(text: str) -> PluginSpec:
@@ -43,10 +46,24 @@ def parse(text: str) -> PluginSpec:
 
 
 def check(text: str, options: dict[str, Any]) -> None:
-    """Everything checkable on the driver before work: the spec imports, the options are a mapping."""
-    plugins.resolve(parse(text), BUILTINS)
+    """Everything checkable on the driver before work: the spec imports, the options are a mapping
+    of parameters the factory takes (unless it takes ``**options``), as for generator options."""
+    factory = plugins.resolve(parse(text), BUILTINS)
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise ConfigError(f"--triage-option values must be KEY=VALUE pairs, got {options!r}")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no readable signature: the factory will say
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ConfigError(
+            f"triage option {unknown[0]!r} is not one the filter {text!r} takes "
+            f"({', '.join(takes) or 'it takes none'}); fix or drop that --triage-option"
+        )
 
 
 def _reason(value: Any, spec: str) -> str | None:
@@ -64,17 +81,38 @@ class TriageActor:
 
     def __init__(self, spec: str, options: dict[str, Any], root: Location, max_pixels: int) -> None:
         self.spec = spec
-        self.filter = plugins.resolve(parse(spec), BUILTINS)(**options)
-        if not callable(self.filter):
-            raise ConfigError(f"triage filter {spec!r} returned {type(self.filter).__name__}, not a callable filter")
         self.root = root
         self.max_pixels = max_pixels
+        # A filter that cannot be set up is reported at the first batch: raised here, Ray would log
+        # each failed actor start (and its retries) as a traceback of a hundred-odd lines.
+        self.setup_error: RayleadError | None = None
+        try:
+            self.filter = self._setup(options)
+        except RayleadError as exc:
+            self.setup_error = exc
+
+    def _setup(self, options: dict[str, Any]) -> Callable[[list[np.ndarray]], Any]:
+        factory = plugins.resolve(parse(self.spec), BUILTINS)
+        try:
+            judge = factory(**options)
+        except RayleadError:
+            raise
+        except Exception as exc:  # the user's factory (loading the age model): one line, not a Ray traceback
+            raise ConfigError(
+                f"triage filter {self.spec!r} could not be set up: its factory raised {exception_line(exc)}; "
+                "fix the filter or its --triage-option values"
+            ) from None
+        if not callable(judge):
+            raise ConfigError(f"triage filter {self.spec!r} returned {type(judge).__name__}, not a callable filter")
+        return judge  # type: ignore[no-any-return]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.setup_error is not None:
+            raise self.setup_error
         from raylead.faces import ImageFailure, decode_image
 
         ids = [str(i) for i in batch["image_id"]]
-        reasons = np.full(len(ids), None, dtype=object)
+        reasons = np.full(len(ids), KEEP, dtype=object)
         images, where = [], []
         for j, image_id in enumerate(ids):
             try:
@@ -84,15 +122,41 @@ class TriageActor:
                 reasons[j] = "unreadable"
                 log.info("triage: %s set aside: cannot read it now (%s)", image_id, type(exc).__name__)
         if images:
-            answers = list(self.filter(images))
+            answers = self._judge(images)
             if len(answers) != len(images):
                 raise ConfigError(
                     f"triage filter {self.spec!r} answered {len(answers)} times for {len(images)} images: "
                     "answer once per image"
                 )
             for j, answer in zip(where, answers, strict=True):
-                reasons[j] = _reason(answer, self.spec)
+                reasons[j] = _reason(answer, self.spec) or KEEP
         return {"image_id": np.asarray(ids, dtype=object), "reason": reasons}
+
+    def _judge(self, images: list[np.ndarray]) -> list[Any]:
+        """The filter's answers for ``images``; what the user's code raises is a one-line ConfigError."""
+        try:
+            answers = self.filter(images)
+            if answers is None or isinstance(answers, str | bytes) or not hasattr(answers, "__iter__"):
+                raise ConfigError(
+                    f"triage filter {self.spec!r} answered {type(answers).__name__} for {len(images)} images: "
+                    "answer a list with one reason (str) or None per image"
+                )
+            return list(answers)
+        except RayleadError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"triage filter {self.spec!r} raised {exception_line(exc)} on a batch of {len(images)} images; "
+                "fix the filter"
+            ) from None
+
+
+def _from_column(value: Any) -> str | None:
+    """An actor's reason column entry back to the verdict: :data:`KEEP` is None (keep)."""
+    if isinstance(value, str):
+        return value or None
+    # never written by TriageActor (it writes KEEP or a reason): neither keep nor set aside on a guess
+    raise RuntimeError(f"triage returned no verdict ({value!r}) for an image; this is a raylead bug")
 
 
 def triage_reasons(
@@ -131,7 +195,7 @@ def triage_reasons(
     with progress_bar(f"triage ({spec})", len(image_ids)) as update:
         for batch in batches_or_raylead_error(ds):
             for image_id, reason in zip(batch["image_id"], batch["reason"], strict=True):
-                found[str(image_id)] = None if reason is None else str(reason)
+                found[str(image_id)] = _from_column(reason)
             update(len(found), len(image_ids))
     missing = [i for i in image_ids if i not in found]
     if missing:  # Ray Data returns every row it was given; a gap would be a bug, not a verdict

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -388,3 +390,35 @@ def test_too_few_novel_photos_names_novel_samples_not_synthetic_size() -> None:
     assert "synthetic-size" not in msg and "holdout" not in msg
     with pytest.raises(ConfigError, match=r"--synthetic-size: need \d+, have \d+; .*--n-holdout"):
         plan_pairs(fake_photos(40), PairsScenarioConfig(n_train=10, n_holdout=10, synthetic_size=500))
+
+
+@pytest.mark.parametrize("kind", ["pairs", "membership"])
+def test_photos_whose_identity_and_file_name_collide_are_all_written(tmp_path: Path, kind) -> None:
+    """web/Ann/1.jpg and news/Ann/1.jpg both belong to Ann: each gets its own file in the role
+    folder (a short hash of its source path added to the name), so the files match the ground truth."""
+    src = tmp_path / "faces"
+    for i in range(30):
+        for site in ("web", "news"):
+            (src / site / f"p{i:02d}").mkdir(parents=True)
+            for j in range(5):
+                (src / site / f"p{i:02d}" / f"{j}.jpg").write_bytes(f"{site}/p{i:02d}/{j}.jpg".encode())
+    out = tmp_path / "scenario"
+    cfg = ScenarioBuildConfig(
+        labelled=str(src),
+        out=str(out),
+        kind=kind,
+        pairs=PairsScenarioConfig(n_train=5, n_holdout=5, train_photos=8, leak_photos=2, leak_fraction=0.4),
+        membership=MembershipScenarioConfig(n_train=5, n_nonmember=5, novel_samples=5),
+    )
+    sc, _ = build_scenario(cfg)
+    counts = json.loads((out / "scenario.json").read_text())["counts"]
+    for role in {e.role for e in sc.entries}:
+        files = [p for p in (out / role).rglob("*") if not p.is_dir()]
+        assert len(files) == counts[role]["images"] == len(sc.role(role)), role
+    for e in sc.entries:  # every file holds its own photo
+        assert (out / e.dest).read_bytes() == e.source.encode(), e.dest
+    in_folders = [e for e in sc.entries if e.dest.count("/") == 2]  # role/identity/file
+    renamed = [os.path.basename(e.dest) for e in in_folders if os.path.basename(e.dest) != os.path.basename(e.source)]
+    assert renamed and all(re.fullmatch(r"\d-[0-9a-f]{8}\.jpg", name) for name in renamed)
+    again, _ = build_scenario(dataclasses.replace(cfg, out=str(tmp_path / "again")))
+    assert [e.dest for e in again.entries] == [e.dest for e in sc.entries]  # deterministic names

@@ -30,6 +30,26 @@ def miscount(**_):
 
 def not_a_reason(**_):
     return lambda images: [1.5 for _ in images]
+
+def keep_all(**_):
+    return lambda images: [None] * len(images)
+
+def boom(**_):
+    def judge(images):
+        raise ValueError("age model\\nexploded")
+    return judge
+
+def no_answer(**_):
+    return lambda images: None
+
+def factory_boom(**_):
+    raise RuntimeError("cannot load age model weights")
+
+def first_n(n_aside=1):
+    return lambda images: ["child" if k < int(n_aside) else None for k in range(len(images))]
+
+def needs(min_age, unit="years"):
+    return lambda images: [None] * len(images)
 """
 
 
@@ -87,7 +107,7 @@ def test_triage_actor_reads_judges_and_refuses_bad_answers(tmp_path: Path, lfw_d
     actor = TriageActor(f"{plugin}:make", {"above": light[0]}, root, 40_000_000)
     out = actor({"image_id": np.array([*ids, "broken.jpg"], dtype=object)})
     want = ["bright" if _brightness(tmp_path / "g" / i) > light[0] else None for i in ids]
-    assert list(out["reason"]) == [*want, "unreadable"] and want.count("bright") == 2
+    assert list(out["reason"]) == [w or "" for w in [*want, "unreadable"]] and want.count("bright") == 2
     with pytest.raises(ConfigError, match="answered 1 times for 3 images"):
         TriageActor(f"{plugin}:miscount", {}, root, 40_000_000)({"image_id": np.array(ids, dtype=object)})
     with pytest.raises(ConfigError, match="answered 1.5 for an image"):
@@ -173,7 +193,73 @@ def test_cli_and_job_take_triage(tmp_path: Path, plugin: str) -> None:
     assert not (tmp_path / "o").exists()
     attack = _job_module("attack")
     job = attack.AttackJob(**attack.from_yaml({"attack": "tinsley", "train": "t", "holdout": "h", "synthetic": "s",
-                                               "out": "o", "triage": f"{plugin}:make",
+                                               "out": "o", "triage": f"{plugin}:keep_all",
                                                "triage_option": ["above=200", "unit=mean"]}))
-    cfg = attack.prepare(job)[0]
-    assert cfg.triage == f"{plugin}:make" and cfg.triage_options == {"above": 200, "unit": "mean"}
+    cfg = attack.prepare(job)[0]  # keep_all takes **options: any option is one it takes
+    assert cfg.triage == f"{plugin}:keep_all" and cfg.triage_options == {"above": 200, "unit": "mean"}
+
+
+def test_a_filter_keeping_every_image_of_a_batch_keeps_them_through_ray(
+    tmp_path: Path, lfw_dir: Path, plugin: str, ray_local
+) -> None:
+    """A batch whose answers are all None came back from Ray Data as NaN and every image in it was
+    set aside as "nan", hiding any leak among them; keep-all and mixed batches keep what they keep."""
+    from raylead.storage import Location
+    from raylead.triage import triage_reasons
+
+    ids = _photos(lfw_dir, tmp_path / "g", 7)
+    root = Location.parse(str(tmp_path / "g"))
+    assert triage_reasons(f"{plugin}:keep_all", {}, root, ids, batch_size=2) == [None] * 7
+    assert triage_reasons(f"{plugin}:keep_all", {}, root, ids, batch_size=32) == [None] * 7
+    light = sorted(_brightness(tmp_path / "g" / i) for i in ids)
+    above = light[-2]  # only the brightest is "bright": most batches keep everything
+    want = ["bright" if _brightness(tmp_path / "g" / i) > above else None for i in ids]
+    assert want.count("bright") == 1
+    assert triage_reasons(f"{plugin}:make", {"above": above}, root, ids, batch_size=2) == want
+
+
+def test_filter_code_that_fails_is_one_line_naming_the_spec(tmp_path: Path, lfw_dir: Path, plugin: str) -> None:
+    """What the user's factory or filter raises, or a filter answering None, is a ConfigError of
+    one line naming the spec and the exception, not a Ray traceback."""
+    from raylead.storage import Location
+    from raylead.triage import TriageActor
+
+    ids = _photos(lfw_dir, tmp_path / "g", 2)
+    root = Location.parse(str(tmp_path / "g"))
+    batch = {"image_id": np.array(ids, dtype=object)}
+    spec = f"{plugin}:factory_boom"
+    with pytest.raises(ConfigError) as err:  # at the first batch: a failed actor start is a Ray traceback
+        TriageActor(spec, {}, root, 40_000_000)(batch)
+    assert f"triage filter {spec!r} could not be set up: its factory raised RuntimeError: cannot load age model " \
+        "weights" in str(err.value)
+    for name, says in [("boom", "raised ValueError: age model exploded on a batch of 2 images"),
+                       ("no_answer", "answered NoneType for 2 images")]:
+        with pytest.raises(ConfigError) as err:
+            TriageActor(f"{plugin}:{name}", {}, root, 40_000_000)(batch)
+        assert f"triage filter '{plugin}:{name}' {says}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_filter_code_that_fails_under_ray_is_one_line(tmp_path: Path, lfw_dir: Path, plugin: str, ray_local) -> None:
+    from raylead.storage import Location
+    from raylead.triage import triage_reasons
+
+    ids = _photos(lfw_dir, tmp_path / "g", 2)
+    root = Location.parse(str(tmp_path / "g"))
+    with pytest.raises(ConfigError, match=r"^triage filter .*:boom' raised ValueError: age model exploded"):
+        triage_reasons(f"{plugin}:boom", {}, root, ids)
+    with pytest.raises(ConfigError, match=r"^triage filter .*:factory_boom' could not be set up: its factory raised"):
+        triage_reasons(f"{plugin}:factory_boom", {}, root, ids)
+
+
+def test_triage_options_are_checked_against_the_factory_before_work(plugin: str) -> None:
+    from raylead.attacks import check_triage
+
+    check_triage(f"{plugin}:first_n", {"n_aside": 2})
+    check_triage(f"{plugin}:keep_all", {"anything": 1})  # a factory taking **options takes any
+    with pytest.raises(ConfigError, match=re.escape(
+            f"triage option 'n_asid' is not one the filter '{plugin}:first_n' takes (n_aside); "
+            "fix or drop that --triage-option")):
+        check_triage(f"{plugin}:first_n", {"n_asid": 2})
+    with pytest.raises(ConfigError, match=re.escape(f"triage option 'units' is not one the filter '{plugin}:needs' "
+                                                    "takes (min_age, unit)")):
+        check_triage(f"{plugin}:needs", {"min_age": 18, "units": "days"})

@@ -32,11 +32,12 @@ instead, with the same image ids and identities that embedding the folders would
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
 import posixpath
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -197,6 +198,32 @@ def _ext(path: str) -> str:
     return ext if ext in IMAGE_EXTENSIONS else ".jpg"
 
 
+def _identity_entries(role: str, identity: str, sources: list[str]) -> list[Entry]:
+    """``role/identity/<file name>`` for each photo of one identity. Photos whose file names
+    collide (``web/Ann/1.jpg`` and ``news/Ann/1.jpg``) are each named ``<stem>-<hash>.<ext>``,
+    ``hash`` 8 hex digits of the source path, so no photo silently replaces another."""
+    names = Counter(posixpath.basename(p) for p in sources)
+    out = []
+    for p in sources:
+        name = posixpath.basename(p)
+        if names[name] > 1:
+            stem, ext = posixpath.splitext(name)
+            name = f"{stem}-{hashlib.sha256(p.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}{ext}"
+        out.append(Entry(role, f"{role}/{identity}/{name}", p, identity))
+    return out
+
+
+def _check_unique(sc: Scenario) -> None:
+    """Two photos written to one file would make the ground truth count a photo that is not there."""
+    seen: dict[str, str] = {}
+    for e in sc.entries:
+        if e.dest in seen:
+            raise ConfigError(
+                f"{seen[e.dest]} and {e.source} would both be written to {e.dest}; rename one of them in the source"
+            )
+        seen[e.dest] = e.source
+
+
 def _round_robin(
     rng: np.random.Generator,
     photos: Mapping[str, list[str]],
@@ -258,14 +285,9 @@ def plan_pairs(photos: Mapping[str, list[str]], cfg: PairsScenarioConfig) -> Sce
 
     entries: list[Entry] = []
     for i in sorted(train_ids):
-        entries += [
-            Entry("train", f"train/{i}/{posixpath.basename(p)}", p, i) for p in perm[i][: cfg.train_photos]
-        ]
+        entries += _identity_entries("train", i, perm[i][: cfg.train_photos])
     for i in sorted(holdout_ids):
-        entries += [
-            Entry("holdout", f"holdout/{i}/{posixpath.basename(p)}", p, i)
-            for p in perm[i][: cfg.train_photos]
-        ]
+        entries += _identity_entries("holdout", i, perm[i][: cfg.train_photos])
     synthetic: list[tuple[str, str]] = []
     for i in leaked:
         synthetic += [(i, p) for p in perm[i][cfg.train_photos : need_t]]
@@ -331,11 +353,9 @@ def plan_membership(photos: Mapping[str, list[str]], cfg: MembershipScenarioConf
     entries: list[Entry] = []
     ref_n, trn_n = cfg.reference_photos, cfg.train_photos
     for i in queries:
-        entries += [Entry("queries", f"queries/{i}/{posixpath.basename(p)}", p, i) for p in perm[i][:ref_n]]
+        entries += _identity_entries("queries", i, perm[i][:ref_n])
     for i in sorted(train_ids):
-        entries += [
-            Entry("train", f"train/{i}/{posixpath.basename(p)}", p, i) for p in perm[i][ref_n : ref_n + trn_n]
-        ]
+        entries += _identity_entries("train", i, perm[i][ref_n : ref_n + trn_n])
     samples: list[tuple[str, str]] = []
     for i in leaked:
         samples += [(i, p) for p in perm[i][ref_n + trn_n : need_t]]
@@ -373,11 +393,7 @@ def labelled_scenario(
     missing = [i for i in identities if i not in photos]
     if missing:
         raise ConfigError(f"identity {missing[0]!r} has no photos in the labelled set")
-    entries = [
-        Entry(role, f"{role}/{i}/{posixpath.basename(p)}", p, i)
-        for i in sorted(identities)
-        for p in photos[i]
-    ]
+    entries = [e for i in sorted(identities) for e in _identity_entries(role, i, photos[i])]
     return Scenario(
         kind="labelled",
         config={"kind": "labelled"},
@@ -476,6 +492,7 @@ def clear_previous_build(out: Location) -> list[str]:
 
 def materialise(sc: Scenario, source: Location, out: Location, copy: bool = False) -> str:
     """Write the scenario as folders of symlinks (or copies); returns "symlink" or "copy"."""
+    _check_unique(sc)
     mode = "copy" if copy or source.is_s3 or out.is_s3 else "symlink"
     for e in sc.entries:
         dest = out.child(e.dest)
@@ -506,6 +523,7 @@ def write_role_collections(
     """
     from raylead import catalog
 
+    _check_unique(sc)
     pos = {img: i for i, img in enumerate(coll.image_ids)}
     dim = coll.manifest.dim
     full = np.zeros((len(coll.image_ids), dim), np.float32)

@@ -47,6 +47,7 @@ from raylead.storage import Location, S3Options
 log = logging.getLogger(__name__)
 
 CLASSIFIERS = ("centroid", "linear")
+BLOCK_BYTES = 64 * 2**20  # similarities held at once when finding each sample's nearest reference
 
 
 # ------------------------------------------------------------------------------------------
@@ -125,6 +126,7 @@ def identify(
     classifier: str = "centroid",
     reject_below: float | None = None,
     l2: float = 1e-3,
+    block_bytes: int = BLOCK_BYTES,
 ) -> Identification:
     """Identify each sample as one of ``n_classes`` query identities (or none, open set)."""
     if classifier not in CLASSIFIERS:
@@ -148,12 +150,41 @@ def identify(
     pred = best.copy()
     if reject_below is not None:
         pred[sim < np.float32(reject_below)] = -1
-    # each sample's nearest reference image among its best identity's references
-    ref_sims = s @ r.T  # [N, R]
-    mask = labels[None, :] == best[:, None]
-    ref_sims = np.where(mask, ref_sims, -np.inf)
-    nearest = np.argmax(ref_sims, axis=1).astype(np.int64)
-    return Identification(pred, sim, best, nearest, ref_sims[np.arange(n), nearest].astype(np.float32), model)
+    nearest, nearest_score = nearest_references(s, r, labels, best, block_bytes)
+    return Identification(pred, sim, best, nearest, nearest_score, model)
+
+
+def nearest_references(
+    samples: np.ndarray,
+    references: np.ndarray,
+    ref_labels: np.ndarray,
+    best: np.ndarray,
+    block_bytes: int = BLOCK_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's nearest reference among its ``best`` identity's references: (index int64 [N],
+    cosine float32 [N]; ``-inf`` and index 0 when that identity has none). Computed identity by
+    identity in blocks of samples, so at most about ``block_bytes`` of similarities at a time
+    rather than an N×R matrix."""
+    s = np.ascontiguousarray(samples, np.float32)
+    r = np.ascontiguousarray(references, np.float32)
+    labels = np.asarray(ref_labels, np.int64)
+    best = np.asarray(best, np.int64)
+    nearest = np.zeros(len(best), np.int64)
+    score = np.full(len(best), -np.inf, np.float32)
+    for q in np.unique(best).tolist():
+        rows = np.flatnonzero(best == q)
+        refs = np.flatnonzero(labels == q)
+        if refs.size == 0:
+            continue
+        rq = r[refs]
+        step = max(1, int(block_bytes) // (4 * refs.size))
+        for a in range(0, rows.size, step):
+            blk = rows[a : a + step]
+            sims = s[blk] @ rq.T  # [block, R_q]
+            arg = np.argmax(sims, axis=1)
+            nearest[blk] = refs[arg]
+            score[blk] = sims[np.arange(blk.size), arg]
+    return nearest, score
 
 
 def count_per_identity(predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -290,15 +321,17 @@ def webster_attack(
 
 
 def read_members(uri: str, s3: S3Options | None = None) -> set[str]:
-    """One identity per line; blank lines and lines starting with ``#`` are ignored."""
+    """One identity per line (UTF-8, a BOM dropped; LF or CRLF); blank lines and lines starting
+    with ``#`` are ignored."""
     loc = Location.parse(uri, s3 if uri.startswith("s3://") else None)
     if not loc.exists():
         raise ConfigError(f"--members file {loc.uri} does not exist; give a file with one identity per line")
     try:
-        text = loc.read_bytes().decode("utf-8")
+        text = loc.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is not part of the first name
     except UnicodeDecodeError:
         raise ConfigError(f"--members file {loc.uri} is not UTF-8 text with one identity per line") from None
-    return {line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+    lines = (line.replace("\r", "").strip() for line in text.splitlines())  # CRLF too
+    return {line for line in lines if line and not line.startswith("#")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -505,7 +538,13 @@ def write_webster(
         },
     }
     if members_not_queried:
-        log.warning("%d identities in --members are not query identities (ignored)", len(members_not_queried))
+        log.warning(
+            "%d identities in --members are not query identities (ignored): %s%s; check their spelling "
+            "against the --queries folder names",
+            len(members_not_queried),
+            ", ".join(repr(x) for x in members_not_queried[:5]),
+            ", ..." if len(members_not_queried) > 5 else "",
+        )
     metrics = w.metrics(metrics)
     log.info("webster results written to %s", out.uri)
     return metrics

@@ -227,7 +227,10 @@ def webster(
     ] = ("centroid"),
     reject_below: Annotated[
         float | None,
-        typer.Option(help="Open set: samples less similar than this to every identity are nobody."),
+        typer.Option(
+            help="Open set: a sample whose cosine similarity to its predicted identity's centroid is "
+            "below this is identified as nobody."
+        ),
     ] = None,
     det_score_floor: FloorOpt = 0.0,
     embeddings_dir: EmbeddingsDirOpt = None,

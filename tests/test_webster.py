@@ -1,0 +1,102 @@
+"""Webster attack: the --members file as editors write it, bounded memory, the --reject-below help."""
+
+from __future__ import annotations
+
+import logging
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylead.attacks.webster import WebsterConfig, identify, read_members, run_webster
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _unblocked(s: np.ndarray, r: np.ndarray, labels: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The N×R computation the blocks replace."""
+    sims = np.where(labels[None, :] == best[:, None], s @ r.T, -np.inf)
+    nearest = np.argmax(sims, axis=1)
+    return nearest, sims[np.arange(len(s)), nearest].astype(np.float32)
+
+
+def test_nearest_reference_in_blocks_equals_the_unblocked_computation() -> None:
+    from raylead.attacks.webster import nearest_references
+
+    rng = np.random.default_rng(7)
+    r = _unit(rng.normal(size=(60, 16)))
+    labels = rng.integers(0, 6, size=60)
+    labels[labels == 5] = 4  # identity 5 has no references: -inf, index 0, as before
+    s = _unit(rng.normal(size=(45, 16)))
+    best = rng.integers(0, 6, size=45)
+    want = _unblocked(s, r, labels, best)
+    for block_bytes in (1, 4 * 13 * 3, 10**9):  # one sample per block, a few, all at once
+        nearest, score = nearest_references(s, r, labels, best, block_bytes)
+        np.testing.assert_array_equal(nearest, want[0])
+        np.testing.assert_allclose(score, want[1], rtol=0, atol=1e-6)
+        assert score.dtype == np.float32 and np.isneginf(score[best == 5]).all()
+    ident = identify(s, r, labels, 6, block_bytes=1)
+    np.testing.assert_array_equal(ident.nearest_reference, _unblocked(s, r, labels, ident.best)[0])
+
+
+def test_identify_holds_no_samples_by_references_matrix() -> None:
+    """2000 samples × 2000 references: the N×R similarities (16 MB, plus mask and copy) are
+    never held at once; with 1 MiB blocks the peak stays a few MiB."""
+    rng = np.random.default_rng(3)
+    r = _unit(rng.normal(size=(2000, 16)))
+    labels = np.arange(2000) % 4
+    s = _unit(rng.normal(size=(2000, 16)))
+    tracemalloc.start()
+    try:
+        identify(s, r, labels, 4, block_bytes=2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 2**20, peak
+
+
+def test_members_file_with_bom_and_crlf_reads_the_same(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"Abdullah_Gul\nAri_Fleischer\n# note\n")
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes(b"\xef\xbb\xbfAbdullah_Gul\r\nAri_Fleischer\r\n# note\r\n")
+    assert read_members(str(windows)) == read_members(str(plain)) == {"Abdullah_Gul", "Ari_Fleischer"}
+
+
+def test_webster_scores_a_bom_members_file_like_a_plain_one_and_names_unmatched_members(
+    tmp_path: Path, write_collection, caplog
+) -> None:
+    rng = np.random.default_rng(11)
+    centres = _unit(rng.normal(size=(6, 32)))
+    refs = _unit(np.repeat(centres, 3, axis=0) + 0.3 * rng.normal(size=(18, 32)))
+    ref_ids = [f"p{i}" for i in np.repeat(np.arange(6), 3)]
+    samples = _unit(np.repeat(centres[:2], 5, axis=0) + 0.3 * rng.normal(size=(10, 32)))
+    queries = write_collection(tmp_path / "Q", [f"{p}/{j}.jpg" for j, p in enumerate(ref_ids)], ref_ids, refs)
+    syn = write_collection(tmp_path / "S", [f"x_{j:05d}.jpg" for j in range(10)], [None] * 10, samples)
+    (tmp_path / "plain.txt").write_bytes(b"p0\np1\np2\n")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfp0\r\np1\r\np2\r\nNobody_Here\r\n")
+    got = {}
+    for name in ("plain", "bom"):
+        with caplog.at_level(logging.WARNING, logger="raylead.attacks.webster"):
+            caplog.clear()
+            members = str(tmp_path / f"{name}.txt")
+            cfg = WebsterConfig(queries=queries, samples=syn, out=str(tmp_path / name), members=members)
+            got[name] = run_webster(cfg)
+    assert got["bom"]["alphas"] == got["plain"]["alphas"] and got["bom"]["n_members_in_queries"] == 3
+    assert got["bom"]["random_precision"] == pytest.approx(0.5)
+    warned = [r.getMessage() for r in caplog.records if "not query identities" in r.getMessage()]
+    assert len(warned) == 1 and "'Nobody_Here'" in warned[0]
+
+
+def test_reject_below_help_says_what_the_code_does() -> None:
+    """Rejection compares the cosine to the *predicted* identity's centroid, not to every identity."""
+    import typer
+
+    from raylead.cli import app
+
+    webster = typer.main.get_command(app).commands["attack"].commands["webster"]  # type: ignore[attr-defined]
+    text = next(p.help for p in webster.params if p.name == "reject_below")
+    assert "predicted identity's centroid" in text and "every identity" not in text
