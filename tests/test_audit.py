@@ -353,29 +353,17 @@ def _append_one(path: str, i: int) -> None:
     append_history(Location.parse(path), row | {"checkpoint": f"/c/{i}", "checkpoint_name": f"ckpt-{i}"})
 
 
-def test_concurrent_appends_to_a_local_history_lose_no_row(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_appends_to_a_history_lose_no_row(tmp_path: Path, where: str, request) -> None:
     """An `audit run` from a training loop beside the nightly `audit pending`: each append reads,
-    adds and rewrites the file; without the lock all but one of these 6 rows were lost."""
+    adds and rewrites the history, and all but one of these 6 rows were lost. Locally the appends
+    take a lock file; on S3 each is a PUT conditional on the version it read (If-Match its ETag),
+    the loser reading again (the spawned writers inherit the S3 server's AWS_* from its fixture)."""
     import multiprocessing
 
-    path = str(tmp_path / "history.parquet")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_append_one, args=(path, i)) for i in range(6)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0] * 6
-    assert sorted(r["checkpoint"] for r in read_history(Location.parse(path))) == [f"/c/{i}" for i in range(6)]
-
-
-def test_concurrent_appends_to_an_s3_history_lose_no_row(s3_server) -> None:
-    """The same race on object storage: each append is a PUT conditional on the version it read
-    (If-Match its ETag); the loser reads again. Without it 6 concurrent appends kept 1 row.
-    (The spawned writers inherit the server's AWS_* from the fixture.)"""
-    import multiprocessing
-
-    path = "s3://raylead/audit-race/history.parquet"
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+    path = str(tmp_path / "history.parquet") if where == "local" else "s3://raylead/audit-race/history.parquet"
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_append_one, args=(path, i)) for i in range(6)]
     for p in procs:
