@@ -614,6 +614,16 @@ def prepare(cfg: AuditConfig) -> Prepared:
     return Prepared(cfg, out, cfg.history_location(), index, spec, spec.name, str(matcher.version), threshold)
 
 
+def sample_max_pixels(cfg: AuditConfig) -> int:
+    """The largest sample image embedding and triage decode: the folder generator hands on its
+    files as they are, so its ``max_pixels`` option applies there; else the default."""
+    from raylead.faces import DEFAULT_MAX_PIXELS
+
+    if generators.parse(cfg.generator).builtin == "folder" and "max_pixels" in cfg.generator_options:
+        return int(cfg.generator_options["max_pixels"])
+    return DEFAULT_MAX_PIXELS
+
+
 def _embed_config(prep: Prepared, samples: Location, emb: Location) -> Any:
     from raylead.embed import EmbedConfig
 
@@ -628,6 +638,7 @@ def _embed_config(prep: Prepared, samples: Location, emb: Location) -> Any:
         gpus_per_actor=cfg.gpus_per_actor,
         shard_size=cfg.shard_size,
         det_score_floor=cfg.det_score_floor,
+        max_pixels=sample_max_pixels(cfg),
         s3=cfg.s3,
     )
 
@@ -655,7 +666,8 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
     sampled = sample_checkpoint(cfg, checkpoint, folder, n)
     samples_loc = folder.child("samples")
     coll = ensure_collection(_embed_config(prep, samples_loc, folder.child("embeddings")))
-    kept, aside = set_aside(EmbeddedSet.from_collection(coll, samples_loc.uri), cfg.det_score_floor, Triage.of(cfg))
+    triage = Triage.of(cfg, max_pixels=sample_max_pixels(cfg))
+    kept, aside = set_aside(EmbeddedSet.from_collection(coll, samples_loc.uri), cfg.det_score_floor, triage)
     q, sample_ids = kept.embeddings, kept.ids
     target_ids = prep.target_ids()
     if q.shape[0]:

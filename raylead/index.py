@@ -833,10 +833,9 @@ def build_index(
             )
         missing = _missing_files(root, existing)
         if not missing:
+            # left as it is, even when built before the matcher was recorded (readers ask its source
+            # collection): search results are keyed to these manifest bytes
             log.info("%s is already a finished index of these inputs; nothing to do", root.uri)
-            if existing.embedded_with is None and source.embedded_with is not None:  # built before it was kept
-                existing = dataclasses.replace(existing, embedded_with=source.embedded_with)
-                root.child(INDEX_MANIFEST).write_json(existing.to_json())
             return existing
         log.warning("%s: %s missing or cut short; rebuilding what needs it", root.uri, ", ".join(missing[:3]))
     build_loc = root.child(BUILD_FILE)

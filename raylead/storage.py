@@ -154,6 +154,7 @@ def safe_relpath(rel: str) -> str:
 _PERMANENT_ERRNOS = frozenset({errno.ELOOP, errno.ENXIO, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
 
 
+_SINGLE_PUT_MAX = 5 * 2**30  # S3's limit for one PUT
 # S3 error codes that name the request's URI as invalid: retrying the same URI cannot help
 _INVALID_URI_CODES = frozenset({"InvalidBucketName", "InvalidURI", "KeyTooLongError"})
 
@@ -522,9 +523,11 @@ class Location:
         if not self.is_s3:
             raise ValueError(f"write_bytes_if() is for s3:// objects, not {self.uri}")
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        if len(data) >= _SINGLE_PUT_MAX:
+            raise StorageError(f"{scrub_userinfo(self.uri)}: {len(data)} bytes is too large for one conditional PUT")
         try:
-            retry_io(
-                lambda: self.fs.pipe_file(self.path, data, **condition),
+            retry_io(  # one PUT: s3fs's multipart upload would drop the condition (from 100 MiB)
+                lambda: self.fs.pipe_file(self.path, data, chunksize=_SINGLE_PUT_MAX, **condition),
                 f"writing {self.uri}",
                 passthrough=frozenset({"PreconditionFailed", "NotImplemented"}),
             )

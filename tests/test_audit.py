@@ -116,6 +116,23 @@ def test_folder_generator_samples_sorted_indices(tmp_path: Path, lfw_dir: Path) 
         generators.load("folder", str(tmp_path / "nothing-here"))
 
 
+@pytest.mark.parametrize(
+    ("generator", "options", "limit"),
+    [("folder", {"max_pixels": 60_000_000}, 60_000_000), ("folder", {}, 40_000_000),
+     (f"{REPO}/examples/torch_generator.py:load", {"max_pixels": 5}, 40_000_000)],
+)  # fmt: skip
+def test_the_folder_generators_pixel_limit_is_the_audits(generator: str, options: dict, limit: int) -> None:
+    """The folder generator hands its files on as they are, so its max_pixels option must be the
+    limit embedding and triage decode with (it was ignored: a 43.6 MP image allowed by the
+    option was set aside as too_many_pixels)."""
+    from raylead.attacks import Triage
+    from raylead.audit import sample_max_pixels
+
+    cfg = AuditConfig(generator=generator, train_index="i", out="o", generator_options=options, triage="t.py:f")
+    assert sample_max_pixels(cfg) == limit
+    assert Triage.of(cfg, max_pixels=sample_max_pixels(cfg)).max_pixels == limit
+
+
 PLUGIN = """
 class G:
     name, version = "plug", "1"
@@ -384,6 +401,13 @@ def test_an_s3_append_that_loses_the_race_reads_again(s3_server) -> None:
     assert loc.write_bytes_if(b"B", tag_a)
     assert not loc.write_bytes_if(b"C", tag_a)  # B landed since A was read
     assert loc.read_bytes() == b"B"
+    # above s3fs's multipart cut (100 MiB) the condition was dropped: a stale write landed
+    big = Location.parse("s3://raylead/audit-race/big.bin")
+    assert big.write_bytes_if(b"a" * (101 << 20), None)
+    tag = big.etag()
+    assert big.write_bytes_if(b"b" * (101 << 20), tag)
+    assert not big.write_bytes_if(b"c" * (101 << 20), tag)
+    assert big.read_bytes()[:1] == b"b"
 
 
 def test_config_validation() -> None:

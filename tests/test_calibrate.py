@@ -60,9 +60,9 @@ def brute_eer(gen: np.ndarray, imp: np.ndarray) -> tuple[float, float]:
 @pytest.mark.parametrize("fmr", [0.5, 0.1, 0.013, 1e-3])
 def test_threshold_at_fmr_equals_brute_force(seed: int, fmr: float) -> None:
     rng = np.random.default_rng(seed)
-    imp = rng.normal(size=rng.integers(50, 400)).astype(np.float32)
-    if seed % 2:  # many ties
-        imp = np.round(imp, 1).astype(np.float32)
+    imp = np.tanh(rng.normal(size=rng.integers(50, 400))).astype(np.float32)  # cosines: in (-1, 1)
+    if seed % 2:  # many ties (below 1: impostors at 1 are the case below)
+        imp = (np.floor(imp * 10) / 10).astype(np.float32)
     got = threshold_at_fmr(imp, fmr)
     assert got.threshold == brute_threshold(imp, fmr)
     assert got.impostor_matches == int(np.sum(imp >= np.float32(got.threshold)))
@@ -75,6 +75,15 @@ def test_threshold_below_resolution_is_above_every_impostor() -> None:
     got = threshold_at_fmr(imp, 1e-3)
     assert got.threshold > 0.5 and got.impostor_matches == 0 and not got.fmr_resolvable
     assert got.threshold == float(np.nextafter(np.float32(0.5), np.float32(1)))
+
+
+def test_threshold_is_at_most_one() -> None:
+    """One photo filed under two identities is an impostor pair at cosine 1 (float32: 1.0000001):
+    θ was written as 1.0000002, which every reader then refused. No θ ≤ 1 rejects that pair, so θ
+    stays 1 and the FMR achieved says it is above the target."""
+    imp = np.concatenate([np.full(2, np.nextafter(np.float32(1), np.float32(2))), np.linspace(-0.5, 0.5, 98)])
+    got = threshold_at_fmr(imp.astype(np.float32), 1e-2)
+    assert got.threshold == 1.0 and got.impostor_matches == 2 and got.fmr_achieved == 0.02
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 2.0])

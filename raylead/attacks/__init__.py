@@ -418,15 +418,23 @@ class Triage:
     so the sets of several matchers over the same images are judged once."""
 
     def __init__(
-        self, spec: str, options: dict[str, Any] | None = None, actors: int = 1, s3: S3Options | None = None
+        self,
+        spec: str,
+        options: dict[str, Any] | None = None,
+        actors: int = 1,
+        s3: S3Options | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.spec, self.options, self.actors, self.s3 = spec, dict(options or {}), int(actors), s3
+        self.max_pixels = max_pixels  # the largest image decoded (None: triage's default)
         self._verdicts: dict[tuple[str, str], str | None] = {}
 
     @classmethod
-    def of(cls, cfg: Any) -> Triage | None:
+    def of(cls, cfg: Any, max_pixels: int | None = None) -> Triage | None:
         """The filter an attack config (``triage``, ``triage_options``, ``actors``, ``s3``) asks for."""
-        return None if cfg.triage is None else cls(cfg.triage, cfg.triage_options, cfg.actors or 1, cfg.s3)
+        if cfg.triage is None:
+            return None
+        return cls(cfg.triage, cfg.triage_options, cfg.actors or 1, cfg.s3, max_pixels)
 
     def reasons(self, images: EmbeddedSet) -> list[str | None]:
         """The filter's reason to set each of ``images`` aside (None: keep it)."""
@@ -440,7 +448,8 @@ class Triage:
         except ConfigError as exc:
             raise ConfigError(f"--triage needs the images of {images.uri}: {exc}") from None
         todo = [i for i in dict.fromkeys(images.ids) if (root.uri, i) not in self._verdicts]
-        verdicts = triage_reasons(self.spec, self.options, root, todo, actors=self.actors)
+        limit = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
+        verdicts = triage_reasons(self.spec, self.options, root, todo, actors=self.actors, **limit)
         self._verdicts.update({(root.uri, i): v for i, v in zip(todo, verdicts, strict=True)})
         return [self._verdicts[(root.uri, i)] for i in images.ids]
 

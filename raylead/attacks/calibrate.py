@@ -136,6 +136,9 @@ class FmrThreshold:
     fmr_resolvable: bool  # fmr_target · impostor_pairs ≥ 1
 
 
+COSINE_SLACK = 1e-5  # float32 round-off of a cosine around ±1
+
+
 def threshold_at_fmr(impostor: np.ndarray, fmr: float) -> FmrThreshold:
     """θ = the smallest float32 ``t`` with #{impostor ≥ t}/n ≤ ``fmr`` (see module docstring)."""
     if not (0.0 < fmr < 1.0):
@@ -148,6 +151,9 @@ def threshold_at_fmr(impostor: np.ndarray, fmr: float) -> FmrThreshold:
     if allowed >= n:  # pragma: no cover - fmr < 1 makes this impossible
         allowed = n - 1
     theta = np.nextafter(s[allowed], np.float32(np.inf), dtype=np.float32)
+    # a cosine is at most 1: impostors at 1 (one photo filed under two identities; float32 may read
+    # 1.0000001) pass any threshold, so θ stays 1 and the FMR achieved says so
+    theta = min(theta, np.float32(1.0))
     matches = int(np.count_nonzero(s >= theta))
     return FmrThreshold(float(theta), float(fmr), n, matches, matches / n, fmr * n >= 1.0)
 
@@ -335,7 +341,8 @@ def read_calibration(uri: str, s3: S3Options | None = None) -> dict[str, Any]:
         raise CorruptDataError(
             f"calibration file {loc.uri} is malformed ({exc!r}); rerun `raylead calibrate`"
         ) from None
-    if not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):  # NaN read as "0 % leak", -3 as 100 %
+    # NaN read as "0 % leak", -3 as 100 %; files written before θ was capped at 1 may hold 1 + round-off
+    if not (math.isfinite(threshold) and -1.0 - COSINE_SLACK <= threshold <= 1.0 + COSINE_SLACK):
         raise CorruptDataError(
             f"calibration file {loc.uri} has threshold {threshold!r}, not a cosine in [-1, 1]; "
             "rerun `raylead calibrate`"
@@ -377,7 +384,6 @@ class CalibrateConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a whole number ≥ 0, e.g. 0; got {self.seed!r}")
-        check_file_target(self.out, "--out", "calibration.json")
         if self.bins < 1:
             raise ConfigError(f"--bins must be ≥ 1, got {self.bins!r}")
         if self.max_pairs < 1:
@@ -401,6 +407,7 @@ def parse_impostor_pairs(text: str) -> int | None:
 def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     """Embed (or load) the labelled set, calibrate, write the JSON file; returns its content."""
     cfg.validate()
+    check_file_target(cfg.out, "--out", "calibration.json")
     out = Location.parse(cfg.out, cfg.s3 if cfg.out.startswith("s3://") else None)
     out.parent().check_reachable(write=True)
     emb_dir = cfg.embeddings_dir or out.parent().child("embeddings").uri
