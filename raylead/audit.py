@@ -48,7 +48,8 @@ import pyarrow as pa
 from raylead import generators, plugins
 from raylead.catalog import parquet_from_bytes, table_to_parquet_bytes
 from raylead.errors import ConfigError, CorruptDataError, LeakageRegression, RayleadError, StorageError
-from raylead.storage import Location, S3Options, retry_io
+from raylead.plugins import exception_line
+from raylead.storage import Location, S3Options, printable, retry_io, scrub_secrets
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +181,21 @@ def step_of(name: str) -> int | None:
 def checkpoint_name(uri: str) -> str:
     """What tells a checkpoint from its siblings: its last path part, or, when that carries no
     number (``checkpoint-1000/model.safetensors``, ``step-2/samples``), the path from the nearest
-    part above it that does (at most two parts up)."""
+    part above it that does (at most two parts up); control characters shown as ``\\xNN``."""
     parts = [p for p in uri.split("://", 1)[-1].rstrip("/").split("/") if p] or [uri]
+    name = parts[-1]
     for up in range(min(3, len(parts))):
         if re.search(r"\d", parts[-1 - up]):
-            return "/".join(parts[len(parts) - 1 - up :])
-    return parts[-1]
+            name = "/".join(parts[len(parts) - 1 - up :])
+            break
+    return printable(name)  # printed in trend lines: a newline or escape in a folder name forges none
+
+
+def recorded_options(options: dict[str, Any], s3: S3Options | None = None) -> dict[str, Any]:
+    """Plug-in options as the history, metrics and markers keep them: credentials in a value (a
+    URL's userinfo, the run's S3 key and secret) replaced by ``***``."""
+    extra = (s3.access_key, s3.secret_key) if s3 is not None else ()
+    return {k: scrub_secrets(v, extra) if isinstance(v, str) else v for k, v in options.items()}
 
 
 def checkpoint_key(uri: str) -> str:
@@ -319,7 +329,7 @@ def _history_lock(loc: Location) -> Iterator[None]:
     import fcntl
 
     folder, name = os.path.split(loc.path)
-    os.makedirs(folder or ".", exist_ok=True)
+    Location.parse(folder or ".").makedirs()  # owner-only, as every local output
     # hidden: a history kept under the checkpoints' prefix must not list its lock as a checkpoint
     fd = os.open(os.path.join(folder, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -501,7 +511,7 @@ def sample_checkpoint(cfg: AuditConfig, checkpoint: Location, folder: Location, 
         "checkpoint": checkpoint.uri,
         "seed": cfg.seed,
         "samples": n,
-        "options": cfg.generator_options,
+        "options": recorded_options(cfg.generator_options, cfg.s3),
     }
     if marker.exists():
         try:
@@ -704,8 +714,8 @@ def audit_checkpoint(prep: Prepared, checkpoint: Location, rows: list[dict[str, 
         "triage": plugins.canonical(cfg.triage),
         "alignment": coll.manifest.alignment,
         "det_score_floor": float(cfg.det_score_floor),
-        "generator_options": json.dumps(cfg.generator_options, sort_keys=True, default=str),
-        "triage_options": json.dumps(cfg.triage_options, sort_keys=True, default=str),
+        "generator_options": json.dumps(recorded_options(cfg.generator_options, cfg.s3), sort_keys=True, default=str),
+        "triage_options": json.dumps(recorded_options(cfg.triage_options, cfg.s3), sort_keys=True, default=str),
         "threshold": theta,
     }
     prev = previous_row(rows, checkpoint_name(checkpoint.uri), like)
@@ -827,7 +837,7 @@ def run_pending(cfg: AuditConfig, echo: Echo = _print, prepared: Prepared | None
             row = audit_checkpoint(prep, ckpt, rows)
         except Exception as exc:
             log.error("%s could not be audited: %s", ckpt.uri, exc, exc_info=not isinstance(exc, RayleadError))
-            echo(f"{checkpoint_name(ckpt.uri)}: NOT AUDITED: {type(exc).__name__}: {exc}")
+            echo(f"{checkpoint_name(ckpt.uri)}: NOT AUDITED: {exception_line(exc, limit=400)}")
             failed.append((ckpt, exc))
             continue
         rows = append_history(prep.history, row)

@@ -54,18 +54,11 @@ import numpy as np
 
 from raylead import plugins
 from raylead.errors import ConfigError, RayleadError
-from raylead.plugins import PluginSpec
+from raylead.plugins import PluginSpec, exception_line
 from raylead.storage import IMAGE_EXTENSIONS, Location, S3Options
 
 log = logging.getLogger(__name__)
 PLACEHOLDER_SIDE = 1  # what folder's sample() gives for an unreadable image: embedding records it as too_small
-
-
-def exception_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: message`` of an exception from plug-in code, on one line (for a ConfigError)."""
-    msg = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @runtime_checkable
@@ -136,7 +129,7 @@ class FolderGenerator:
                 out.append(decode_image(data, max_pixels=self.max_pixels))
             except ImageFailure as exc:
                 log.warning(
-                    "generator folder: %s (seed %d) cannot be used (%s); it is sampled as a %dx%d placeholder "
+                    "generator folder: %r (seed %d) cannot be used (%s); it is sampled as a %dx%d placeholder "
                     "that will be a failure row",
                     self.files[seed], seed, exc.reason, PLACEHOLDER_SIDE, PLACEHOLDER_SIDE,
                 )

@@ -64,6 +64,16 @@ def parse(text: str, kind: str, flag: str, builtins: Mapping[str, Callable[..., 
     return PluginSpec(text, kind, module=target, attr=attr)
 
 
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of an exception from plug-in code, for a one-line error: on one line,
+    without credentials (a URL's userinfo, the ``AWS_*`` keys) or control characters."""
+    from raylead.storage import printable, scrub_secrets
+
+    msg = printable(scrub_secrets(" ".join(str(exc).split())))
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def canonical(text: str | None) -> str | None:
     """A spec as two audits compare it: a file's path normalised (``./gen.py:make`` and
     ``tools/../gen.py:make`` are ``gen.py:make``), anything else stripped. Not made absolute: a
@@ -92,7 +102,7 @@ def _load_file(path: str, spec: PluginSpec) -> Any:
     except Exception as exc:
         sys.modules.pop(name, None)
         raise ConfigError(
-            f"{spec.kind} {spec.text!r}: importing {path} failed: {type(exc).__name__}: {exc}"
+            f"{spec.kind} {spec.text!r}: importing {path} failed: {exception_line(exc)}"
         ) from None
     return module
 
@@ -114,12 +124,12 @@ def resolve(spec: PluginSpec, builtins: Mapping[str, Callable[..., Any]]) -> Cal
             module = importlib.import_module(spec.module)
         except ImportError as exc:
             raise ConfigError(
-                f"{spec.kind} {spec.text!r}: cannot import module {spec.module!r} ({exc}); install it or put it "
-                "on PYTHONPATH (or give path/to/file.py:callable)"
+                f"{spec.kind} {spec.text!r}: cannot import module {spec.module!r} ({exception_line(exc)}); install "
+                "it or put it on PYTHONPATH (or give path/to/file.py:callable)"
             ) from None
         except Exception as exc:
             raise ConfigError(
-                f"{spec.kind} {spec.text!r}: importing {spec.module!r} failed: {type(exc).__name__}: {exc}"
+                f"{spec.kind} {spec.text!r}: importing {spec.module!r} failed: {exception_line(exc)}"
             ) from None
     obj: Any = module
     for part in spec.attr.split("."):

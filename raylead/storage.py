@@ -234,15 +234,30 @@ def scrub_userinfo(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
+def scrub_secrets(text: str, extra: Iterable[str | None] = ()) -> str:
+    """``text`` without URL userinfo, the ``AWS_*`` credentials of the environment, or the
+    ``extra`` secrets (an S3Options' key and secret given as flags)."""
+    text = scrub_userinfo(text)
+    names = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+    for val in (*(os.environ.get(n) for n in names), *extra):
+        if val and len(val) >= 4:
+            text = text.replace(val, "***")
+    return text
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (newlines, ANSI escapes) shown as ``\\xNN``: a name from
+    storage or a plug-in's message cannot forge a line in the terminal or the logs."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _clean(exc: BaseException) -> str:
     """An exception message on one line, with anything that looks like a credential removed."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    text = scrub_userinfo(text)
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
-        val = os.environ.get(name)
-        if val and len(val) >= 4:
-            text = text.replace(val, "***")
-    return text[:300]
+    return printable(scrub_secrets(text))[:300]
 
 
 def _invalid_request(exc: BaseException) -> str:

@@ -29,8 +29,7 @@ import numpy as np
 
 from raylead import plugins
 from raylead.errors import ConfigError, RayleadError
-from raylead.generators import exception_line
-from raylead.plugins import PluginSpec
+from raylead.plugins import PluginSpec, exception_line
 from raylead.storage import Location
 
 log = logging.getLogger(__name__)

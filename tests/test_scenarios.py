@@ -114,17 +114,23 @@ def test_build_from_folder_symlinks_and_cli(tmp_path: Path) -> None:
         for f in files:
             (src / f).write_bytes(f.encode())
     out = tmp_path / "scenario"
-    sc, written = build_scenario(
-        ScenarioBuildConfig(
-            labelled=str(src),
-            out=str(out),
-            kind="pairs",
-            pairs=PairsScenarioConfig(
-                n_train=10, n_holdout=10, train_photos=4, leak_photos=2, leak_fraction=0.3
-            ),
+    umask = os.umask(0o022)
+    try:
+        sc, written = build_scenario(
+            ScenarioBuildConfig(
+                labelled=str(src),
+                out=str(out),
+                kind="pairs",
+                pairs=PairsScenarioConfig(
+                    n_train=10, n_holdout=10, train_photos=4, leak_photos=2, leak_fraction=0.3
+                ),
+            )
         )
-    )
+    finally:
+        os.umask(umask)
     assert set(written) == {"train", "holdout", "synthetic"}
+    # the folders name the people: owner-only, as every local output (they were 0755)
+    assert {oct(p.stat().st_mode & 0o777) for p in [out / "train", *(out / "train").iterdir()]} == {"0o700"}
     first = sc.role("synthetic")[0]
     link = out / first.dest
     assert link.is_symlink() and link.read_bytes() == first.source.encode()

@@ -344,6 +344,43 @@ def test_storage_error_text_is_one_scrubbed_line(monkeypatch) -> None:
     assert text == 'cannot open "http://***@host:9/b" with key ***'
 
 
+def test_plugin_options_and_errors_keep_no_credentials(monkeypatch) -> None:
+    """A generator option holding a URL with a password was written as is into the audit history,
+    metrics.json and samples.json; a plug-in's exception text (its factory failing to open that URL)
+    reached stderr and Ray's logs unscrubbed, control characters included."""
+    from raylead.audit import recorded_options
+    from raylead.plugins import exception_line
+    from raylead.storage import S3Options
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "EnvSecretValue")
+    s3 = S3Options(endpoint_url="http://127.0.0.1:9", access_key="FlagKeyId", secret_key="FlagSecret")
+    options = {"weights": "https://alice:S3CR3T-T0KEN@models.example.com/w.pt", "psi": 0.7,
+               "note": "FlagSecret and EnvSecretValue"}
+    kept = recorded_options(options, s3)
+    assert kept == {"weights": "https://***@models.example.com/w.pt", "psi": 0.7, "note": "*** and ***"}
+    line = exception_line(FileNotFoundError("http://alice:S3CR3T-T0KEN@host/w.pt\nfake line\x1b[8m EnvSecretValue"))
+    assert line == "FileNotFoundError: http://***@host/w.pt fake line\\x1b[8m ***"
+
+
+def test_checkpoint_names_cannot_forge_lines_and_new_folders_are_private(tmp_path) -> None:
+    """A checkpoint folder named "ckpt-3\nckpt-9 (step 9): leak 0.0% ..." printed a fake trend line;
+    the history's folder and a scenario's identity folders were created world-readable (0755)."""
+    from raylead.audit import _history_lock, checkpoint_name
+    from raylead.storage import Location
+
+    assert checkpoint_name("/runs/ckpt-3\nckpt-9 (step 9): leak 0.0%\x1b[8m") == (
+        "ckpt-3\\x0ackpt-9 (step 9): leak 0.0%\\x1b[8m"
+    )
+    old = os.umask(0o022)
+    try:
+        with _history_lock(Location.parse(str(tmp_path / "audits" / "team-a" / "history.parquet"))):
+            pass
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "audits", tmp_path / "audits" / "team-a"):
+        assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
+
+
 def test_secret_forms_are_found():
     import base64
 

@@ -498,7 +498,7 @@ def materialise(sc: Scenario, source: Location, out: Location, copy: bool = Fals
         dest = out.child(e.dest)
         src = source.child(e.source)
         if mode == "symlink":
-            os.makedirs(os.path.dirname(dest.path), exist_ok=True)
+            dest.parent().makedirs()  # owner-only: the folders name the people
             if os.path.lexists(dest.path):
                 os.unlink(dest.path)
             try:
