@@ -493,7 +493,7 @@ def _pair(value: Any) -> tuple[str, str] | None:
     return (value[0], value[1])
 
 
-def embedded_with(manifest: IndexManifest, s3: S3Options | None = None) -> tuple[str, str] | None:
+def _matcher_of(manifest: IndexManifest, s3: S3Options | None = None) -> tuple[str, str] | None:
     """(matcher, version) of an index's vectors: recorded in its manifest, else (an index built
     before it was recorded) its source collection's, when that can still be read."""
     if manifest.embedded_with is not None or not manifest.source:
@@ -514,7 +514,7 @@ def check_embedded_with(
     """Refuse scoring ``what`` (embedded with ``matcher`` ``version``) against an index of another
     matcher's embeddings: cosines across two matchers mean nothing (same-size ones give scores
     near zero, read as "no leak"). Indexes whose matcher cannot be known pass."""
-    known = embedded_with(manifest, s3)
+    known = _matcher_of(manifest, s3)
     if known is not None and known != (matcher, version):
         theirs = " ".join(known)
         raise ConfigError(

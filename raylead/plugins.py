@@ -67,9 +67,9 @@ def parse(text: str, kind: str, flag: str, builtins: Mapping[str, Callable[..., 
 def exception_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: message`` of an exception from plug-in code, for a one-line error: on one line,
     without credentials (a URL's userinfo, the ``AWS_*`` keys) or control characters."""
-    from raylead.storage import printable, scrub_secrets
+    from raylead.storage import one_line
 
-    msg = printable(scrub_secrets(" ".join(str(exc).split())))
+    msg = one_line(str(exc))
     text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -254,10 +254,14 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def one_line(text: str) -> str:
+    """A message (an exception's, a plug-in's) for a one-line error or log: its lines joined,
+    credentials removed (:func:`scrub_secrets`), control characters shown (:func:`printable`)."""
+    return printable(scrub_secrets(" ".join(line.strip() for line in text.splitlines() if line.strip())))
+
+
 def _clean(exc: BaseException) -> str:
-    """An exception message on one line, with anything that looks like a credential removed."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return printable(scrub_secrets(text))[:300]
+    return one_line(str(exc))[:300]
 
 
 def _invalid_request(exc: BaseException) -> str:
