@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 COLLECTION_KIND = "raylead.collection"
 FORMAT_VERSION = 1
 STATUS_OK = "ok"
+NORM_TOLERANCE = 1e-2  # an ok embedding's L2 norm must be within this of 1 (readers also let 0 pass)
 
 
 def shard_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schema:

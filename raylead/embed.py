@@ -307,6 +307,19 @@ def _read_and_preprocess(batch: dict[str, np.ndarray], source: Location, preproc
     return out
 
 
+def _embedding_status(emb: np.ndarray) -> np.ndarray:
+    """``ok`` for each finite, L2-normalised row; the reason otherwise. A model that returns NaN,
+    zeros or a vector too small to normalise (``l2_normalize`` leaves it short of length 1) has
+    not embedded that face: the row fails here rather than pass as ``ok`` and be refused by
+    every reader of the collection (``index.check_embeddings``)."""
+    out = np.full(len(emb), catalog.STATUS_OK, dtype=object)
+    finite = np.isfinite(emb).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], emb, 0), axis=1)
+    out[~finite] = "embed_error: non-finite embedding"
+    out[finite & (np.abs(norms - 1.0) > catalog.NORM_TOLERANCE)] = "embed_error: degenerate embedding (norm not 1)"
+    return out
+
+
 class EmbedActor:
     """Ray Data actor: loads the matcher once (in ``__init__``), embeds ok crops per batch."""
 
@@ -327,8 +340,8 @@ class EmbedActor:
             except Exception as exc:  # a model error fails these rows, never the job
                 log.exception("embedding a batch of %d failed", len(ok))
                 status[ok] = f"embed_error: {type(exc).__name__}"
-            bad = ok[~np.isfinite(emb[ok]).all(axis=1)]
-            status[bad] = "embed_error: non-finite embedding"
+            else:
+                status[ok] = _embedding_status(emb[ok])
         return {
             "image_id": batch["image_id"],
             "identity": batch["identity"],

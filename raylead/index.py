@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylead.catalog import (
+    NORM_TOLERANCE,
     CollectionManifest,
     ShardInfo,
     is_collection,
@@ -195,13 +196,10 @@ class CollectionRows:
         return np.ascontiguousarray(np.concatenate(vectors)), ids
 
 
-NORM_TOLERANCE = 1e-2  # an ok embedding's L2 norm must be within this of 1 (or exactly 0)
-
-
 def check_embeddings(vectors: np.ndarray, ids: Sequence[str], where: str) -> None:
     """Refuse ``ok`` rows that break the collection contract: every embedding finite and
-    L2-normalised (scores are cosines). All-zero rows pass: a matcher's ``l2_normalize`` keeps a
-    zero output zero, and it scores 0 against everything."""
+    L2-normalised (scores are cosines). All-zero rows pass: they score 0 against everything
+    (``raylead embed`` fails them; older collections and in-memory sources may hold them)."""
     if not vectors.size:
         return
     finite = np.isfinite(vectors).all(axis=1)

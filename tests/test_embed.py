@@ -352,3 +352,67 @@ def test_a_rerun_embeds_again_a_shard_cut_short_after_its_marker(tmp_path, lfw_d
     assert (again.shards_written, again.shards_skipped) == (1, 1)
     col = read_collection(again.out)  # checksums verified
     np.testing.assert_array_equal(col.embeddings, before)
+
+
+class _ReplacedOutput:
+    """The real MobileFaceNet matcher with some of its output rows replaced: the model boundary,
+    where a broken export or a numerically dead input yields NaN, zeros or a vector too small to
+    normalise."""
+
+    def __init__(self, matcher: object, replace: dict[int, np.ndarray] | None = None, fail: bool = False) -> None:
+        self.matcher, self.replace, self.fail = matcher, replace or {}, fail
+        self.name, self.dim, self.crop = matcher.name, matcher.dim, matcher.crop  # type: ignore[attr-defined]
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        if self.fail and len(batch) > 1:  # the actor's one-image warm-up still loads the weights
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        out = self.matcher.embed(batch)  # type: ignore[attr-defined]
+        for row, make in self.replace.items():
+            if row < len(out):
+                out[row] = make(out[row])
+        return out
+
+
+def test_model_outputs_that_are_not_embeddings_fail_their_rows(lfw_dir: Path, mbf_model: Path) -> None:
+    """NaN, all-zero and not-normalisable model outputs become ``embed_error`` rows (they used to
+    pass as ``ok`` and make every reader refuse the collection); a model exception fails the
+    batch's rows; rows that were not ok stay as they were; good rows keep the model's embedding."""
+    from PIL import Image
+
+    from raylead.catalog import STATUS_OK
+    from raylead.embed import EmbedActor
+    from raylead.index import check_embeddings
+    from raylead.matchers import OnnxMatcher, l2_normalize
+
+    files = sorted(lfw_dir.rglob("*.jpg"))[:6]
+    crops = np.stack([np.asarray(Image.open(f).convert("RGB"))[69:181, 69:181] for f in files])  # centre 112×112
+    batch = {
+        "image_id": np.array([f.name for f in files], dtype=object),
+        "identity": np.array([f.parent.name for f in files], dtype=object),
+        "shard": np.zeros(6, np.int64),
+        "det_score": np.full(6, 0.9, np.float32),
+        "status": np.array([STATUS_OK] * 5 + ["no_face"], dtype=object),
+        "crop": crops,
+    }
+    real = OnnxMatcher(model=str(mbf_model))
+    want = real.embed(crops[:5])
+    replace = {
+        1: lambda v: np.full_like(v, np.nan),
+        2: np.zeros_like,
+        3: lambda v: l2_normalize(1e-13 * v[None])[0],  # below l2_normalize's floor: norm ≈ 1e-1, not 1
+    }
+    out = EmbedActor(_ReplacedOutput(real, replace))(batch)
+    assert list(out["status"]) == [
+        STATUS_OK,
+        "embed_error: non-finite embedding",
+        "embed_error: degenerate embedding (norm not 1)",
+        "embed_error: degenerate embedding (norm not 1)",
+        STATUS_OK,
+        "no_face",
+    ]
+    ok = np.flatnonzero(out["status"] == STATUS_OK)
+    np.testing.assert_allclose(out["embedding"][ok], want[ok], atol=1e-5)
+    check_embeddings(out["embedding"][ok], list(out["image_id"][ok]), "the ok rows")  # what readers accept
+
+    failed = EmbedActor(_ReplacedOutput(real, fail=True))(batch)
+    assert list(failed["status"]) == ["embed_error: RuntimeError"] * 5 + ["no_face"]
