@@ -626,6 +626,239 @@ def test_every_ray_pod_gets_the_s3_secret() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Kubernetes API and network access
+# ----------------------------------------------------------------------------------------------
+
+# The label KubeRay puts on every Ray head and worker pod it creates: ray-project/kuberay,
+# ray-operator/controllers/ray/utils/constant.go (RayNodeLabelKey = "ray.io/is-ray-node") and
+# ray-operator/controllers/ray/common/pod.go (labelPod sets RayNodeLabelKey: "yes" on the head and
+# worker pod templates, over any label of ours). The submitter Job's pods do not get it.
+KUBERAY_RAY_NODE_LABELS = {"ray.io/is-ray-node": "yes"}
+# The KubeRay operator's pod: app.kubernetes.io/component is "kuberay-operator" both with the Helm
+# chart (helm-chart/kuberay-operator/templates/deployment.yaml) and with the kustomize install
+# (ray-operator/config/manager/manager.yaml); app.kubernetes.io/name differs between the two
+# ("kuberay-operator" / "kuberay"). KubeRay's own generated NetworkPolicies select the component.
+KUBERAY_OPERATOR_LABELS = {"app.kubernetes.io/component": "kuberay-operator"}
+DASHBOARD_PORT = 8265  # Ray dashboard + job API on each head: no authentication
+DASHBOARD_PORT_NAME = "dashboard"  # its containerPort name in the head template
+
+
+def token_problems(spec: dict[str, Any]) -> list[str]:
+    """Service-account token rules for one RayCluster spec (standalone or embedded)."""
+    problems = []
+    head = spec["headGroupSpec"]["template"]["spec"]
+    if head.get("automountServiceAccountToken", True) is not True:
+        problems.append("head: keeps its token (the autoscaler sidecar calls the Kubernetes API)")
+    for group in spec.get("workerGroupSpecs", []):
+        if group["template"]["spec"].get("automountServiceAccountToken") is not False:
+            problems.append(f"worker group {group['groupName']}: automountServiceAccountToken must be false")
+    return problems
+
+
+def test_ray_workers_get_no_service_account_token() -> None:
+    """Ray workers never call the Kubernetes API, so their pods mount no service-account token
+    (a compromised task cannot use it). The head keeps its token: with enableInTreeAutoscaling,
+    KubeRay runs the autoscaler as a sidecar container of the head pod (with a ServiceAccount
+    and Role of its own), and it creates and deletes worker pods through the API."""
+    specs = cluster_specs()
+    assert len(specs) == 1 + len(JOB_KINDS) + 1  # the RayCluster, each RayJob, the RayCronJob
+    for where, spec in specs:
+        assert spec["enableInTreeAutoscaling"] is True, where
+        assert spec["workerGroupSpecs"], where
+        problems = token_problems(spec)
+        assert not problems, (where, problems)
+    # the check has teeth: one copy of the spec without the setting, or a head without a token
+    for where, spec in specs:
+        broken = copy.deepcopy(spec)
+        del broken["workerGroupSpecs"][-1]["template"]["spec"]["automountServiceAccountToken"]
+        assert token_problems(broken) == [
+            f"worker group {broken['workerGroupSpecs'][-1]['groupName']}: automountServiceAccountToken must be false"
+        ], where
+    broken = copy.deepcopy(specs[0][1])
+    broken["workerGroupSpecs"][0]["template"]["spec"]["automountServiceAccountToken"] = True
+    broken["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] = False
+    assert len(token_problems(broken)) == 2
+
+
+def submitter_pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    """The pod templates of everything that submits to a Ray job API: each RayJob's and the
+    RayCronJob's submitterPodTemplate (K8sJobMode) and the plain CronJob's pods."""
+    out = [(f"{w} submitter", s.get("submitterPodTemplate") or {}) for w, s in job_specs()]
+    out += [(w, d["spec"]["jobTemplate"]["spec"]["template"]) for w, d in of_kind("CronJob")]
+    return out
+
+
+def _peer_key(peer: dict[str, Any]) -> tuple[str, frozenset[tuple[str, str]]] | str:
+    """(namespaces, pod labels) a NetworkPolicy peer admits, or a string describing why it is
+    not one this analysis accepts (ipBlock, matchExpressions, ...)."""
+    if set(peer) - {"podSelector", "namespaceSelector"}:
+        return f"peer {peer}: only podSelector / namespaceSelector peers are allowed"
+    pods, namespaces = peer.get("podSelector"), peer.get("namespaceSelector")
+    for selector in (pods, namespaces):
+        if selector is not None and set(selector) - {"matchLabels"}:
+            return f"peer {peer}: matchLabels only"
+    if namespaces is None:
+        scope = "this namespace"
+    elif namespaces == {} or namespaces == {"matchLabels": {}}:
+        scope = "any namespace"
+    else:
+        scope = f"namespaces {sorted(namespaces['matchLabels'].items())}"
+    return scope, frozenset(((pods or {}).get("matchLabels") or {}).items())
+
+
+def _reaches_dashboard(rule: dict[str, Any]) -> bool:
+    ports = rule.get("ports")
+    if not ports:
+        return True  # no ports: every port
+    for p in ports:
+        port = p.get("port")
+        if p.get("protocol", "TCP") != "TCP":
+            continue
+        if port is None or port in (DASHBOARD_PORT, DASHBOARD_PORT_NAME):
+            return True
+        if isinstance(port, int) and p.get("endPort") and port <= DASHBOARD_PORT <= p["endPort"]:
+            return True
+    return False
+
+
+def policy_problems(policy: dict[str, Any], submitters: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """What is wrong with the Ray pods' NetworkPolicy: it must select exactly KubeRay's Ray pods,
+    restrict ingress, let the Ray pods talk to each other on every port, and let only the Ray
+    pods, the submitters (each selected by all of its labels) and the KubeRay operator reach 8265."""
+    problems = []
+    spec = policy.get("spec") or {}
+    if policy.get("metadata", {}).get("namespace") != NAMESPACE:
+        problems.append(f"metadata.namespace must be {NAMESPACE!r}")
+    if spec.get("podSelector") != {"matchLabels": KUBERAY_RAY_NODE_LABELS}:
+        problems.append(f"podSelector {spec.get('podSelector')}: must select exactly {KUBERAY_RAY_NODE_LABELS}")
+    types = spec.get("policyTypes") or []
+    if "Ingress" not in types:
+        problems.append("policyTypes must include Ingress (otherwise it restricts no ingress)")
+    if "Egress" in types:
+        problems.append("policyTypes Egress would cut the pods off from S3 and the Kubernetes API")
+    ray_peer = ("this namespace", frozenset(KUBERAY_RAY_NODE_LABELS.items()))
+    submitter_peers = {
+        ("this namespace", frozenset((t.get("metadata") or {}).get("labels", {}).items())) for _, t in submitters
+    }
+    allowed = {ray_peer, ("any namespace", frozenset(KUBERAY_OPERATOR_LABELS.items())), *submitter_peers}
+    dashboard_peers = set()
+    all_ports_peers = set()
+    for i, rule in enumerate(spec.get("ingress") or []):
+        if not rule.get("from"):
+            problems.append(f"ingress[{i}]: no `from` admits every source")
+            continue
+        keys = [_peer_key(peer) for peer in rule["from"]]
+        problems += [f"ingress[{i}]: {k}" for k in keys if isinstance(k, str)]
+        keys = [k for k in keys if not isinstance(k, str)]
+        if _reaches_dashboard(rule):
+            dashboard_peers.update(keys)
+        if not rule.get("ports"):
+            all_ports_peers.update(keys)
+    for peer in sorted(dashboard_peers - allowed, key=str):
+        problems.append(f"port {DASHBOARD_PORT} reachable from an unexpected source: {peer}")
+    for peer in sorted(allowed - dashboard_peers, key=str):
+        problems.append(f"port {DASHBOARD_PORT} not reachable from {peer}")
+    if all_ports_peers != {ray_peer}:
+        problems.append(f"all ports must be open to the Ray pods only, not {sorted(all_ports_peers, key=str)}")
+    for where, template in submitters:
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        if not labels:
+            problems.append(f"{where}: a submitter pod template without labels cannot be let in")
+        if any(k.startswith("ray.io/") for k in labels):
+            problems.append(f"{where}: a submitter must not carry KubeRay's ray.io/ labels")
+    return problems
+
+
+def test_network_policy_guards_the_ray_dashboard() -> None:
+    """The dashboard / job API (8265) has no authentication: only the Ray pods, the job submitters
+    and the KubeRay operator may reach it, and only Ray pods reach the other Ray ports."""
+    (policy,) = [d for _, d in of_kind("NetworkPolicy")]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    assert policy["spec"]["podSelector"] == {"matchLabels": KUBERAY_RAY_NODE_LABELS}
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    submitters = submitter_pod_templates()
+    assert len(submitters) == len(JOB_KINDS) + 1 + 1  # each RayJob, the RayCronJob, the CronJob
+    problems = policy_problems(policy, submitters)
+    assert not problems, problems
+    # the dashboard port the policy opens is the head's dashboard port
+    for where, spec in cluster_specs():
+        ports = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+        assert {"name": DASHBOARD_PORT_NAME, "containerPort": DASHBOARD_PORT} in ports, where
+    # nothing of ours but the Ray pods KubeRay creates carries KubeRay's Ray-node label
+    for where, doc in MANIFESTS:
+        for node in walk(doc):
+            if isinstance(node, dict) and isinstance(node.get("labels"), dict):
+                assert not set(node["labels"]) & set(KUBERAY_RAY_NODE_LABELS), where
+
+
+def test_network_policy_check_catches_openings() -> None:
+    policy = the("NetworkPolicy")
+    submitters = submitter_pod_templates()
+
+    def problems_after(change: Any) -> list[str]:
+        broken = copy.deepcopy(policy)
+        change(broken["spec"])
+        return policy_problems(broken, submitters)
+
+    def everyone_on_8265(spec: dict[str, Any]) -> None:
+        spec["ingress"].append({"ports": [{"port": DASHBOARD_PORT}]})
+
+    assert any("no `from` admits every source" in p for p in problems_after(everyone_on_8265))
+
+    def whole_namespace(spec: dict[str, Any]) -> None:
+        spec["ingress"][1]["from"].append({"podSelector": {}})
+
+    assert any("unexpected source" in p for p in problems_after(whole_namespace))
+
+    def named_port_from_anywhere(spec: dict[str, Any]) -> None:
+        spec["ingress"].append(
+            {"from": [{"namespaceSelector": {}}], "ports": [{"port": DASHBOARD_PORT_NAME}]}
+        )
+
+    assert any("unexpected source" in p for p in problems_after(named_port_from_anywhere))
+
+    def ip_block(spec: dict[str, Any]) -> None:
+        spec["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+
+    assert any("ipBlock" in p for p in problems_after(ip_block))
+
+    def all_ports_to_submitters(spec: dict[str, Any]) -> None:
+        for rule in spec["ingress"]:
+            if any("podSelector" in peer and "namespaceSelector" not in peer for peer in rule["from"]):
+                rule.pop("ports", None)
+
+    assert any("all ports must be open to the Ray pods only" in p for p in problems_after(all_ports_to_submitters))
+
+    def selects_every_pod(spec: dict[str, Any]) -> None:
+        spec["podSelector"] = {}
+        spec["policyTypes"] = ["Egress"]
+
+    problems = problems_after(selects_every_pod)
+    assert any(p.startswith("podSelector {}") for p in problems), problems
+    assert any("must include Ingress" in p for p in problems), problems
+    assert any("Egress would cut" in p for p in problems), problems
+
+    def no_operator(spec: dict[str, Any]) -> None:
+        spec["ingress"] = [r for r in spec["ingress"] if "namespaceSelector" not in r["from"][0]]
+
+    assert any("not reachable from ('any namespace'" in p for p in problems_after(no_operator))
+    wrong_ns = copy.deepcopy(policy)
+    wrong_ns["metadata"]["namespace"] = "default"
+    assert "metadata.namespace must be 'raylead'" in policy_problems(wrong_ns, submitters)
+    # a RayJob whose submitter lost its labels is locked out
+    unlabelled = copy.deepcopy(submitters)
+    unlabelled[0][1].pop("metadata")
+    problems = policy_problems(policy, unlabelled)
+    assert any("without labels" in p for p in problems), problems
+    # and the model validator walks NetworkPolicies field by field
+    typo = the("NetworkPolicy")
+    typo["spec"]["ingress"][0]["form"] = typo["spec"]["ingress"][0].pop("from")
+    errors = manifest_errors(typo)
+    assert any("unknown field 'form' for V1NetworkPolicyIngressRule" in e for e in errors), errors
+
+
+# ----------------------------------------------------------------------------------------------
 # Consistency
 # ----------------------------------------------------------------------------------------------
 
