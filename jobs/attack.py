@@ -24,12 +24,13 @@ class AttackJob:
 
 def main(job: AttackJob) -> str:
     cfg, run, headline, report, redact = prepare(job)
-    lines = headline(run(cfg))
-    if report is not None:
-        from raylead.report import ReportConfig, build_report
+    lines = "\n".join(headline(run(cfg)))
+    if report is None:
+        return lines
+    from raylead.report import ReportConfig, build_report
 
-        lines.append(build_report(ReportConfig(results=cfg.out, out=report, redact=redact)).line())
-    return "\n".join(lines)
+    print(lines, flush=True)  # the results are written: their lines stand even if the report fails
+    return build_report(ReportConfig(results=cfg.out, out=report, redact=redact)).line()
 
 
 def prepare(job: AttackJob) -> tuple[Any, Callable[[Any], Any], Callable[[Any], list[str]], str | None, bool]:
@@ -53,7 +54,9 @@ def prepare(job: AttackJob) -> tuple[Any, Callable[[Any], Any], Callable[[Any], 
     if job.attack != "tinsley":
         options = with_matcher_flags(options, config_cls)
     report, redact = options.pop("report", None), options.pop("redact", False)
-    if not isinstance(redact, bool) or (redact and report is None):
+    if not isinstance(redact, bool):
+        raise ConfigError(f"{where}: redact must be true or false, got {redact!r}")
+    if redact and report is None:
         raise ConfigError(f"{where}: redact applies to the report: add report: FILE.html, or drop redact")
     if report is not None:
         from raylead.report import check_report_file

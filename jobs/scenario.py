@@ -31,8 +31,11 @@ def from_yaml(data: dict[str, Any]) -> dict[str, Any]:
     ``pairs: {n_train: 5}``), and an option of the other kind (``n_holdout`` with ``kind:
     membership``, or a ``membership:`` mapping with ``kind: pairs``), which would be ignored."""
     from raylead.attacks.scenarios import KINDS
+    from raylead.config import check_keys
     from raylead.errors import ConfigError
+    from raylead.jobs import config_keys
 
+    check_keys(data, config_keys(ScenarioBuildConfig, COMMON, PAIRS, MEMBERSHIP), "scenario config")  # names all
     data = dict(data)
     kind = data.get("kind", "pairs")
     if kind in KINDS:  # anything else is left for validation to name

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from raylead.config import from_mapping, load_yaml
 from raylead.errors import ConfigError, RayleadError
+from raylead.storage import one_line
 
 C = TypeVar("C")
 
@@ -64,7 +65,13 @@ def with_matcher_flags(options: dict[str, Any], config_cls: Any) -> dict[str, An
     flags = {k: str(v) for k, v in given.items() if v is not None}
     if flags:
         default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "matcher")
-        options["matcher"] = MatcherSpec.parse(str(options.get("matcher", default))).with_options(**flags).text
+        spec = MatcherSpec.parse(str(options.get("matcher", default)))
+        for key in flags:
+            if getattr(spec, key) not in (None, "dlib" if key == "detector" else None):  # dlib: the default
+                raise ConfigError(
+                    f"give {key}: or {key}= inside matcher: {spec.text!r}, not both (they are one option)"
+                )
+        options["matcher"] = spec.with_options(**flags).text
     return options
 
 
@@ -113,14 +120,14 @@ def run_job(
         cfg = from_mapping(config_cls, data, where=args.config)
         print(stage(cfg), flush=True)
     except RayleadError as exc:
-        print(f"raylead {name}: error: {exc}", file=sys.stderr, flush=True)
+        print(f"raylead {name}: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"raylead {name}: interrupted", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # a bug: the traceback for the report, then one line a job log shows last
         traceback.print_exc()
-        print(f"raylead {name}: internal error: {type(exc).__name__}: {exc} (traceback above)",
+        print(f"raylead {name}: internal error: {type(exc).__name__}: {one_line(str(exc))} (traceback above)",
               file=sys.stderr, flush=True)
         return 1
     return 0

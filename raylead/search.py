@@ -72,7 +72,9 @@ class SearchConfig:
     k_factors: tuple[int, ...] = (2, 4, 8, 16, 32)
     max_scan_fraction: float = 0.125
     query_block: int = 2048
-    device: str = "auto"
+    # where an in-memory base is searched exactly (library callers of search()); not a job or CLI
+    # setting: a persisted index's shard searchers rescore with FAISS on their own node
+    device: str = field(default="auto", metadata={"config": False})
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -128,7 +128,9 @@ def _makedirs_private(path: str) -> None:
 
 def check_file_target(path: str, flag: str, example: str) -> None:
     """An output file's name, before any work: a local path must not be a folder (the write at
-    the end would fail after the work). On S3 a key and a prefix of the same name coexist."""
+    the end would fail after the work). On S3 a key and a prefix of the same name coexist. The
+    URI itself is parsed too (scheme, credentials, host), as the write would."""
+    Location.parse(path)
     if not str(path).startswith("s3://") and os.path.isdir(os.path.expanduser(str(path))):
         raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(str(path), example)}")
 
@@ -222,13 +224,13 @@ def retry_io(
 
 
 # ``scheme://`` up to the LAST ``@`` of a whitespace-free token: a password may hold '/' or '@'.
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*:/{1,2})\S*@")  # one '/': a URL passed through abspath
 
 
 def scrub_userinfo(text: str) -> str:
     """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``.
 
-    Everything between ``scheme://`` and the last ``@`` of the whitespace-free token is removed,
+    Everything between ``scheme://`` (or ``scheme:/``) and the last ``@`` of the whitespace-free token is removed,
     so passwords holding ``/`` or ``@`` go too (at worst a path holding ``@`` is shortened).
     """
     return _USERINFO.sub(r"\1***@", text)
@@ -330,7 +332,7 @@ class Location:
     def parse(cls, uri: str | os.PathLike[str], s3: S3Options | None = None) -> Location:
         text = os.fspath(uri)
         if not text:
-            raise ConfigError("empty location: give a local folder, file://PATH or s3://BUCKET/PREFIX")
+            raise ConfigError("empty location: give a local folder, file:///PATH or s3://BUCKET/PREFIX")
         if text.startswith("s3://"):
             bucket = text[5:].split("/", 1)[0]
             # A bucket name never holds '@' or ':' (an access-point ARN aside): what looks like one
@@ -342,9 +344,20 @@ class Location:
                 )
             if not bucket:
                 raise ConfigError(f"URI {text!r} names no bucket: use s3://BUCKET/PREFIX")
+            if any(seg in (".", "..") for seg in text[5:].split("/")[1:]):
+                # no folders on S3: a server keeps "a/../b" as that key, or refuses it as a bad request
+                raise ConfigError(f"URI {text!r} has a '.' or '..' segment: write the prefix out, e.g. s3://{bucket}/b")
             return cls(text.rstrip("/"), s3 or S3Options.from_env())
         if text.startswith("file://"):
-            text = text[7:]
+            rest = text[7:]
+            if rest.startswith("localhost/"):
+                rest = rest[9:]
+            if not rest.startswith("/"):  # file://host/x, or file://x meaning a relative x
+                raise ConfigError(
+                    f"URI {scrub_userinfo(text)!r} names a host or a relative path: use file:///ABSOLUTE/PATH "
+                    "or a plain path"
+                )
+            text = rest
         elif "://" in text:
             raise ConfigError(f"unsupported URI scheme in {scrub_userinfo(text)!r}: use a local path, file:// or s3://")
         return cls(os.path.abspath(os.path.expanduser(text)))

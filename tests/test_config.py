@@ -82,3 +82,14 @@ def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) ->
     assert one_line(err) == f"config file {str(path)!r} is not UTF-8 text (byte 0xe9 at offset 11); save it as UTF-8"
     path.write_text("source: café\n", encoding="utf-8")
     assert load_yaml(path) == {"source": "café"}
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path: Path) -> None:
+    """`fmr: 1e-4` (how the README writes it) was the string '1e-4' under PyYAML's YAML 1.1 rules,
+    and the calibrate job refused it as "not a number"; quoted, it stays a string."""
+    path = tmp_path / "c.yaml"
+    path.write_text('fmr: 1e-4\npairs: 1E7\nneg: -2.5e+3\ndot: 1.0e-4\nn: 12\nquoted: "1e-4"\nname: 1e4x\n')
+    got = load_yaml(path)
+    assert got == {"fmr": 1e-4, "pairs": 1e7, "neg": -2500.0, "dot": 1e-4, "n": 12, "quoted": "1e-4", "name": "1e4x"}
+    assert [type(got[k]) for k in ("fmr", "pairs", "n", "quoted")] == [float, float, int, str]
+    assert coerce(got["pairs"], int, "impostor_pairs") == 10_000_000

@@ -49,6 +49,10 @@ def test_embed_then_attack_jobs(tmp_path, lfw_dir, ray_local) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"report: {tmp_path / 'again.html'} (idiap; ") and "plots as PNG" in done.stdout
     assert "Faces are redacted" not in (tmp_path / "again.html").read_text()
+    # a report that fails at the end (its folder is a file) keeps the attack's lines: the results stand
+    (tmp_path / "afile").write_text("")
+    done = _run("attack", {**attack, "report": str(tmp_path / "afile" / "r.html"), "redact": False}, tmp_path, env)
+    assert done.returncode != 0 and "top 8 pairs" in done.stdout, (done.stdout, done.stderr[-2000:])
 
 
 def test_job_config_errors_are_one_line(tmp_path) -> None:
@@ -258,6 +262,18 @@ def test_job_yaml_takes_the_flag_spellings_of_the_cli(kind, flags, fields) -> No
                     "threshold": "dlib=0.6", "thresholds": {"dlib": 0.6}}, "give threshold or thresholds, not both"),
         ("attack", {"attack": "idiap", "train": "t", "synthetic": "s", "out": "o", "redact": True},
          "redact applies to the report"),
+        ("attack", {"attack": "idiap", "train": "t", "synthetic": "s", "out": "o", "redact": "yes",
+                    "report": "r.html"}, "redact must be true or false, got 'yes'"),
+        # the flat key used to win silently over the spec's; the docs say giving both is refused
+        ("attack", {"attack": "idiap", "train": "t", "synthetic": "s", "out": "o", "matcher": "onnx:model=/a.onnx",
+                    "model": "/b.onnx"}, "give model: or model= inside matcher: 'onnx:model=/a.onnx', not both"),
+        ("calibrate", {"labelled": "l", "out": "o.json", "matcher": "onnx:detector=/d.onnx", "detector": "/e.onnx"},
+         "give detector: or detector= inside matcher:"),
+        # a report URI the write would refuse, refused before the attack runs (train 't' does not exist)
+        ("attack", {"attack": "idiap", "train": "t", "synthetic": "s", "out": "o",
+                    "report": "s3://AKIAX:topsecret@bucket/r.html"}, "s3 URIs take no user:password@ part"),
+        ("attack", {"attack": "idiap", "train": "t", "synthetic": "s", "out": "o", "report": "gs://b/r.html"},
+         "unsupported URI scheme in 'gs://b/r.html'"),
         ("audit", {"generator": "folder", "train_index": "i", "out": "o", "option": ["steps"]},
          "--option 'steps' is not KEY=VALUE"),
     ],
@@ -266,6 +282,26 @@ def test_job_yaml_flag_spellings_are_checked(tmp_path, kind, data, says) -> None
     done = _run(kind, data, tmp_path)
     assert done.returncode == 2, done.stderr[-1000:]
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and says in done.stderr
+    assert "topsecret" not in done.stderr + done.stdout
+
+
+def test_credentials_in_a_matcher_path_never_reach_the_error_line(tmp_path, monkeypatch, capsys) -> None:
+    """A model path with user:password@ came back whole in the "not found" error, from the jobs
+    and from the CLI (stderr, and on a cluster Ray's job logs)."""
+    from raylead.cli import run
+
+    (tmp_path / "faces").mkdir()
+    for model in ("https://user:hunter2@host/m.onnx", "s3://AKIAXXXX:wJalrSECRET@bucket/w600k.onnx"):
+        done = _run("attack", {"attack": "idiap", "train": str(tmp_path), "synthetic": str(tmp_path),
+                               "out": str(tmp_path / "o"), "matcher": f"onnx:model={model}"}, tmp_path)
+        assert done.returncode == 2 and "not found" in done.stderr, done.stderr[-1000:]
+        assert "hunter2" not in done.stderr + done.stdout and "wJalrSECRET" not in done.stderr + done.stdout
+        monkeypatch.setattr(sys, "argv", ["raylead", "embed", str(tmp_path / "faces"), "--matcher", "onnx",
+                                          "--model", model, "--out", str(tmp_path / "emb")])
+        assert run() == 2
+        out, err = capsys.readouterr()
+        assert "not found" in err and "***@" in err and len(err.strip().splitlines()) == 1
+        assert "hunter2" not in out + err and "wJalrSECRET" not in out + err
 
 
 def test_search_and_calibrate_jobs(tmp_path, write_collection, small_indexes, clustered_small) -> None:
@@ -372,6 +408,26 @@ def test_scenario_job_refuses_ambiguous_or_ignored_keys(data, says) -> None:
     assert str(err.value) == says
 
 
+def test_scenario_job_typo_lists_the_flat_keys_too() -> None:
+    from raylead.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _scenario_config({"labelled": "l", "out": "o", "n_trian": 3})
+    msg = str(err.value)
+    assert msg.startswith("unknown option(s) 'n_trian' in scenario config; allowed: ") and "\n" not in msg
+    assert {"n_train", "seed", "n_holdout", "novel_samples", "pairs", "kind", "out"} <= set(
+        msg.split("allowed: ", 1)[1].split(", ")
+    )
+
+
+def test_search_job_has_no_device_key() -> None:
+    """`device: foo` was accepted and ignored: a persisted index's searchers choose their own."""
+    from raylead.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown option"):
+        _search_job({"queries": "q", "index": "i", "out": "o", "device": "cuda"})
+
+
 def test_scenario_job_flat_and_nested_keys_combine() -> None:
     cfg = _scenario_config({"labelled": "l", "out": "o", "pairs": {"n_holdout": 7}, "n_train": 9, "seed": 4})
     assert (cfg.pairs.n_train, cfg.pairs.n_holdout, cfg.pairs.seed) == (9, 7, 4)
@@ -398,7 +454,7 @@ def test_search_job_takes_a_config_mapping_and_names_every_key() -> None:
     for data, says in [
         ({"config": {"k": 5}, "k": 0}, "search config: give k flat or under config:, not both"),
         ({"config": 5}, "search config: config must be a mapping of search settings"),
-        ({"config": {"out": "x"}}, "unknown option(s) 'out' in search config: config; allowed: device, engine, k,"),
+        ({"config": {"out": "x"}}, "unknown option(s) 'out' in search config: config; allowed: engine, k,"),
     ]:
         with pytest.raises(ConfigError) as err:
             _search_job({**base, **data})

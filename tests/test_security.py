@@ -325,6 +325,7 @@ def _leaks(blob: bytes, forms: list[bytes]) -> list[bytes]:
         ("see https://user:secret@host/x and s3://b/k", "see https://***@host/x and s3://b/k"),
         ('Could not connect to "http://u:pw@127.0.0.1:9/b/k"', 'Could not connect to "http://***@127.0.0.1:9/b/k"'),
         ("s3://bucket/plain/key.jpg", "s3://bucket/plain/key.jpg"),
+        ("looked at: https:/user:hunter2@host/m.onnx", "looked at: https:/***@host/m.onnx"),  # after abspath
         ("no url here", "no url here"),
     ],
 )

@@ -49,6 +49,21 @@ def test_parse_rejects_unknown_scheme_and_empty() -> None:
         Location.parse("s3:///x")
 
 
+def test_parse_file_uris_and_s3_dot_segments(tmp_path, monkeypatch) -> None:
+    """`file://localhost/ABS` was taken as the relative path `localhost/ABS` (a job's output landed
+    under Ray's temporary working dir); `s3://b/a/../c` reached the server as a key with '..'."""
+    monkeypatch.chdir(tmp_path)
+    assert Location.parse("file:///data/x").uri == "/data/x"
+    assert Location.parse("file://localhost/data/x").uri == "/data/x"
+    for text in ("file://otherhost/data/x", "file://data/x", "file://"):
+        with pytest.raises(ConfigError, match="names a host or a relative path: use file:///ABSOLUTE/PATH"):
+            Location.parse(text)
+    for text in ("s3://raylead/tenant-a/../tenant-b/sc", "s3://raylead/./x", "s3://raylead/.."):
+        with pytest.raises(ConfigError, match="has a '.' or '..' segment: write the prefix out"):
+            Location.parse(text)
+    assert Location.parse("s3://raylead/a..b/.hidden/x").uri == "s3://raylead/a..b/.hidden/x"
+
+
 def test_local_atomic_write_list_and_owner_only(tmp_path) -> None:
     root = Location.parse(f"file://{tmp_path}/out")
     root.child("a", "x.JPG").write_bytes(b"1")

@@ -70,7 +70,9 @@ def run() -> int:
         # standalone_mode=False: typer returns the exit code of typer.Exit (130 for Ctrl-C)
         rc = app(standalone_mode=False, prog_name="raylead")
     except RayleadError as exc:
-        typer.echo(f"raylead: error: {exc}", err=True)
+        from raylead.storage import one_line
+
+        typer.echo(f"raylead: error: {one_line(str(exc))}", err=True)  # no credentials, one line
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         rc = 130
