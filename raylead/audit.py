@@ -4,7 +4,8 @@ One checkpoint (``raylead audit run``)::
 
     generator spec (raylead.generators) + checkpoint URI
       → seeds SEED .. SEED+N−1 → sampler actors (Ray Data ``map_batches`` with a callable class:
-        the generator loads once per actor, GPUs when the cluster has them) → one PNG per seed
+        the generator loads once per actor, GPUs when the cluster has them) → one image per seed
+        (PNG; a generator's own files, ``sample_bytes``, as they are, under the same .png name)
         under OUT/<checkpoint key>/samples/ (atomic, owner-only), then samples.json
       → the embed pipeline (raylead.embed) → OUT/<checkpoint key>/embeddings/
       → best match of every sample in the persisted training index (raylead.search)
@@ -20,7 +21,7 @@ One checkpoint (``raylead audit run``)::
 hold yet, in natural order, and ends with one verdict line when any of them rose. A checkpoint
 already in the history is never audited twice (the history is keyed by the checkpoint URI).
 
-Samples are written as PNG rather than embedded straight from arrays: the embed pipeline then
+Samples are written as image files rather than embedded straight from arrays: the embed pipeline then
 runs unchanged (detection, alignment, failure rows, resumable shards, ``--aligned`` for
 generators that emit aligned crops), and the images stay beside the figures as evidence.
 """
@@ -450,6 +451,8 @@ def verdict_message(rose: list[dict[str, Any]], tolerance: float, history: Locat
 # sampling (Ray actors)
 # ----------------------------------------------------------------------------------------------
 def sample_file(seed: int) -> str:
+    """The name of a seed's sample: ``.png`` whatever the bytes (a generator's ``sample_bytes``
+    files, e.g. the folder generator's JPEGs, keep their own format; decoders read the bytes)."""
     return f"sample-{int(seed):08d}.png"
 
 
@@ -462,7 +465,8 @@ def encode_png(img: np.ndarray) -> bytes:
 
 
 class SamplerActor:
-    """Ray Data actor: loads the generator once (``__init__``), samples and writes PNGs per batch."""
+    """Ray Data actor: loads the generator once (``__init__``), samples and writes image files per
+    batch (PNG, or a generator's own encoded files as they are)."""
 
     def __init__(
         self, spec: str, checkpoint: str, options: dict[str, Any], out: Location, s3: S3Options | None = None
@@ -595,6 +599,24 @@ class Prepared:
         return self._target_ids
 
 
+def check_apart(cfg: AuditConfig) -> None:
+    """``audit run``: refuse an --out or --history inside the checkpoint (its samples or history
+    would be written into it: a folder generator would list them as images, changing the
+    checkpoint) or the checkpoint inside them. Paths only; before anything is created."""
+    if cfg.mode != "run" or not cfg.checkpoint:
+        return  # `audit pending` skips --out and --history when listing the checkpoints
+    ckpt = cfg.loc(cfg.checkpoint)
+    places = [("--out", cfg.out_location())]
+    if cfg.history:
+        places.append(("--history", cfg.history_location()))
+    for flag, loc in places:
+        if ckpt.contains(loc) or loc.contains(ckpt):
+            raise ConfigError(
+                f"{flag} {loc.uri} and the checkpoint {ckpt.uri} share a folder (the audit would write its "
+                f"samples and results into the checkpoint, or among them): choose a {flag} outside the checkpoint"
+            )
+
+
 def prepare(cfg: AuditConfig) -> Prepared:
     """Check the config, the index, the matcher, the threshold and the output before any work."""
     from raylead.attacks import MatcherSpec, resolve_threshold
@@ -603,6 +625,7 @@ def prepare(cfg: AuditConfig) -> Prepared:
     from raylead.search import open_index
 
     cfg.validate()
+    check_apart(cfg)
     spec = MatcherSpec.parse(cfg.matcher)
     matcher = make_matcher(spec.name, **spec.matcher_options())
     matcher.check()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -342,6 +343,52 @@ def ok_rows(table: pa.Table, dim: int) -> tuple[np.ndarray, list[str]]:
     return _embeddings_at(table, ok_index, dim), ids
 
 
+def check_embeddings(vectors: np.ndarray, ids: Sequence[str], where: str) -> None:
+    """Refuse ``ok`` rows that break the collection contract: every embedding finite and
+    L2-normalised (scores are cosines). All-zero rows pass: they score 0 against everything
+    (``raylead embed`` fails them; older collections and in-memory sources may hold them)."""
+    if not vectors.size:
+        return
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        j = int(np.argmin(finite))
+        raise ConfigError(
+            f"{where} has {int((~finite).sum())} ok row(s) with NaN or infinite embeddings (first: image_id "
+            f"{ids[j]!r}): re-embed that collection with `raylead embed`, which marks such rows failed"
+        )
+    sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    bad = (np.abs(np.sqrt(sq) - 1.0) > NORM_TOLERANCE) & (sq != 0)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise ConfigError(
+            f"{where} has {int(bad.sum())} ok row(s) whose embedding is not L2-normalised (first: image_id "
+            f"{ids[j]!r}, norm {math.sqrt(sq[j]):.4g}): scores would not be cosines; re-embed that collection "
+            "with `raylead embed` (its matchers normalise their output)"
+        )
+
+
+def _check_collection_embeddings(coll: Collection, shard_rows: list[int], shard_uris: list[str]) -> None:
+    """:func:`check_embeddings` over every ok row of a loaded collection in one pass; a bad row is
+    reported as the index reports it: by the first shard that holds one, and its image."""
+    emb = coll.embeddings
+    if not emb.size:
+        return
+    sq = np.einsum("ij,ij->i", emb, emb, dtype=np.float64)  # NaN or inf for a non-finite row
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(sq) | ((np.abs(np.sqrt(sq) - 1.0) > NORM_TOLERANCE) & (sq != 0))
+    if not bad.any():
+        return
+    row = int(coll.ok_index[int(np.argmax(bad))])
+    ends = np.cumsum(shard_rows)
+    n = int(np.searchsorted(ends, row, side="right"))
+    lo, hi = np.searchsorted(coll.ok_index, [ends[n] - shard_rows[n], ends[n]])
+    check_embeddings(emb[lo:hi], [coll.image_ids[i] for i in coll.ok_index[lo:hi]], shard_uris[n])
+    raise ConfigError(  # not reached: check_embeddings refuses the row found above
+        f"{shard_uris[n]} has an ok row whose embedding is not finite and L2-normalised; re-embed that "
+        "collection with `raylead embed`"
+    )
+
+
 def tables_to_collection(manifest: CollectionManifest, tables: list[pa.Table], vectors: bool = True) -> Collection:
     dim = manifest.dim
     table = pa.concat_tables(tables) if tables else shard_schema(dim).empty_table()
@@ -380,6 +427,9 @@ def read_collection(uri: str | Location, *, vectors: bool = True) -> Collection:
             f"{where} lists shards that hold the image {twice!r} more than once; it is damaged: rebuild "
             "the collection with `raylead embed`"
         )
+    if vectors:  # every reader's ok rows finite and L2-normalised (scores are cosines), as the index requires
+        uris = [root.child(s.path).uri for s in manifest.shards]
+        _check_collection_embeddings(coll, [t.num_rows for t in tables], uris)
     return coll
 
 

@@ -311,7 +311,7 @@ def _embedding_status(emb: np.ndarray) -> np.ndarray:
     """``ok`` for each finite, L2-normalised row; the reason otherwise. A model that returns NaN,
     zeros or a vector too small to normalise (``l2_normalize`` leaves it short of length 1) has
     not embedded that face: the row fails here rather than pass as ``ok`` and be refused by
-    every reader of the collection (``index.check_embeddings``)."""
+    every reader of the collection (``catalog.check_embeddings``)."""
     out = np.full(len(emb), catalog.STATUS_OK, dtype=object)
     finite = np.isfinite(emb).all(axis=1)
     norms = np.linalg.norm(np.where(finite[:, None], emb, 0), axis=1)
@@ -585,8 +585,30 @@ def embed_collection(
         shards=[f.info for f in ordered],
         failures_by_reason=_failure_counts(prep, ordered),
     )
-    catalog.write_manifest(prep.out, manifest)
+    stored = None if pending else _same_stored_manifest(prep.out, manifest)
+    if stored is not None:
+        # left as it is (a new ``created`` would change its bytes, the collection's fingerprint that
+        # finished and resumable searches and indexes of it are keyed to)
+        log.info("%s is already a finished collection of these inputs; its manifest is kept", prep.out.uri)
+        manifest = stored
+    else:
+        catalog.write_manifest(prep.out, manifest)
     return EmbedResult(prep.out, manifest, len(shards) - skipped, skipped, time.monotonic() - t0)
+
+
+def _same_stored_manifest(root: Location, manifest: catalog.CollectionManifest) -> catalog.CollectionManifest | None:
+    """The manifest stored at ``root`` when it says exactly what ``manifest`` says apart from its
+    ``created`` time (else None: missing, damaged, or of other shards or settings)."""
+    loc = root.child(catalog.MANIFEST)
+    try:
+        if not loc.exists():
+            return None
+        data = loc.read_json()
+        if not isinstance(data, dict) or {**data, "created": None} != {**manifest.to_json(), "created": None}:
+            return None
+        return catalog.CollectionManifest.from_json(data, loc.uri)
+    except (CorruptDataError, OSError):
+        return None
 
 
 def ensure_collection(cfg: EmbedConfig, *, vectors: bool = True) -> catalog.Collection:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -76,15 +77,22 @@ def check_same_dim(query_dim: int, base_dim: int, base: str = "base") -> None:
 
 
 def _check_block_size(block_size: Any) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
         raise ConfigError(
             f"block_size={block_size!r} is invalid: give a positive number of base rows, e.g. 16384"
         )
-    return block_size
+    return int(block_size)
 
 
 def _block(base: np.ndarray | Rows, a: int, b: int) -> np.ndarray:
-    return np.ascontiguousarray(base[a:b], dtype=np.float32)
+    """Base rows ``a:b`` as float32, checked as they are read: a NaN row was skipped by FAISS and
+    ranked first by torch, an infinite one won every query; either way the answer was wrong."""
+    blk = np.ascontiguousarray(base[a:b], dtype=np.float32)
+    finite = np.isfinite(blk).all(axis=1)
+    if not finite.all():
+        row = a + int(np.argmin(finite))
+        raise ConfigError(f"base row {row} contains NaN or infinite values: drop or re-embed that row")
+    return blk
 
 
 def _query_chunk(block_rows: int) -> int:
@@ -159,8 +167,9 @@ def exact_search(
     Returns ``(scores [nq, k] float32, idx [nq, k] int64)`` sorted by descending score.
     """
     q, b = _check_pair(queries, base)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ConfigError(f"k={k!r} is invalid: give the number of neighbours to return (≥ 1)")
+    k = int(k)  # a numpy integer too
     block_size = _check_block_size(block_size)
     dev = resolve_device(device)
     nq, nb = q.shape[0], b.shape[0]
@@ -298,8 +307,9 @@ def range_search(
     (ties by ascending index).
     """
     q, b = _check_pair(queries, base)
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not np.isfinite(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not np.isfinite(threshold):
         raise ConfigError(f"threshold={threshold!r} is invalid: give a finite similarity, e.g. 0.4")
+    threshold = float(threshold)  # a numpy float32 score too
     block_size = _check_block_size(block_size)
     dev = resolve_device(device)
     nq = q.shape[0]
@@ -346,8 +356,9 @@ def topk_pairs(
     ascending query index then base index (fewer than K when there are fewer pairs).
     """
     q, b = _check_pair(queries, base)
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 1:
         raise ConfigError(f"K={K!r} is invalid: give the number of pairs to return (≥ 1), e.g. 1500")
+    K = int(K)
     block_size = _check_block_size(block_size)
     dev = resolve_device(device)
     best_s = np.zeros(0, np.float32)
@@ -388,8 +399,9 @@ def topk_pairs_from_search(
     ``n_queries`` rows), used as the first round instead of searching again. With an exact
     ``search`` the result equals :func:`topk_pairs`.
     """
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 1:
         raise ConfigError(f"K={K!r} is invalid: give the number of pairs to return (≥ 1), e.g. 1500")
+    K = int(K)
     pending = np.arange(n_queries, dtype=np.int64)
     if first is not None:
         s, i = (np.asarray(x) for x in first)

@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -47,9 +46,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylead.catalog import (
-    NORM_TOLERANCE,
     CollectionManifest,
     ShardInfo,
+    check_embeddings,
     is_collection,
     ok_rows,
     parquet_from_bytes,
@@ -196,30 +195,6 @@ class CollectionRows:
         return np.ascontiguousarray(np.concatenate(vectors)), ids
 
 
-def check_embeddings(vectors: np.ndarray, ids: Sequence[str], where: str) -> None:
-    """Refuse ``ok`` rows that break the collection contract: every embedding finite and
-    L2-normalised (scores are cosines). All-zero rows pass: they score 0 against everything
-    (``raylead embed`` fails them; older collections and in-memory sources may hold them)."""
-    if not vectors.size:
-        return
-    finite = np.isfinite(vectors).all(axis=1)
-    if not finite.all():
-        j = int(np.argmin(finite))
-        raise ConfigError(
-            f"{where} has {int((~finite).sum())} ok row(s) with NaN or infinite embeddings (first: image_id "
-            f"{ids[j]!r}): re-embed that collection with `raylead embed`, which marks such rows failed"
-        )
-    sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
-    bad = (np.abs(np.sqrt(sq) - 1.0) > NORM_TOLERANCE) & (sq != 0)
-    if bad.any():
-        j = int(np.argmax(bad))
-        raise ConfigError(
-            f"{where} has {int(bad.sum())} ok row(s) whose embedding is not L2-normalised (first: image_id "
-            f"{ids[j]!r}, norm {math.sqrt(sq[j]):.4g}): scores would not be cosines; re-embed that collection "
-            "with `raylead embed` (its matchers normalise their output)"
-        )
-
-
 @dataclass
 class VectorSource:
     """The vectors to index: ``n`` float rows of ``dim`` with string ids, and a fingerprint of
@@ -337,11 +312,16 @@ def source_from_arrays(
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
         raise ConfigError("vectors must be a 2-D numpy array [n, dim]")
     id_list: Sequence[str] = [str(i) for i in range(vectors.shape[0])] if ids is None else list(ids)
+    if len(id_list) != vectors.shape[0] or not all(isinstance(s, str) for s in id_list):
+        raise ConfigError(f"ids must be {vectors.shape[0]} strings, one per vector row (got {len(id_list)})")
     h = hashlib.sha256()
     h.update(f"{vectors.shape}|{vectors.dtype}".encode())
     step = max(1, (64 << 20) // max(1, vectors.shape[1] * vectors.dtype.itemsize))
     for a in range(0, vectors.shape[0], step):
-        h.update(np.ascontiguousarray(vectors[a : a + step]).tobytes())
+        block = np.ascontiguousarray(vectors[a : a + step])
+        if block.dtype.kind == "f":  # the same contract as a collection's (FAISS training fails on NaN)
+            check_embeddings(block.astype(np.float32, copy=False), id_list[a : a + step], f"vectors[{a}:]")
+        h.update(block.tobytes())
     for s in id_list:
         h.update(s.encode("utf-8", "surrogateescape"))
         h.update(b"\x00")

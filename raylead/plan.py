@@ -155,7 +155,8 @@ def plan_index(
         "n",
         n,
         MIN_INDEX_VECTORS,
-        f"an index needs at least {MIN_INDEX_VECTORS} vectors; search smaller sets with the exact engine",
+        f"an index needs at least {MIN_INDEX_VECTORS} vectors; a smaller set needs none: give its collection "
+        "to an attack as is (e.g. `raylead attack idiap --train COLLECTION`), which searches it exactly",
     )
     _check_int("dim", dim, 1, "the embedding dimension must be a positive integer")
     _check_int("memory_budget_bytes", memory_budget_bytes, 1, "give a positive number of bytes, e.g. 8GiB")

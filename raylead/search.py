@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -81,8 +82,9 @@ class SearchConfig:
         def pos(name: str, v: Any, fix: str, none_ok: bool = False) -> None:
             if v is None and none_ok:
                 return
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ConfigError(f"{name}={v!r} is invalid: {fix}")
+            object.__setattr__(self, name, int(v))  # a numpy integer becomes a plain one (JSON)
 
         pos("k", self.k, "give the number of neighbours per query (≥ 1), e.g. --k 10")
         pos(
@@ -97,8 +99,9 @@ class SearchConfig:
         if self.engine not in ("auto", "exact", "approximate"):
             raise ConfigError(f"engine={self.engine!r} is invalid: use auto, exact or approximate")
         tr = self.target_recall
-        if isinstance(tr, bool) or not isinstance(tr, int | float) or not (0 < tr <= 1):
+        if isinstance(tr, bool) or not isinstance(tr, numbers.Real) or not (0 < tr <= 1):
             raise ConfigError(f"target_recall={tr!r} is invalid: give a fraction in (0, 1], e.g. 0.99")
+        object.__setattr__(self, "target_recall", float(tr))
         if not self.k_factors or any(
             isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.k_factors
         ):
@@ -952,6 +955,11 @@ def search(
     t0 = time.monotonic()
     if isinstance(index_or_base, np.ndarray):
         return _search_base(q, index_or_base, cfg, t0)
+    if not isinstance(index_or_base, PersistedIndex | MemoryIndex | IndexSearcher | str | Location):
+        raise ConfigError(
+            f"cannot search a {type(index_or_base).__name__}: give a 2-D numpy array of base vectors, "
+            "an index URI, or an opened index"
+        )
     owned = not isinstance(index_or_base, IndexSearcher)
     searcher = (
         index_or_base
@@ -1117,12 +1125,25 @@ def search_topk_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global top-K (query, row) pairs by exact score through the index (approximate candidates
     when ``nprobe``/``k_factor`` are given, else exact per shard), deepening saturated queries.
-    ``first``: the queries' top-k from a search with the same settings, not repeated."""
+    ``first``: the queries' top-k from a search with the same settings, not repeated.
+
+    An approximate answer padded with -1 means the probed lists held fewer than k candidates:
+    deepening cannot find more there, and pairs above the K-th may sit in lists never probed (a
+    small index returned 1 595 of 2 291 pairs asked for). Such queries are searched exactly."""
     reader = as_queries(queries)
 
-    def fn(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return searcher.top_k(reader.take(rows)[0], k, k_factor, nprobe)
+    def exact_where_short(rows: np.ndarray, s: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        short = np.flatnonzero(i[:, -1] < 0) if nprobe is not None and i.size else np.zeros(0, np.int64)
+        if short.size:
+            s, i = np.array(s, np.float32), np.array(i, np.int64)
+            s[short], i[short] = searcher.exact_search(reader.take(rows[short])[0], i.shape[1])
+        return s, i
 
+    def fn(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return exact_where_short(rows, *searcher.top_k(reader.take(rows)[0], k, k_factor, nprobe))
+
+    if first is not None:
+        first = exact_where_short(np.arange(reader.n, dtype=np.int64), *first)
     return exact_mod.topk_pairs_from_search(fn, reader.n, K, k0=k0, n_base=searcher.ntotal, first=first)
 
 
@@ -1341,17 +1362,24 @@ def run_search(job: SearchJob, on_part: Callable[[int, int], None] | None = None
     cfg = job.config
     t0 = time.monotonic()
     out = job.location(job.out)
-    out.check_reachable(write=True)
     qroot = job.location(job.queries)
+    index_loc = job.location(job.index)
+    for flag, given in (("the queries", qroot), ("--index", index_loc)):
+        if out.contains(given) or given.contains(out):
+            raise ConfigError(
+                f"--out {out.uri} and {flag} {given.uri} share a folder (the results would be written "
+                "among its files, or it among them): choose an --out outside both"
+            )
     source = source_from_collection(qroot)
     _check_shards_present(source)
     q = CollectionQueries(source)
-    idx = open_index(job.location(job.index))
+    idx = open_index(index_loc)
     if q.n:
         exact_mod.check_same_dim(q.dim, idx.manifest.dim, "the index")
     if (qm := source.manifest) is not None:
         where, what = job.index, f"the queries {job.queries}"
         check_embedded_with(idx.manifest, where, qm.matcher, qm.matcher_version, what, job.s3)
+    out.check_reachable(write=True)  # created only once the inputs passed their checks
     fp = _job_fingerprint(job, source.fingerprint, idx.manifest_sha256)
     done_summary = _finished_summary(out, fp)
     if done_summary is not None:

@@ -1059,3 +1059,56 @@ def test_an_index_of_another_matchers_embeddings_is_refused(tmp_path: Path, smal
     # the matching index passes
     build_index(source_from_collection(train), str(tmp_path / "idx2"), IndexBuildConfig(executor="local"))
     run_idiap(IdiapConfig(out=str(tmp_path / "ok"), train_index=str(tmp_path / "idx2"), **common))
+
+
+def test_a_train_index_with_engine_auto_falls_back_to_exact_when_tuning_misses(
+    tmp_path: Path, write_collection
+) -> None:
+    """--train-index with the default --engine auto was searched as `approximate`: on vectors an
+    inverted file cannot rank (no clusters) the tuner said "recall NOT reached" and the attack
+    still reported its approximate best matches and pairs. auto must fall back to exact, as
+    `raylead search` does, and give exactly the exact engine's tables."""
+    from raylead.index import IndexBuildConfig, build_index, source_from_collection
+
+    rng = np.random.default_rng(70)
+    # no structure, so IVF lists cannot rank it; large enough that the cost model picks approximate
+    t = unit(rng.normal(size=(4000, 32))).astype(np.float32)
+    g = unit(rng.normal(size=(1000, 32))).astype(np.float32)
+    train = write_collection(tmp_path / "T", [f"t{j:05d}.jpg" for j in range(4000)], [None] * 4000, t,
+                             shard_size=1000)
+    syn = write_collection(tmp_path / "S", [f"s{j:04d}.jpg" for j in range(1000)], [None] * 1000, g)
+    index = str(tmp_path / "idx")
+    build_index(source_from_collection(train), index, IndexBuildConfig(shards=4, executor="local"))
+    common = {"train": train, "synthetic": syn, "top_k": 50}
+    run_idiap(IdiapConfig(out=str(tmp_path / "exact"), engine="exact", **common))
+    m = run_idiap(IdiapConfig(out=str(tmp_path / "auto"), train_index=index, **common))
+    assert m["engine"]["requested"] == "auto"
+    assert (m["engine"]["best_match"], m["engine"]["pairs"]) == ("exact", "exact"), m["engine"]
+    reason = m["engine"]["best_match_reason"]
+    assert "NOT reached" in reason and "fell back to exact" in reason
+    for name in ("pairs.parquet", "best_matches.parquet"):
+        got = pq.read_table(tmp_path / "auto" / name).to_pydict()
+        want = pq.read_table(tmp_path / "exact" / name).to_pydict()
+        assert {c: v for c, v in got.items() if c != "score"} == {c: v for c, v in want.items() if c != "score"}
+        np.testing.assert_allclose(got["score"], want["score"], atol=1e-6)
+
+
+def test_an_attack_refuses_a_collection_whose_embeddings_are_not_normalised(
+    tmp_path: Path, write_collection, monkeypatch, capsys
+) -> None:
+    """A synthetic collection with one ok row scaled by 2 (checksums valid): idiap printed "highest
+    score 2.0000" (not a cosine) and exited 0. Refused in one line, exit 2, before any result is written."""
+    t, t_lab, centres = clustered(10, 4, seed=95)
+    g, _, _ = clustered(5, 1, seed=96, centres=centres[:5])
+    g[2] *= 2
+    people = [f"p{i}" for i in t_lab]
+    train = write_collection(tmp_path / "T", [f"{p}/{j}.jpg" for j, p in enumerate(people)], people, t)
+    syn = write_collection(tmp_path / "S", [f"s{j}.jpg" for j in range(5)], [None] * 5, g)
+    out = tmp_path / "out"
+    rc, err = run_cli(monkeypatch, capsys, ["attack", "idiap", "--train", train, "--synthetic", syn, "--top-k", "3",
+                                            "--threshold", "0.9", "--out", str(out)])
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("raylead: error: "), err
+    assert ("S/shards/part-00000.parquet has 1 ok row(s) whose embedding is not L2-normalised (first: image_id "
+            "'s2.jpg', norm 2): scores would not be cosines; re-embed that collection with `raylead embed`") in err
+    assert not out.exists() or not any(out.rglob("*.*")), sorted(out.rglob("*"))

@@ -595,3 +595,38 @@ def test_audit_job_config_errors_are_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().count("\n") == 0 and needle in done.stderr, done.stderr
         assert not (tmp_path / "out").exists()
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_audit_run_refuses_an_out_or_history_sharing_the_checkpoint(tmp_path: Path, lfw_dir: Path) -> None:
+    """`audit run --generator folder --checkpoint CK --out CK` exited 0 after writing its samples into
+    the checkpoint (the folder generator lists files recursively: the next audit saw more images and
+    another generator_version). Now one line, before any work, and nothing is written; the same for
+    a --history inside it, or a checkpoint inside --out."""
+    from raylead.index import IndexBuildConfig, build_index, source_from_arrays
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(80, 128)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    build_index(source_from_arrays(vectors), str(tmp_path / "idx"), IndexBuildConfig(executor="local"))
+    ck = tmp_path / "ckpts" / "step-1"
+    ck.mkdir(parents=True)
+    for photo in sorted(lfw_dir.rglob("*.jpg"))[:2]:
+        (ck / photo.name).write_bytes(photo.read_bytes())
+    before = _tree(tmp_path / "ckpts")
+    common = ["audit", "run", "--generator", "folder", "--checkpoint", str(ck), "--train-index",
+              str(tmp_path / "idx"), "--threshold", "0.92", "--samples", "2"]  # fmt: skip
+    cases = [
+        (["--out", str(ck)], f"--out {ck} and the checkpoint {ck} share a folder"),
+        (["--out", str(ck / "audit")], f"--out {ck / 'audit'} and the checkpoint {ck} share a folder"),
+        (["--out", str(tmp_path / "ckpts")], "and the checkpoint"),
+        (["--out", str(tmp_path / "o"), "--history", str(ck / "h.parquet")], f"--history {ck / 'h.parquet'}"),
+    ]
+    for extra, expect in cases:
+        done = _cli(*common, *extra, timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and expect in lines[0], done.stderr[-3000:]
+        assert _tree(tmp_path / "ckpts") == before and not (tmp_path / "o").exists()

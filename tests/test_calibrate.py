@@ -318,3 +318,26 @@ def test_a_calibration_threshold_that_is_not_a_cosine_is_refused(tmp_path, thres
     path.write_text(json.dumps(good).replace("0.5", threshold))
     with pytest.raises(CorruptDataError, match="not a cosine in \\[-1, 1\\]; rerun `raylead calibrate`"):
         read_calibration(str(path))
+
+
+def test_calibrate_refuses_a_collection_whose_embeddings_are_not_normalised(
+    tmp_path, write_collection, monkeypatch, capsys
+) -> None:
+    """One ok row scaled by 2 (checksums valid) wrote θ=1.0 with exit 0: refused in one line, exit 2,
+    and no calibration written."""
+    import sys
+
+    from raylead.cli import run
+
+    x, labels = clustered(10, 4, seed=6)
+    x[7] *= 2
+    coll = write_collection(tmp_path / "c", [f"{i}.jpg" for i in range(40)], [f"p{lab}" for lab in labels], x)
+    out = tmp_path / "cal.json"
+    monkeypatch.setattr(sys, "argv", ["raylead", "calibrate", coll, "--matcher", "dlib", "--fmr", "1e-2",
+                                      "--out", str(out)])
+    assert run() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("raylead: error: "), err
+    assert ("c/shards/part-00000.parquet has 1 ok row(s) whose embedding is not L2-normalised (first: image_id "
+            "'7.jpg', norm 2)") in err
+    assert not out.exists()

@@ -7,6 +7,7 @@ import os
 import re
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from raylead import catalog
@@ -175,3 +176,78 @@ def test_embed_config_from_mapping_ok() -> None:
     assert dataclasses.replace(cfg, s3=None) == EmbedConfig(
         source="s3://b/in", out="/x", batch_size=8, aligned=True
     )
+
+
+# -- the collection contract at every reader: ok embeddings finite and L2-normalised ------------
+def _forge_ok_row(root: Location, image_id: str, make) -> str:
+    """Rewrite the shard that holds ``image_id`` with its embedding replaced by ``make(embedding)``
+    and its checksum in the manifest updated (a "valid" collection); the shard's URI."""
+    manifest = root.child("manifest.json").read_json()
+    for entry in manifest["shards"]:
+        shard = root.child(entry["path"])
+        table = catalog.parquet_from_bytes(shard.read_bytes())
+        ids = table.column("image_id").to_pylist()
+        if image_id not in ids:
+            continue
+        col = table.column("embedding").combine_chunks()
+        emb = col.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), -1).copy()
+        emb[ids.index(image_id)] = make(emb[ids.index(image_id)])
+        forged = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), col.type.value_type), emb.shape[1])
+        field = table.schema.get_field_index("embedding")
+        data = catalog.table_to_parquet_bytes(table.set_column(field, table.schema.field(field), forged))
+        shard.write_bytes(data)
+        digest = catalog.sha256_bytes(data)
+        path = entry["path"]
+        _edit_manifest(root, lambda m, p=path, d=digest: [s.update(sha256=d) for s in m["shards"] if s["path"] == p])
+        return shard.uri
+    raise AssertionError(f"no shard holds {image_id!r}")
+
+
+def test_every_reader_refuses_ok_embeddings_that_are_not_normalised(tmp_path, lfw_dir, ray_local) -> None:
+    """A real (dlib) collection with one ok row scaled by 2 and its checksums updated: attacks and
+    calibrate read it as is ("highest score 2.0000", θ=1.0, exit 0); only search and the index
+    refused it. read_collection, which every reader loads collections with, now refuses it in one
+    line naming the shard, the image and the fix; a NaN row too; an all-zero row still passes."""
+    from raylead.embed import EmbedConfig, embed_collection
+
+    src = tmp_path / "in"
+    for person in sorted(p for p in lfw_dir.iterdir() if p.is_dir())[:2]:
+        (src / person.name).mkdir(parents=True)
+        for img in sorted(person.glob("*.jpg"))[:2]:
+            (src / person.name / img.name).write_bytes(img.read_bytes())
+    root = embed_collection(EmbedConfig(source=str(src), out=str(tmp_path / "out"), shard_size=2)).out
+    good = catalog.read_collection(root)
+    assert len(good.ok_ids) >= 3 and len(good.manifest.shards) == 2
+    image = good.ok_ids[-1]  # in the second shard
+    row = good.embeddings[-1].copy()
+    shard = _forge_ok_row(root, image, lambda v: 2 * v)
+    with pytest.raises(ConfigError, match=f"^{re.escape(shard)} has 1 ok row\\(s\\) whose embedding is not "
+                       f"L2-normalised \\(first: image_id {re.escape(repr(image))}, norm 2\\): scores would not "
+                       "be cosines; re-embed that collection with `raylead embed`") as err:
+        catalog.read_collection(root)
+    assert "\n" not in str(err.value) and "part-00001.parquet" in shard
+    assert catalog.read_collection(root, vectors=False).ok_ids == good.ok_ids  # no vectors read: nothing to check
+    _forge_ok_row(root, image, lambda v: np.full_like(v, np.nan))
+    with pytest.raises(ConfigError, match=f"^{re.escape(shard)} has 1 ok row\\(s\\) with NaN or infinite embeddings"):
+        catalog.read_collection(root)
+    _forge_ok_row(root, image, np.zeros_like)
+    assert not catalog.read_collection(root).embeddings[-1].any()
+    _forge_ok_row(root, image, lambda v: row)
+    np.testing.assert_array_equal(catalog.read_collection(root).embeddings, good.embeddings)
+
+
+def test_a_bad_embedding_is_named_by_its_own_shard(tmp_path, write_collection) -> None:
+    """Failed rows (no embedding) before it and bad rows in two shards: the first shard holding one
+    and its image are named, counted within that shard."""
+    emb = np.eye(9, 16, dtype=np.float32)
+    statuses = ["ok", "no_face", "ok", "no_face", "ok", "ok", "ok", "no_face", "ok"]
+    emb[4] *= 1.5
+    emb[5] *= 2
+    emb[6] *= 3
+    emb[8, 0] = np.inf
+    root = write_collection(tmp_path / "c", [f"i{j}" for j in range(9)], [None] * 9, emb, statuses=statuses,
+                            shard_size=3)
+    shard = re.escape(Location.parse(root).child("shards/part-00001.parquet").uri)
+    with pytest.raises(ConfigError, match=f"^{shard} has 2 ok row\\(s\\) whose embedding is not L2-normalised "
+                       "\\(first: image_id 'i4', norm 1.5\\)"):
+        catalog.read_collection(root)

@@ -60,3 +60,55 @@ def test_search_threshold_outside_the_cosine_range_is_refused(tmp_path: Path) ->
     and audit refused the same value."""
     args = ["search", str(tmp_path / "q"), "--index", str(tmp_path / "i"), "--out", str(tmp_path / "o")]
     _one_line_error([*args, "--threshold", "93"], "--threshold must be a cosine similarity in [-1, 1]")
+
+
+def _photos(lfw_dir: Path, folder: Path, start: int, n: int = 2) -> None:
+    folder.mkdir(parents=True)
+    for photo in sorted(lfw_dir.rglob("*.jpg"))[start : start + n]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("attack", ["idiap", "tinsley", "webster", "calibrate"])
+def test_attack_out_inside_an_image_input_is_refused_before_any_embedding(
+    tmp_path: Path, lfw_dir: Path, attack: str
+) -> None:
+    """`attack idiap --train H --synthetic S --out S` embedded H into S/embeddings/ (~20 s) and only
+    then refused S's own embeddings as "inside the input folder", leaving files among S's images.
+    Every image-folder input is now checked against --out and the embeddings folder first."""
+    for k, name in enumerate(("a", "b", "c")):
+        _photos(lfw_dir, tmp_path / name, 2 * k)
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    before = _tree(tmp_path)
+    theta = ["--threshold", "0.9"]
+    last = {
+        "idiap": (["attack", "idiap", "--train", a, "--synthetic", b, *theta], "--synthetic", b),
+        "tinsley": (["attack", "tinsley", "--train", a, "--holdout", b, "--synthetic", c, "--matchers", "dlib"],
+                    "--synthetic", c),
+        "webster": (["attack", "webster", "--queries", a, "--samples", b], "--samples", b),
+        "calibrate": (["calibrate", a], "LABELLED", a),
+    }[attack]  # fmt: skip
+    args, flag, folder = last
+    out = str(Path(folder) / "cal.json") if attack == "calibrate" else folder
+    _one_line_error([*args, "--out", out], f"--out {out} is inside the image folder {flag} {folder}")
+    # an --embeddings-dir inside an input (its --out elsewhere) is refused the same way
+    emb = str(Path(a) / "emb")
+    target = str(tmp_path / "o" / "cal.json") if attack == "calibrate" else str(tmp_path / "o")
+    _one_line_error([*args, "--out", target, "--embeddings-dir", emb], f"--embeddings-dir {emb} is inside the image")
+    assert _tree(tmp_path) == before  # nothing embedded, nothing created
+
+
+def test_index_build_of_a_small_set_points_at_a_route_that_exists(tmp_path: Path, write_collection) -> None:
+    """`index build` of 29 vectors said "search smaller sets with the exact engine", but `raylead
+    search` needs an index: the message now names a command that reads the collection as is."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(29, 128)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    coll = write_collection(tmp_path / "c", [f"p/{i}.jpg" for i in range(29)], ["p"] * 29, emb)
+    _one_line_error(["index", "build", coll, "--out", str(tmp_path / "i")], "`raylead attack idiap --train COLLECTION`")
+    assert subprocess.run([*RAYLEAD, "attack", "idiap", "--help"], capture_output=True, timeout=120).returncode == 0

@@ -416,3 +416,28 @@ def test_model_outputs_that_are_not_embeddings_fail_their_rows(lfw_dir: Path, mb
 
     failed = EmbedActor(_ReplacedOutput(real, fail=True))(batch)
     assert list(failed["status"]) == ["embed_error: RuntimeError"] * 5 + ["no_face"]
+
+
+def test_a_rerun_with_nothing_to_do_leaves_the_manifest_as_it_is(tmp_path, lfw_dir, ray_local) -> None:
+    """The manifest's bytes are the collection's fingerprint (searches and indexes of it are keyed to
+    them): a rerun that finds every shard complete rewrote it with a new ``created`` time, and the same
+    search or index build then refused its own finished work. A changed input still rewrites it."""
+    from raylead.catalog import read_manifest_and_sha256
+
+    src = tmp_path / "in"
+    _subset(lfw_dir, src, identities=2, per=2)
+    cfg = EmbedConfig(source=str(src), out=str(tmp_path / "out"), shard_size=2)
+    first = embed_collection(cfg)
+    manifest = tmp_path / "out" / "manifest.json"
+    data, stat = manifest.read_bytes(), manifest.stat()
+    fingerprint = read_manifest_and_sha256(first.out)[1]
+    again = embed_collection(cfg)
+    assert (again.shards_written, again.shards_skipped) == (0, 2)
+    assert manifest.read_bytes() == data and manifest.stat().st_mtime_ns == stat.st_mtime_ns
+    assert read_manifest_and_sha256(again.out)[1] == fingerprint and again.manifest == first.manifest
+    # a changed input (one more image): a new shard and a new manifest
+    extra = sorted(p for p in lfw_dir.iterdir() if p.is_dir())[5]
+    shutil.copyfile(sorted(extra.glob("*.jpg"))[0], src / "extra.jpg")
+    grown = embed_collection(cfg)
+    assert grown.shards_written >= 1 and grown.manifest.rows == 5
+    assert manifest.read_bytes() != data and read_collection(grown.out).manifest.rows == 5

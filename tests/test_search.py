@@ -373,6 +373,26 @@ def test_topk_pairs_through_index(small_indexes, clustered_small):
     assert set(zip(got[1].tolist(), got[2].tolist(), strict=True)) == truth
 
 
+def test_approximate_topk_pairs_are_not_cut_short_by_exhausted_lists(small_indexes, clustered_small):
+    """With few lists probed, deepening a query soon asks for more candidates than its lists hold
+    (answers padded with -1); those queries were taken as finished, and the top-K came back short
+    (1 595 of 2 291 pairs asked for) or missing better pairs. They are searched exactly now."""
+    c = clustered_small
+    q = c.queries[:40]
+    K = 2000  # 50 per query: more than one probed list of ≈ 8000 / nlist vectors holds
+    want = exact.topk_pairs(q, c.base, K)
+    with IndexSearcher(small_indexes[4], use_ray=False) as s:
+        short = s.top_k(q, 64, 1, 1)[1]
+        assert (short[:, -1] < 0).any()  # the set-up: one probed list cannot fill k = 64
+        got = search_topk_pairs(q, s, K, k0=8, nprobe=1, k_factor=1)
+        first = s.top_k(q, 8, 1, 1)
+        from_first = search_topk_pairs(q, s, K, k0=8, nprobe=1, k_factor=1, first=first)
+    for pairs in (got, from_first):
+        assert pairs[0].size == K
+        found = set(zip(pairs[1].tolist(), pairs[2].tolist(), strict=True))
+        assert len(found & set(zip(want[1].tolist(), want[2].tolist(), strict=True))) >= 0.95 * K  # 0.984 measured
+
+
 def test_actor_restarts_after_a_crash(ray_local, small_indexes, clustered_small):
     q = clustered_small.queries[:64]
     with IndexSearcher(small_indexes[1]) as s:
@@ -645,3 +665,72 @@ def test_cli_build_and_search(write_collection, clustered_small, tmp_path):
         app, ["search", queries, "--index", str(tmp_path / "idx"), "--out", str(out), "--k", "0"]
     )
     assert r.exit_code != 0
+
+
+def test_run_search_refuses_an_out_sharing_the_queries_or_the_index(
+    small_indexes, write_collection, clustered_small, tmp_path
+):
+    """`search Q --index I --out I` (or --out Q) exited 0 and wrote its results among the index's or
+    the collection's files. Now refused in one line before any work, with nothing written there; and
+    a refused search no longer leaves its (new, empty) --out folder behind."""
+    import shutil
+
+    from raylead.search import SearchJob, run_search
+
+    index = tmp_path / "index"
+    shutil.copytree(small_indexes[1], index)
+    coll = write_collection(tmp_path / "q", [f"q{i}" for i in range(8)], [None] * 8, clustered_small.queries[:8])
+
+    def tree() -> list[str]:
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    before = tree()
+    for out, flag in [
+        (index, f"--index {index}"),
+        (index / "results", f"--index {index}"),
+        (tmp_path / "q", f"the queries {coll}"),
+        (tmp_path / "q" / "results", f"the queries {coll}"),
+        (tmp_path, "share a folder"),  # holds both
+    ]:
+        job = SearchJob(coll, str(index), str(out), SearchConfig(k=3, engine="exact"), use_ray=False)
+        with pytest.raises(ConfigError, match="share a folder") as err:
+            run_search(job)
+        assert flag in str(err.value) and "\n" not in str(err.value)
+        assert tree() == before
+    # inputs are checked before --out is created
+    job = SearchJob(str(tmp_path / "none"), str(index), str(tmp_path / "new"), SearchConfig(k=3), use_ray=False)
+    with pytest.raises(ConfigError):
+        run_search(job)
+    assert not (tmp_path / "new").exists()
+
+
+def test_library_calls_check_their_inputs(tmp_path, clustered_small) -> None:
+    """A NaN base row was skipped by FAISS and ranked first by torch (an infinite one won every
+    query); building from such arrays was a raw FAISS RuntimeError; numpy integers and a
+    float32 score (raylead's own output) were refused as invalid; a list base was an AttributeError."""
+    from raylead.index import IndexBuildConfig, build_index, source_from_arrays
+
+    c = clustered_small
+    q, base = c.queries[:5], c.base[:300].copy()
+    want = exact.exact_search(q, base, 3)
+    got = exact.exact_search(q, base, np.int64(3))
+    np.testing.assert_array_equal(got[1], want[1])
+    assert SearchConfig(k=np.int64(5), target_recall=np.float32(0.5)).k == 5
+    threshold = want[0][0, 2] - np.float32(1e-4)  # a float32 score (raylead's own output) as the threshold
+    for x, y in zip(exact.range_search(q, base, threshold), exact.range_search(q, base, float(threshold)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    base[7] = np.nan
+    base[9, 3] = np.inf
+    for device in ("cpu", "torch"):
+        with pytest.raises(ConfigError, match="base row 7 contains NaN or infinite values"):
+            exact.exact_search(q, base, 3, device=device)
+    with pytest.raises(ConfigError, match="base row 7 contains NaN or infinite values"):
+        exact.range_search(q, base, 0.5)
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        build_index(source_from_arrays(base), str(tmp_path / "idx"), IndexBuildConfig(executor="local"))
+    with pytest.raises(ConfigError, match="not L2-normalised"):
+        source_from_arrays(c.base[:300] * 3)
+    with pytest.raises(ConfigError, match="ids must be 300 strings"):
+        source_from_arrays(c.base[:300], ids=list(range(300)))
+    with pytest.raises(ConfigError, match="cannot search a list"):
+        search(q, c.base[:300].tolist(), 5)

@@ -100,3 +100,28 @@ def test_reject_below_help_says_what_the_code_does() -> None:
     webster = typer.main.get_command(app).commands["attack"].commands["webster"]  # type: ignore[attr-defined]
     text = next(p.help for p in webster.params if p.name == "reject_below")
     assert "predicted identity's centroid" in text and "every identity" not in text
+
+
+def test_library_inputs_that_are_not_embeddings_are_refused() -> None:
+    """NaN samples were identified as the first identity (np.argmax of NaN is 0) and could flag
+    it; a dimension or length mismatch was a numpy traceback."""
+    from raylead.attacks.webster import webster_attack
+    from raylead.bench.search import clustered_vectors
+    from raylead.errors import ConfigError
+
+    base, q, lab, _ = clustered_vectors(600, 300, 32, 20, seed=7)
+    ids = [f"id{x:02d}" for x in lab]
+    clean = webster_attack(base, ids, q, members={"id01"})
+    assert clean.counts.sum() == 300
+    bad = q.copy()
+    bad[:40] = np.nan
+    for args, says in [
+        ((base, ids, bad), "samples contains NaN or infinite values"),
+        ((base, ids, q[:, :16]), "queries have dimension 16 but the references has 32"),
+        ((base, ids[:-5], q), "ref_identities names 595 references but there are 600"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            webster_attack(*args, members={"id01"})
+        assert says in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"ref_labels must be one class number in \[0, 20\)"):
+        identify(q, base, lab[:10], 20)

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -663,8 +663,9 @@ class SearchBase:
                     f"index {name} holds {searcher.ntotal} vectors but the training set has {b.shape[0]} "
                     "usable embeddings; build the index from the training collection (`raylead index build`)"
                 )
-            engine_used = "approximate" if engine != "exact" else "exact"
-            return cls(b, engine_used, f"persisted index {name}", searcher, owns_searcher=owned)
+            # auto stays auto until the first search: raylead.search chooses by cost, tunes, and falls
+            # back to exact when the tuned recall misses its target (it was forced to approximate)
+            return cls(b, engine, f"persisted index {name}", searcher, owns_searcher=owned)
         if b.shape[0] and b.shape[1] == 0:  # a set loaded with vectors=False needs its index
             raise ValueError("these vectors were not loaded (vectors=False): search them through their index")
         if engine == "exact" or b.shape[0] == 0 or n_queries == 0:
@@ -760,9 +761,11 @@ def nearest(queries: np.ndarray, base: np.ndarray | SearchBase, k: int, engine: 
     from raylead.search import search
 
     assert sb.searcher is not None
-    mode: Literal["exact", "approximate"] = "exact" if sb.engine == "exact" else "approximate"
+    mode = cast(Literal["auto", "exact", "approximate"], sb.engine)
     res = search(q, sb.searcher, k, engine=mode, nprobe=sb.nprobe, k_factor=sb.k_factor)
-    if res.engine == "approximate" and sb.nprobe is None:  # tuned once; reused by later calls
+    if sb.engine == "auto":  # chosen (and tuned) once; later calls reuse the choice
+        sb.engine = str(res.engine)
+    if res.engine == "approximate" and sb.nprobe is None:
         sb.nprobe, sb.k_factor = res.nprobe, res.k_factor
     return Neighbours(
         np.asarray(res.scores, np.float32),
@@ -957,3 +960,47 @@ def out_location(uri: str, s3: S3Options | None) -> Location:
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def check_outputs_outside_inputs(
+    inputs: Mapping[str, str],
+    specs: Sequence[MatcherSpec],
+    out: str,
+    embeddings_dir: str | None,
+    s3: S3Options | None = None,
+    *,
+    default_embeddings: str | None = None,
+) -> None:
+    """Refuse, before anything is embedded or created, an ``out`` (and the embeddings folder,
+    default ``default_embeddings`` or ``OUT/embeddings``) that is an image-folder input or lies
+    inside one: its files would be written among the images and read as input by the next run.
+    ``inputs`` maps each flag to its source. An input :func:`load_set` reads as a collection for
+    every matcher in ``specs`` is not an image folder: nothing is embedded for it. Paths only (s3
+    prefixes too, as embed compares them); a collection is probed only for an input that holds an
+    output."""
+    from raylead import catalog
+
+    def parse(uri: str) -> Location:
+        return Location.parse(uri, s3 if uri.startswith("s3://") else None)
+
+    out_loc = parse(out)
+    emb_flag = "--embeddings-dir" if embeddings_dir else "the embeddings folder"
+    if embeddings_dir:
+        emb_loc = parse(embeddings_dir)
+    else:
+        emb_loc = parse(default_embeddings) if default_embeddings else out_loc.child("embeddings")
+    for flag, source in inputs.items():
+        loc = parse(source)
+        held = [(f, t) for f, t in (("--out", out_loc), (emb_flag, emb_loc)) if loc.contains(t)]
+        if not held:
+            continue
+        if not catalog.is_collection(loc) and any(not catalog.is_collection(loc.child(s.label)) for s in specs):
+            from raylead.matchers import make_matcher
+
+            for spec in specs:  # a matcher that cannot run comes first, as embed reports it first
+                make_matcher(spec.name, **spec.matcher_options()).check()
+            what, target = held[0]
+            raise ConfigError(
+                f"{what} {target.uri} is inside the image folder {flag} {loc.uri}: nothing may be written "
+                "among the input images (a later run would read them as input); choose a folder outside it"
+            )

@@ -26,6 +26,7 @@ import numpy as np
 from raylead.attacks import (
     EmbeddedSet,
     MatcherSpec,
+    check_outputs_outside_inputs,
     histogram,
     histogram_edges,
     load_set,
@@ -409,11 +410,14 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     cfg.validate()
     check_file_target(cfg.out, "--out", "calibration.json")
     out = Location.parse(cfg.out, cfg.s3 if cfg.out.startswith("s3://") else None)
-    out.parent().check_reachable(write=True)
-    emb_dir = cfg.embeddings_dir or out.parent().child("embeddings").uri
-    images = load_set(
-        cfg.labelled, MatcherSpec.parse(cfg.matcher), "labelled", emb_dir, cfg.s3, actors=cfg.actors
+    spec = MatcherSpec.parse(cfg.matcher)
+    default_emb = out.parent().child("embeddings").uri
+    check_outputs_outside_inputs(  # before any work
+        {"LABELLED": cfg.labelled}, [spec], cfg.out, cfg.embeddings_dir, cfg.s3, default_embeddings=default_emb
     )
+    out.parent().check_reachable(write=True)
+    emb_dir = cfg.embeddings_dir or default_emb
+    images = load_set(cfg.labelled, spec, "labelled", emb_dir, cfg.s3, actors=cfg.actors)
     cal = calibrate_set(images, cfg.fmr, cfg.impostor_pairs, cfg.seed, cfg.bins, cfg.max_pairs)
     data = cal.to_json()
     out.write_json(data)

@@ -37,6 +37,7 @@ from raylead.attacks import (
     check_det_score_floor,
     check_index_file,
     check_index_of,
+    check_outputs_outside_inputs,
     check_same_matcher,
     check_threshold,
     check_triage,
@@ -214,8 +215,8 @@ def _plain_top_pairs(syn: np.ndarray, sb: SearchBase, k: int, k_start: int) -> P
         )
     from raylead.search import search_topk_pairs
 
-    if sb.engine == "approximate" and sb.nprobe is None:
-        nearest(syn[: min(len(syn), 2000)], sb, 1)  # tunes nprobe / k_factor on a sample of the queries
+    if sb.engine in ("auto", "approximate") and sb.nprobe is None:
+        nearest(syn[: min(len(syn), 2000)], sb, 1)  # chooses the engine, tunes nprobe / k_factor on a sample
     nprobe = sb.nprobe if sb.engine == "approximate" else None
     k_factor = sb.k_factor if sb.engine == "approximate" else None
     assert sb.searcher is not None
@@ -376,8 +377,10 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     ``set_aside.parquet`` and ``metrics.json`` under ``cfg.out``; returns the metrics."""
     cfg.validate()
     cfg.check_files()
-    out = out_location(cfg.out, cfg.s3)
     spec = MatcherSpec.parse(cfg.matcher)
+    inputs = {"--train": cfg.train, "--synthetic": cfg.synthetic}
+    check_outputs_outside_inputs(inputs, [spec], cfg.out, cfg.embeddings_dir, cfg.s3)  # before any work
+    out = out_location(cfg.out, cfg.s3)
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
     # with --train-index the index serves T's vectors: only T's ids and identities are loaded here
     train = load_set(

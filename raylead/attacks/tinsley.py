@@ -39,6 +39,7 @@ from raylead.attacks import (
     check_det_score_floor,
     check_index_file,
     check_index_of,
+    check_outputs_outside_inputs,
     check_same_matcher,
     check_threshold,
     check_triage,
@@ -369,9 +370,11 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
     """
     cfg.validate()
     calibrations = cfg.check_files()
+    specs = parse_matchers(cfg.matchers)
+    inputs = {"--train": cfg.train, "--holdout": cfg.holdout, "--synthetic": cfg.synthetic}
+    check_outputs_outside_inputs(inputs, specs, cfg.out, cfg.embeddings_dir, cfg.s3)  # before any work
     out = out_location(cfg.out, cfg.s3)
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
-    specs = parse_matchers(cfg.matchers)
     by_label = {s.label: s for s in specs}
     explicit = cfg.thresholds
     per: dict[str, TinsleyInputs] = {}

@@ -34,6 +34,7 @@ from raylead.attacks import (
     SetAside,
     Triage,
     check_det_score_floor,
+    check_outputs_outside_inputs,
     check_same_matcher,
     check_triage,
     fmt,
@@ -131,9 +132,20 @@ def identify(
     """Identify each sample as one of ``n_classes`` query identities (or none, open set)."""
     if classifier not in CLASSIFIERS:
         raise ConfigError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
-    s = np.ascontiguousarray(samples, np.float32)
-    r = np.ascontiguousarray(references, np.float32)
-    labels = np.asarray(ref_labels, np.int64)
+    from raylead.exact import _check_matrix, check_same_dim
+
+    s = np.ascontiguousarray(_check_matrix("samples", samples, finite=True), np.float32)
+    r = np.ascontiguousarray(_check_matrix("references", references, finite=True), np.float32)
+    check_same_dim(s.shape[1], r.shape[1], "the references")
+    labels = np.asarray(ref_labels)
+    if labels.shape != (r.shape[0],) or labels.dtype.kind not in "iu" or (
+        labels.size and not (labels.min() >= 0 and labels.max() < n_classes)
+    ):
+        raise ConfigError(
+            f"ref_labels must be one class number in [0, {n_classes}) per reference ({r.shape[0]}), "
+            f"got {labels.dtype} {list(labels.shape)}"
+        )
+    labels = labels.astype(np.int64)
     n = s.shape[0]
     if n == 0:
         z = np.zeros(0, np.int64)
@@ -299,6 +311,11 @@ def webster_attack(
     """Identify, count, flag per α; score against ``members`` when given."""
     if not alphas or any(not (math.isfinite(a) and a > 0) for a in alphas):
         raise ConfigError(f"--alpha values must be positive numbers, got {alphas!r}")
+    if len(ref_identities) != len(references):
+        raise ConfigError(
+            f"ref_identities names {len(ref_identities)} references but there are {len(references)}: "
+            "give one identity per reference row"
+        )
     names, labels = np.unique(np.array(ref_identities, dtype=object), return_inverse=True)
     q = [str(x) for x in names]
     if len(q) < 2:
@@ -400,8 +417,10 @@ def run_webster(cfg: WebsterConfig) -> dict[str, Any]:
     ``assignments.parquet``, ``set_aside.parquet``, ``metrics.json``; return the metrics."""
     cfg.validate()
     members = read_members(cfg.members, cfg.s3) if cfg.members else None  # before any work
-    out = out_location(cfg.out, cfg.s3)
     spec = MatcherSpec.parse(cfg.matcher)
+    inputs = {"--queries": cfg.queries, "--samples": cfg.samples}
+    check_outputs_outside_inputs(inputs, [spec], cfg.out, cfg.embeddings_dir, cfg.s3)  # before any work
+    out = out_location(cfg.out, cfg.s3)
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
     queries = load_set(cfg.queries, spec, "queries", emb_dir, cfg.s3, actors=cfg.actors)
     samples_all = load_set(cfg.samples, spec, "samples", emb_dir, cfg.s3, actors=cfg.actors)
