@@ -107,12 +107,12 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-class _Loader(yaml.SafeLoader):
+class _SafeLoader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` and ``1E7`` are numbers (YAML 1.1,
     PyYAML's default, wants a dot, ``1.0e-4``, and reads ``1e-4`` as a string)."""
 
 
-_Loader.add_implicit_resolver(
+_SafeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
@@ -124,7 +124,7 @@ def load_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass --config PATH.yaml")
     try:
-        return yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=_SafeLoader)
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"config file {str(p)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
