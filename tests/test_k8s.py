@@ -688,6 +688,16 @@ def submitter_pod_templates() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def test_job_submitters_get_no_service_account_token() -> None:
+    """A submitter pod runs `ray job submit` against the head's job API over HTTP and never calls
+    the Kubernetes API, so no submitter (each RayJob's, the RayCronJob's, the CronJob's pods)
+    mounts a service-account token."""
+    submitters = submitter_pod_templates()
+    assert len(submitters) == len(JOB_KINDS) + 1 + 1
+    for where, template in submitters:
+        assert template.get("spec", {}).get("automountServiceAccountToken") is False, where
+
+
 def _peer_key(peer: dict[str, Any]) -> tuple[str, frozenset[tuple[str, str]]] | str:
     """(namespaces, pod labels) a NetworkPolicy peer admits, or a string describing why it is
     not one this analysis accepts (ipBlock, matchExpressions, ...)."""
