@@ -251,3 +251,26 @@ def test_a_bad_embedding_is_named_by_its_own_shard(tmp_path, write_collection) -
     with pytest.raises(ConfigError, match=f"^{shard} has 2 ok row\\(s\\) whose embedding is not L2-normalised "
                        "\\(first: image_id 'i4', norm 1.5\\)"):
         catalog.read_collection(root)
+
+
+def test_ok_embeddings_are_gathered_across_chunks_slices_and_nulls() -> None:
+    """Collections are read as several shard tables (chunks), tables may be slices (a chunk with
+    an offset), and failed rows hold null embeddings: the ok rows' vectors come back exactly, in
+    row order, against a row-by-row reference."""
+    rng = np.random.default_rng(3)
+    dim, tables, statuses = 5, [], []
+    for n in (7, 1, 0, 12):
+        emb = rng.standard_normal((n, dim)).astype(np.float32)
+        st = [("ok" if rng.random() < 0.6 else "no_face") for _ in range(n)]
+        ids = [f"{len(statuses) + i}.jpg" for i in range(n)]
+        tables.append(catalog.shard_table(ids, [None] * n, emb, [None] * n, st, dim))
+        statuses += st
+    whole = pa.concat_tables(tables)
+    for table in (whole, whole.slice(3, 14), pa.concat_tables([whole.slice(0, 4), whole.slice(9)])):
+        assert table.column("embedding").num_chunks > 1
+        rows = catalog._ok_index(table.column("status").to_pylist())
+        expected = np.array([table.column("embedding")[int(r)].as_py() for r in rows], np.float32).reshape(-1, dim)
+        got = catalog._embeddings_at(table, rows, dim)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected)
+    assert catalog._embeddings_at(whole, np.zeros(0, np.int64), dim).shape == (0, dim)
