@@ -12,6 +12,24 @@ faiss-gpu sees a GPU, else FAISS / BLAS on the CPU. ``"cpu"``, ``"cuda"``, ``"cu
 Results are deterministic: equal scores are ordered by ascending base index (and, for
 :func:`topk_pairs`, by query index first). When the base has fewer than ``k`` rows, the
 missing places hold index ``-1`` and score ``-inf``.
+
+One score per pair. The engines' float32 kernels (FAISS ``knn``, numpy/BLAS blocks, torch
+matmul on CPU or GPU) round a pair's inner product differently depending on where the pair sits
+in a batch: the same pair could score 1–3 ulp apart between :func:`exact_search`,
+:func:`range_search` and a re-rank, and two identical base rows could score apart too. Then a
+threshold θ set to a score one path reported (a top-1 score, a score in ``pairs.parquet``)
+dropped that very pair from a range search, and duplicate rows were not ordered by index.
+So every score reported here (and by the approximate engine's re-rank,
+:meth:`raylead.search.ShardSearcherCore.rescore`) is the *canonical* score of
+:func:`pair_scores`: the products summed in float64, rounded once to float32 — a function of
+the two vectors alone, wherever the pair is computed. The fast kernels only choose candidates,
+with a margin of :func:`score_tolerance` (a bound on their float32 rounding error for unit
+vectors): :func:`exact_search` keeps candidates down to 2·tol below its k-th and re-scores
+them, :func:`range_search` re-scores candidates down to θ − tol and keeps canonical ≥ θ,
+:func:`topk_pairs` likewise. So "every pair whose reported score ≥ θ" is exactly what
+:func:`range_search` returns, and exact copies of a row tie exactly (ascending index). The
+float64 sum itself may differ between kernels by ~1e-16, which changes the float32 rounding
+only when the exact value lies that close to a rounding boundary (about 1e-9 of pairs).
 """
 
 from __future__ import annotations
@@ -99,6 +117,67 @@ def _query_chunk(block_rows: int) -> int:
     return max(1, MAX_BLOCK_ELEMENTS // max(1, block_rows))
 
 
+# -- canonical scores ---------------------------------------------------------------------------
+# float64 elements of the rows gathered at once to re-score candidates (~64 MiB each side)
+CANONICAL_BLOCK_ELEMENTS = 1 << 23
+# candidates beyond k that exact_search keeps before re-scoring (doubled where they do not suffice)
+EXTRA_CANDIDATES = 8
+
+
+def score_tolerance(dim: int) -> float:
+    """A bound on how far a float32 kernel's score of two (about) unit vectors of ``dim``
+    components may lie from the canonical one: γ_dim·‖a‖‖b‖ for any summation order, with a
+    factor 2 to spare (norms a little over 1, the canonical rounding itself)."""
+    return float((int(dim) + 2) * 2.0**-23)
+
+
+def pair_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The canonical score of each pair ``(a[i], b[i])`` (float32 ``[n]``): the products summed
+    in float64, rounded once to float32. Every score this module and the re-rank report comes
+    from here, so a pair has one score whichever path computed it (see the module docstring)."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"pair_scores needs two [n, dim] arrays of one shape, got {a.shape} and {b.shape}")
+    out = np.empty(a.shape[0], np.float32)
+    chunk = max(1, CANONICAL_BLOCK_ELEMENTS // max(1, a.shape[1]))
+    for c in range(0, a.shape[0], chunk):
+        a64 = np.asarray(a[c : c + chunk], np.float64)
+        b64 = np.asarray(b[c : c + chunk], np.float64)
+        out[c : c + chunk] = np.einsum("ij,ij->i", a64, b64)
+    return out
+
+
+def _take_rows(base: np.ndarray | Rows, rows: np.ndarray) -> np.ndarray:
+    """Base rows ``rows`` (ascending, unique) as float32."""
+    take = getattr(base, "take_unique", None)
+    got = take(rows) if take is not None else base[rows]  # type: ignore[index]
+    return np.ascontiguousarray(got, dtype=np.float32)
+
+
+def _canonical_topk(
+    q: np.ndarray, base: np.ndarray | Rows, idx: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score each query's candidates ``idx`` canonically; the top ``k`` (score desc, index
+    asc, padding last)."""
+    nq, kk = idx.shape
+    out_s, out_i = _empty_topk(nq, k)
+    if nq == 0 or kk == 0:
+        return out_s, out_i
+    chunk = max(1, CANONICAL_BLOCK_ELEMENTS // (kk * q.shape[1]))
+    for c0 in range(0, nq, chunk):
+        ii = idx[c0 : c0 + chunk]
+        valid = ii >= 0
+        uniq, inv = np.unique(ii[valid], return_inverse=True)
+        rows = _take_rows(base, uniq)
+        qr = np.broadcast_to(np.arange(ii.shape[0])[:, None], ii.shape)[valid]
+        s = np.full(ii.shape, -np.inf, np.float32)
+        s[valid] = pair_scores(q[c0 : c0 + chunk][qr], rows[inv.ravel()])
+        top_s, top_i = _sort_rows(s, ii, k)  # fewer than k columns where the base is smaller
+        out_s[c0 : c0 + chunk, : top_s.shape[1]], out_i[c0 : c0 + chunk, : top_i.shape[1]] = top_s, top_i
+    return out_s, out_i
+
+
 # -- devices ------------------------------------------------------------------------------------
 def resolve_device(device: str) -> str:
     """``auto`` → ``cuda:0`` (torch), ``faiss-gpu`` or ``cpu``; other names are checked and returned."""
@@ -164,7 +243,10 @@ def exact_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` highest inner products of each query over ``base``.
 
-    Returns ``(scores [nq, k] float32, idx [nq, k] int64)`` sorted by descending score.
+    Returns ``(scores [nq, k] float32, idx [nq, k] int64)`` sorted by descending score, ties
+    by ascending index. Scores are canonical (:func:`pair_scores`) whichever engine ran: the
+    engine's top ``k + 8`` are re-scored (more where its scores near the k-th are too close to
+    tell apart), so exact copies of a base row tie exactly in every engine.
     """
     q, b = _check_pair(queries, base)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
@@ -175,11 +257,33 @@ def exact_search(
     nq, nb = q.shape[0], b.shape[0]
     if nq == 0 or nb == 0:
         return _empty_topk(nq, k)
-    if dev == "cpu":
-        return _exact_search_faiss(q, b, k, block_size)
-    if dev == "faiss-gpu":
-        return _exact_search_faiss(q, b, k, block_size, gpu=True)
-    return _exact_search_torch(q, b, k, block_size, "cpu" if dev == "torch" else dev)
+
+    def engine(qq: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        if dev == "cpu":
+            return _exact_search_faiss(qq, b, kk, block_size)
+        if dev == "faiss-gpu":
+            return _exact_search_faiss(qq, b, kk, block_size, gpu=True)
+        return _exact_search_torch(qq, b, kk, block_size, "cpu" if dev == "torch" else dev)
+
+    # The engine's float32 top-kk are candidates; the canonical top k lies among them once the
+    # kk-th engine score is more than 2·tol below the k-th (else those queries go again, kk×2).
+    band = 2 * score_tolerance(q.shape[1])
+    out_s, out_i = _empty_topk(nq, k)
+    pending = np.arange(nq, dtype=np.int64)
+    kk = min(nb, k + EXTRA_CANDIDATES)
+    while pending.size:
+        s, i = engine(q[pending] if pending.size < nq else q, kk)
+        if kk >= nb:
+            sep = np.ones(pending.size, bool)
+        else:
+            sep = s[:, kk - 1].astype(np.float64) < s[:, k - 1].astype(np.float64) - band
+        done = pending[sep]
+        out_s[done], out_i[done] = _canonical_topk(q[done], b, i[sep], k)
+        pending = pending[~sep]
+        if pending.size:
+            log.debug("exact search: %d queries have near-ties past k=%d; again with %d", pending.size, kk, 2 * kk)
+        kk = min(nb, kk * 2)
+    return out_s, out_i
 
 
 @contextlib.contextmanager
@@ -277,14 +381,16 @@ def _exact_search_torch(
 
 # -- blocked score matrices (range search, top-K pairs) ----------------------------------------
 def _score_blocks(q: np.ndarray, base: np.ndarray | Rows, block_size: int, device: str) -> Any:
-    """Yield ``(q0, b0, scores)`` for every (query chunk × base block), as numpy float32."""
+    """Yield ``(q0, b0, scores, block)`` for every (query chunk × base block): the float32
+    kernel's scores as numpy (candidates only: re-score with :func:`pair_scores`) and the block's
+    base rows."""
     nq, nb = q.shape[0], base.shape[0]
     chunk = _query_chunk(min(block_size, nb))
     if device == "cpu" or device == "faiss-gpu":
         for a in range(0, nb, block_size):
             blk = _block(base, a, min(nb, a + block_size))
             for c0 in range(0, nq, chunk):
-                yield c0, a, q[c0 : c0 + chunk] @ blk.T
+                yield c0, a, q[c0 : c0 + chunk] @ blk.T, blk
         return
     import torch
 
@@ -292,9 +398,10 @@ def _score_blocks(q: np.ndarray, base: np.ndarray | Rows, block_size: int, devic
     tq = torch.from_numpy(q).to(dev)
     with _torch_precision(), torch.no_grad():
         for a in range(0, nb, block_size):
-            tb = torch.from_numpy(_block(base, a, min(nb, a + block_size))).to(dev)
+            blk = _block(base, a, min(nb, a + block_size))
+            tb = torch.from_numpy(blk).to(dev)
             for c0 in range(0, nq, chunk):
-                yield c0, a, (tq[c0 : c0 + chunk] @ tb.T).cpu().numpy()
+                yield c0, a, (tq[c0 : c0 + chunk] @ tb.T).cpu().numpy(), blk
 
 
 def range_search(
@@ -304,7 +411,9 @@ def range_search(
 
     FAISS-style result: ``lims`` [nq + 1] int64; the pairs of query ``i`` are
     ``scores[lims[i]:lims[i+1]]`` / ``idx[lims[i]:lims[i+1]]``, sorted by descending score
-    (ties by ascending index).
+    (ties by ascending index). Scores are canonical (:func:`pair_scores`): pairs the float32
+    kernel puts within :func:`score_tolerance` below θ are re-scored, and a pair is in the
+    answer exactly when its canonical score ≥ θ.
     """
     q, b = _check_pair(queries, base)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not np.isfinite(threshold):
@@ -314,16 +423,20 @@ def range_search(
     dev = resolve_device(device)
     nq = q.shape[0]
     thr = np.float32(threshold)
+    lo = np.float32(float(thr) - score_tolerance(q.shape[1]))  # candidates: the kernel's score ≥ θ − tol
     qs: list[np.ndarray] = []
     bs: list[np.ndarray] = []
     ss: list[np.ndarray] = []
     if nq and b.shape[0]:
-        for q0, b0, s in _score_blocks(q, b, block_size, dev):
-            r, c = np.nonzero(s >= thr)
+        for q0, b0, s, blk in _score_blocks(q, b, block_size, dev):
+            r, c = np.nonzero(s >= lo)
             if r.size:
+                cs = pair_scores(q[r + q0], blk[c])
+                keep = cs >= thr
+                r, c = r[keep], c[keep]
                 qs.append(r.astype(np.int64) + q0)
                 bs.append(c.astype(np.int64) + b0)
-                ss.append(s[r, c].astype(np.float32))
+                ss.append(cs[keep])
     return _pairs_to_lims(nq, qs, bs, ss)
 
 
@@ -353,7 +466,9 @@ def topk_pairs(
     """The ``K`` highest-scoring (query, base) pairs over all queries × base.
 
     Returns ``(scores [K], q_idx [K], b_idx [K])`` sorted by descending score, ties by
-    ascending query index then base index (fewer than K when there are fewer pairs).
+    ascending query index then base index (fewer than K when there are fewer pairs). Scores
+    are canonical (:func:`pair_scores`); candidates down to 2·tol below the running K-th are
+    re-scored.
     """
     q, b = _check_pair(queries, base)
     if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 1:
@@ -366,15 +481,16 @@ def topk_pairs(
     best_b = np.zeros(0, np.int64)
     if not q.shape[0] or not b.shape[0]:
         return best_s, best_q, best_b
-    for q0, b0, s in _score_blocks(q, b, block_size, dev):
-        tau = best_s[K - 1] if best_s.size >= K else -np.inf
+    band = 2 * score_tolerance(q.shape[1])
+    for q0, b0, s, blk in _score_blocks(q, b, block_size, dev):
+        tau = float(best_s[K - 1]) if best_s.size >= K else -np.inf
         if best_s.size < K and s.size > K:
             flat = s.ravel()
-            tau = max(tau, np.partition(flat, flat.size - K)[flat.size - K])
-        r, c = np.nonzero(s >= tau)
+            tau = max(tau, float(np.partition(flat, flat.size - K)[flat.size - K]))
+        r, c = np.nonzero(s >= np.float32(tau - band))
         if not r.size:
             continue
-        best_s = np.concatenate([best_s, s[r, c].astype(np.float32)])
+        best_s = np.concatenate([best_s, pair_scores(q[r + q0], blk[c])])
         best_q = np.concatenate([best_q, r.astype(np.int64) + q0])
         best_b = np.concatenate([best_b, c.astype(np.int64) + b0])
         best_s, best_q, best_b = _prune_pairs(best_s, best_q, best_b, K)

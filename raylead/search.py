@@ -278,7 +278,19 @@ class ShardSearcherCore:
         }
 
     # exact scores of given global rows (−1 → −inf)
-    def rescore(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def rescore(self, q: np.ndarray, ids: np.ndarray, canonical: bool = True) -> np.ndarray:
+        """The score of each (query, row) pair, ``-inf`` where the id is -1.
+
+        ``canonical`` (the default): :func:`raylead.exact.pair_scores`, the score exact search,
+        range search and every other path report for the pair, so a threshold set to one of
+        them keeps it. ``canonical=False``: FAISS's float32 kernel, about 10× faster, within
+        :func:`raylead.exact.score_tolerance` of it: for ranking candidates only."""
+        return self._scores(q, ids, "canonical" if canonical else None)
+
+    def _scores(self, q: np.ndarray, ids: np.ndarray, canonical: str | int | None) -> np.ndarray:
+        """``canonical``: "canonical" (every pair), None (none: the float32 kernel) or k (the
+        float32 kernel, then canonical scores for the pairs within 2·tol of each row's k-th:
+        they hold the canonical top k). Each row is read once."""
         nq, kp = ids.shape
         out = np.full((nq, kp), -np.inf, np.float32)
         if nq == 0 or kp == 0:
@@ -294,8 +306,12 @@ class ShardSearcherCore:
             local[local >= 0] = inverse
         else:
             base = self.vectors
-        scores = np.empty((nq, kp), np.float32)
-        if base.dtype == np.float32 and base.flags.c_contiguous:
+        scores = np.full((nq, kp), -np.inf, np.float32)
+        dim = base.shape[1]
+        real = local >= 0
+        if canonical == "canonical":
+            exact_now = real
+        elif base.dtype == np.float32 and base.flags.c_contiguous:
             import faiss
 
             _set_threads(self.threads)
@@ -310,7 +326,6 @@ class ShardSearcherCore:
                 kp,
             )
         else:
-            dim = base.shape[1]
             chunk = max(1, RERANK_BLOCK_ELEMENTS // (kp * dim))
             for c in range(0, nq, chunk):
                 li = local[c : c + chunk]
@@ -318,15 +333,34 @@ class ShardSearcherCore:
                 scores[c : c + chunk] = np.matmul(v.reshape(li.shape[0], kp, dim), q[c : c + chunk, :, None])[
                     :, :, 0
                 ]
-        scores = np.where(local >= 0, scores, -np.inf).astype(np.float32)
+        scores = np.where(real, scores, -np.inf).astype(np.float32)
+        if isinstance(canonical, int):
+            k = canonical
+            kth = (
+                -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+                if kp >= k
+                else np.full((nq, 1), -np.inf, np.float32)
+            )
+            band = 2 * exact_mod.score_tolerance(dim)
+            exact_now = real & (scores.astype(np.float64) >= kth.astype(np.float64) - band)
+        if canonical is not None:  # only those pairs, from the rows already read
+            qr, _ = np.nonzero(exact_now)
+            rows = local[exact_now]
+            got = np.empty(rows.size, np.float32)
+            chunk = max(1, RERANK_BLOCK_ELEMENTS // dim)
+            for c in range(0, rows.size, chunk):
+                v = np.asarray(base[rows[c : c + chunk]], dtype=np.float32)
+                got[c : c + chunk] = exact_mod.pair_scores(q[qr[c : c + chunk]], v)
+            scores[exact_now] = got
         np.put_along_axis(out, order, scores, 1)
         return out
 
     def candidates(
-        self, q: np.ndarray, kprime: int, nprobe: int
+        self, q: np.ndarray, kprime: int, nprobe: int, canonical_top: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top ``kprime`` by approximate score (in that order) with their exact scores; a shard
-        without rows has none (``[nq, 0]``)."""
+        """Top ``kprime`` by approximate score (in that order) with their exact scores (FAISS's
+        float32 kernel, for ranking; with ``canonical_top=k`` the canonical scores of those that
+        may be in the top k, see :meth:`_scores`); a shard without rows has none (``[nq, 0]``)."""
         kp = int(min(kprime, self.rows))
         q = np.ascontiguousarray(q, dtype=np.float32)
         if kp == 0:  # FAISS refuses k=0
@@ -337,13 +371,16 @@ class ShardSearcherCore:
         approx, ids = self.index.search(q, kp)
         ids = ids.astype(np.int64)
         approx = np.where(ids >= 0, approx, -np.inf).astype(np.float32)
-        return ids, approx, self.rescore(q, ids)
+        return ids, approx, self._scores(q, ids, canonical_top)
 
     def search(
         self, q: np.ndarray, k: int, k_factor: int, nprobe: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This shard's top ``k`` by exact score among its ``k·k_factor`` best approximate candidates."""
-        ids, approx, ex = self.candidates(q, k * k_factor, nprobe)
+        """This shard's top ``k`` by exact score among its ``k·k_factor`` best approximate
+        candidates. The candidates are ranked by the fast float32 kernel; those within 2·tol of
+        the k-th (:func:`raylead.exact.score_tolerance`; about k per query) are re-scored
+        canonically, which holds the canonical top k, so every score returned is canonical."""
+        ids, approx, ex = self.candidates(q, k * k_factor, nprobe, canonical_top=k)
         return top_by_exact(ex, ids, approx, k)
 
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -931,25 +968,46 @@ def _exact_result(scores: np.ndarray, idx: np.ndarray, reason: str, t0: float) -
 def search(
     queries: np.ndarray,
     index_or_base: np.ndarray | PersistedIndex | MemoryIndex | IndexSearcher | str | Location,
-    k: int = 10,
-    engine: EngineArg = "auto",
+    k: int | None = None,
+    engine: EngineArg | None = None,
     *,
-    target_recall: float = 0.99,
+    target_recall: float | None = None,
     nprobe: int | None = None,
     k_factor: int | None = None,
     config: SearchConfig | None = None,
     use_ray: bool | None = None,
-    device: str = "auto",
+    device: str | None = None,
 ) -> SearchResult:
     """Top-``k`` neighbours of each query in an in-memory base or a persisted index.
 
     ``engine="auto"`` estimates the cost of both engines (see :func:`raylead.plan.choose_engine`)
     and says what it chose in ``reason``; when tuning cannot reach the target recall it falls
     back to exact search. ``nprobe`` + ``k_factor`` skip tuning.
+
+    ``k``, ``engine``, ``target_recall``, ``nprobe``, ``k_factor`` and ``device`` default to
+    :class:`SearchConfig`'s (k=10, auto, 0.99, tuned, tuned, auto). With ``config``, each of
+    them given as well must agree with the config's value (a ``ConfigError`` otherwise, rather
+    than one of the two silently winning).
     """
-    cfg = config or SearchConfig(
-        k=k, engine=engine, target_recall=target_recall, nprobe=nprobe, k_factor=k_factor, device=device
-    )
+    given: dict[str, Any] = {
+        "k": k,
+        "engine": engine,
+        "target_recall": target_recall,
+        "nprobe": nprobe,
+        "k_factor": k_factor,
+        "device": device,
+    }
+    given = {name: v for name, v in given.items() if v is not None}  # the arguments passed
+    if config is None:
+        cfg = SearchConfig(**given)
+    else:
+        cfg = config
+        for name, v in given.items():
+            if v != getattr(cfg, name):
+                raise ConfigError(
+                    f"search() got {name}={v!r} and config.{name}={getattr(cfg, name)!r}: give "
+                    f"{name} in one place (drop the {name} argument or build the SearchConfig with it)"
+                )
     q = exact_mod._check_matrix("queries", queries, finite=True)
     q = np.ascontiguousarray(q, dtype=np.float32)
     t0 = time.monotonic()

@@ -220,7 +220,14 @@ def consensus(
     searchers: dict[str, Any] | None = None,
 ) -> Consensus:
     """Join the flagged pairs of every matcher by image ids and count the matchers per pair.
-    ``searchers``: per matcher, T's open index searcher (T's vectors were not loaded)."""
+    ``searchers``: per matcher, T's open index searcher (T's vectors were not loaded).
+
+    Every score here is the canonical one (:func:`raylead.exact.pair_scores`, which the range
+    search behind :func:`flagged_pairs`, the index's ``pair_scores`` and the best-match search
+    report too), so ``flagged_<m>`` is exactly ``score_<m> ≥ θ_m`` and a θ set to a reported
+    score flags its pair."""
+    from raylead.exact import pair_scores
+
     searchers = searchers or {}
     labels = list(generated)
     voters = [m for m in labels if thresholds.get(m) is not None]
@@ -247,7 +254,7 @@ def consensus(
             sc[kk] = (
                 searchers[m].pair_scores(g, bb)
                 if m in searchers
-                else np.einsum("ij,ij->i", g, train[m].embeddings[bb])
+                else pair_scores(g, train[m].embeddings[bb])
             )
         scores[m] = sc
         flags[m] = np.array([k in flagged_keys.get(m, set()) for k in keys], dtype=bool)
