@@ -11,7 +11,7 @@ One checkpoint (``raylead audit run``)::
       → best match of every sample in the persisted training index (raylead.search)
       → leak figures: fraction of the scored samples whose best match ≥ θ, the top-K best-match
         scores, hits per training identity (the parent folder of a training image, when it has one)
-      → OUT/<checkpoint key>/best_matches.parquet + audit.json, and one row appended to the audit
+      → OUT/<checkpoint key>/best_matches.parquet + metrics.json + samples.json, and one row appended to the audit
         history (read, add, atomic rewrite)
       → verdict: the leak fraction against the previous checkpoint's (natural order of the
         checkpoint names: ckpt-2 before ckpt-10); a rise beyond ``tolerance`` (absolute,
@@ -602,18 +602,51 @@ class Prepared:
 def check_apart(cfg: AuditConfig) -> None:
     """``audit run``: refuse an --out or --history inside the checkpoint (its samples or history
     would be written into it: a folder generator would list them as images, changing the
-    checkpoint) or the checkpoint inside them. Paths only; before anything is created."""
-    if cfg.mode != "run" or not cfg.checkpoint:
-        return  # `audit pending` skips --out and --history when listing the checkpoints
-    ckpt = cfg.loc(cfg.checkpoint)
+    checkpoint) or the checkpoint inside them. ``audit pending``: see :func:`_check_apart_of_prefix`.
+    Paths only; before anything is created."""
     places = [("--out", cfg.out_location())]
     if cfg.history:
         places.append(("--history", cfg.history_location()))
+    if cfg.mode == "pending" and cfg.checkpoints:
+        _check_apart_of_prefix(cfg, places)
+        return
+    if cfg.mode != "run" or not cfg.checkpoint:
+        return
+    ckpt = cfg.loc(cfg.checkpoint)
     for flag, loc in places:
         if ckpt.contains(loc) or loc.contains(ckpt):
             raise ConfigError(
                 f"{flag} {loc.uri} and the checkpoint {ckpt.uri} share a folder (the audit would write its "
                 f"samples and results into the checkpoint, or among them): choose a {flag} outside the checkpoint"
+            )
+
+
+def _check_apart_of_prefix(cfg: AuditConfig, places: list[tuple[str, Location]]) -> None:
+    """``audit pending`` skips the entries of the prefix that hold --out or --history (or lie in
+    them) when it lists the checkpoints. An --out (or --history) that is the prefix or holds it
+    would so skip every checkpoint, one inside a checkpoint would skip that checkpoint and write
+    into it, both silently: refused. One that is itself an entry of the prefix (``CKPTS/audits``)
+    is what the skip is for: allowed, with a --history inside it."""
+    prefix = cfg.loc(cfg.checkpoints or "")
+    owned = {loc.uri for _, loc in places}
+    for flag, loc in places:
+        if loc.contains(prefix):
+            raise ConfigError(
+                f"{flag} {loc.uri} holds the checkpoints prefix {prefix.uri} (every checkpoint would be skipped "
+                f"as audit output, and nothing audited): choose a {flag} outside --checkpoints"
+            )
+        if not prefix.contains(loc):
+            continue
+        entry, _, below = (loc.uri.rstrip("/") + "/")[len(prefix.uri.rstrip("/") + "/") :].partition("/")
+        if (
+            below
+            and not entry.startswith(".")
+            and fnmatch(entry, cfg.checkpoint_glob)
+            and prefix.child(entry).uri not in owned
+        ):
+            raise ConfigError(
+                f"{flag} {loc.uri} is inside the checkpoint {prefix.child(entry).uri} (it would be skipped and "
+                f"the audit would write into it): choose a {flag} outside it, e.g. beside the checkpoints"
             )
 
 

@@ -254,7 +254,6 @@ def prepare(cfg: EmbedConfig) -> Prepared:
             "input on the next run: choose an --out outside the input"
         )
     source.check_reachable(write=False)
-    out.check_reachable(write=True)
     if not source.is_dir():
         raise ConfigError(f"{source.uri} is not a folder of images; give the folder that holds them")
     image_ids = source.list_files(IMAGE_EXTENSIONS)
@@ -262,6 +261,7 @@ def prepare(cfg: EmbedConfig) -> Prepared:
         raise ConfigError(
             f"no images under {source.uri} (looked for {', '.join(IMAGE_EXTENSIONS)}); check the path"
         )
+    out.check_reachable(write=True)  # creates the --out folder: last, once nothing else can refuse
     return Prepared(cfg, source, out, image_ids, matcher, preprocessor, cfg.alignment(matcher.crop))
 
 

@@ -494,12 +494,12 @@ def test_altered_copy_audit_on_installed_photos(tmp_path, mbf_model, scrfd_model
     assert m["fraction_above_threshold_train"] == 0.5 and m["fraction_above_threshold_holdout"] == 0.0
 
 
-def test_outputs_inside_image_inputs_are_refused_on_s3_and_not_for_collections(
+def test_outputs_inside_inputs_are_refused_on_s3_and_for_collections(
     s3_server, lfw_dir, write_collection, tmp_path
 ) -> None:
     """The check every attack runs before embedding: s3 prefixes are compared as embed compares
-    them; an input that is an embedding collection (read as is, nothing written for it) may hold
-    the output."""
+    them; an output inside an embedding collection is refused too (its files would be mixed into
+    the collection)."""
     from raylead.attacks import MatcherSpec, check_outputs_outside_inputs
     from raylead.errors import ConfigError
 
@@ -513,6 +513,7 @@ def test_outputs_inside_image_inputs_are_refused_on_s3_and_not_for_collections(
         check_outputs_outside_inputs({"--synthetic": syn}, spec, "s3://raylead/outside-check/res", f"{syn}/e")
     check_outputs_outside_inputs({"--synthetic": syn}, spec, "s3://raylead/outside-check/synthetic", None)
     coll = write_collection(tmp_path / "c", ["p/a.jpg"], ["p"], np.eye(1, 128, dtype=np.float32))
-    check_outputs_outside_inputs({"--train": coll}, spec, str(tmp_path / "c" / "res"), None)
+    with pytest.raises(ConfigError, match="is inside the embedding collection --train"):
+        check_outputs_outside_inputs({"--train": coll}, spec, str(tmp_path / "c" / "res"), None)
     with pytest.raises(ConfigError, match="is inside the image folder --train"):
         check_outputs_outside_inputs({"--train": str(tmp_path)}, spec, str(tmp_path / "c" / "res"), None)

@@ -321,18 +321,43 @@ class EmbeddedSet:
         matcher: str = "test",
         uri: str = "",
     ) -> EmbeddedSet:
+        """In-memory rows (every one usable). Checked as a collection's ``ok`` rows are: a 2-D
+        array, one id (and identity, detector score) per row, every vector finite and
+        L2-normalised (:func:`raylead.catalog.check_embeddings`; scores are cosines)."""
+        from raylead.catalog import check_embeddings
+
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2:
+            raise ConfigError(
+                f"EmbeddedSet.from_arrays needs a 2-D array of embeddings [rows, dim], got shape {emb.shape}"
+            )
         n = emb.shape[0]
+        id_list = list(ids) if ids is not None else [f"img{i:06d}" for i in range(n)]
+        if len(id_list) != n or not all(isinstance(s, str) for s in id_list):
+            raise ConfigError(
+                f"EmbeddedSet.from_arrays: ids must be {n} strings, one per embedding row (got {len(id_list)})"
+            )
+        ident_list: list[str | None] = list(identities) if identities is not None else [None] * n
+        if len(ident_list) != n or not all(x is None or isinstance(x, str) for x in ident_list):
+            raise ConfigError(
+                f"EmbeddedSet.from_arrays: identities must be {n} strings or None, one per embedding row "
+                f"(got {len(ident_list)})"
+            )
+        det = np.asarray(det_scores, np.float32) if det_scores is not None else np.full(n, np.nan, np.float32)
+        if det.shape != (n,):
+            raise ConfigError(
+                f"EmbeddedSet.from_arrays: det_scores must hold {n} numbers, one per embedding row "
+                f"(got shape {det.shape})"
+            )
+        check_embeddings(emb, id_list, f"the embeddings given to EmbeddedSet.from_arrays{f' ({uri})' if uri else ''}")
         return cls(
             uri=uri,
             matcher=matcher,
             matcher_version="",
             embeddings=emb,
-            ids=list(ids) if ids is not None else [f"img{i:06d}" for i in range(n)],
-            identities=list(identities) if identities is not None else [None] * n,
-            det_scores=np.asarray(det_scores, np.float32)
-            if det_scores is not None
-            else np.full(n, np.nan, np.float32),
+            ids=id_list,
+            identities=ident_list,
+            det_scores=det,
         )
 
     def __len__(self) -> int:
@@ -972,12 +997,13 @@ def check_outputs_outside_inputs(
     default_embeddings: str | None = None,
 ) -> None:
     """Refuse, before anything is embedded or created, an ``out`` (and the embeddings folder,
-    default ``default_embeddings`` or ``OUT/embeddings``) that is an image-folder input or lies
-    inside one: its files would be written among the images and read as input by the next run.
-    ``inputs`` maps each flag to its source. An input :func:`load_set` reads as a collection for
-    every matcher in ``specs`` is not an image folder: nothing is embedded for it. Paths only (s3
-    prefixes too, as embed compares them); a collection is probed only for an input that holds an
-    output."""
+    default ``default_embeddings`` or ``OUT/embeddings``) that is an input or lies inside one: in an
+    image folder its files would be written among the images and read as input by the next run; in
+    an embedding collection (or a folder of one collection per matcher) they would be mixed into
+    the collection's files, which its readers list. ``inputs`` maps each flag to its source. An
+    input inside the output (a collection under ``OUT/embeddings`` from an earlier run) is read as
+    is: allowed. Paths only (s3 prefixes too, as embed compares them); a collection is probed only
+    for an input that holds an output, to name it."""
     from raylead import catalog
 
     def parse(uri: str) -> Location:
@@ -994,13 +1020,17 @@ def check_outputs_outside_inputs(
         held = [(f, t) for f, t in (("--out", out_loc), (emb_flag, emb_loc)) if loc.contains(t)]
         if not held:
             continue
+        what, target = held[0]
         if not catalog.is_collection(loc) and any(not catalog.is_collection(loc.child(s.label)) for s in specs):
             from raylead.matchers import make_matcher
 
             for spec in specs:  # a matcher that cannot run comes first, as embed reports it first
                 make_matcher(spec.name, **spec.matcher_options()).check()
-            what, target = held[0]
             raise ConfigError(
                 f"{what} {target.uri} is inside the image folder {flag} {loc.uri}: nothing may be written "
                 "among the input images (a later run would read them as input); choose a folder outside it"
             )
+        raise ConfigError(
+            f"{what} {target.uri} is inside the embedding collection {flag} {loc.uri}: nothing may be written "
+            "into an input collection (its files would be mixed with the attack's); choose a folder outside it"
+        )
