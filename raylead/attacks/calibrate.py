@@ -33,6 +33,7 @@ from raylead.attacks import (
     summary,
 )
 from raylead.errors import ConfigError, CorruptDataError
+from raylead.exact import pair_scores as pair_score
 from raylead.storage import Location, S3Options, check_file_target
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ THRESHOLD_DEFINITION = (
 )
 OPERATING_FMRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_MAX_PAIRS = 100_000_000
+SAMPLE_CHUNK = 1 << 16  # sampled impostor pairs gathered per step (2 × 128 MiB at 512-d)
 
 
 # ------------------------------------------------------------------------------------------
@@ -69,6 +71,16 @@ def count_pairs(labels: np.ndarray) -> tuple[int, int]:
     return genuine, n * (n - 1) // 2 - genuine
 
 
+def check_sample_size(impostor_pairs: int | None, max_pairs: int) -> None:
+    """A sample (fewer than all impostor pairs) is held in memory (4 bytes a score) like all
+    of them would be, so it is capped alike."""
+    if impostor_pairs is not None and impostor_pairs > max_pairs:
+        raise ConfigError(
+            f"--impostor-pairs {impostor_pairs:,} is more than the {max_pairs:,} scores held in memory; "
+            f"sample at most {max_pairs:,} (FMR {10 / max_pairs:.0e} is then still resolved by 10 matches)"
+        )
+
+
 def pair_scores(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -87,6 +99,8 @@ def pair_scores(
     n = emb.shape[0]
     n_gen, n_imp = count_pairs(labels)
     sample = impostor_pairs is not None and impostor_pairs < n_imp
+    if sample:
+        check_sample_size(impostor_pairs, max_pairs)
     if not sample and n_imp > max_pairs:
         raise ConfigError(
             f"{n} images make {n_imp:,} impostor pairs, more than {max_pairs:,} held in memory; "
@@ -120,7 +134,8 @@ def pair_scores(
             b = rng.integers(0, n, draw)
             keep = labels[a] != labels[b]
             a, b = a[keep][:need], b[keep][:need]
-            impostor.append(np.einsum("ij,ij->i", emb[a], emb[b]).astype(np.float32))
+            for c in range(0, a.size, SAMPLE_CHUNK):  # gather a chunk of pairs at a time, not all
+                impostor.append(pair_score(emb[a[c : c + SAMPLE_CHUNK]], emb[b[c : c + SAMPLE_CHUNK]]))
             need -= a.size
     gen = np.concatenate(genuine) if genuine else np.zeros(0, np.float32)
     imp = np.concatenate(impostor) if impostor else np.zeros(0, np.float32)
