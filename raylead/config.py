@@ -175,7 +175,7 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"{flag} {item!r} is not KEY=VALUE")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value else ""
+            out[key.strip()] = yaml.load(value, Loader=_SafeLoader) if value else ""  # as job YAML reads it
         except yaml.YAMLError:
             out[key.strip()] = value
     return out

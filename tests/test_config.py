@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raylead.config import coerce, from_mapping, load_yaml, parse_size
+from raylead.config import coerce, from_mapping, load_yaml, parse_key_values, parse_size
 from raylead.errors import ConfigError
 
 
@@ -93,3 +93,7 @@ def test_yaml_exponent_numbers_are_numbers(tmp_path: Path) -> None:
     assert got == {"fmr": 1e-4, "pairs": 1e7, "neg": -2500.0, "dot": 1e-4, "n": 12, "quoted": "1e-4", "name": "1e4x"}
     assert [type(got[k]) for k in ("fmr", "pairs", "n", "quoted")] == [float, float, int, str]
     assert coerce(got["pairs"], int, "impostor_pairs") == 10_000_000
+    # `--option lr=1e-4` reads its value as the job YAML `generator_options: {lr: 1e-4}` does
+    # (the history compares options: one spelling per value, or two series)
+    opts = parse_key_values(["lr=1e-4", "n=12", "name=1e4x", "q='1e-4'"], "--option")
+    assert opts == {"lr": 1e-4, "n": 12, "name": "1e4x", "q": "1e-4"} and type(opts["lr"]) is float
