@@ -1,8 +1,8 @@
 """One error family for all of raylead.
 
 Domain code raises a subclass of :class:`RayleadError` with a one-line, actionable
-message (what was wrong, the value, and the fix). Only the CLI turns these into exit
-codes; library users catch :class:`RayleadError`.
+message (what was wrong, the value, and the fix). Only the CLI and the job runner
+(:mod:`raylead.jobs`) turn these into exit codes; library users catch :class:`RayleadError`.
 """
 
 from __future__ import annotations

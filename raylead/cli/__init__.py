@@ -1,6 +1,7 @@
 """The ``raylead`` command line. Commands are thin: they parse, validate and call stages.
 
-Only this package turns :class:`raylead.errors.RayleadError` into exit codes.
+Only this package (and the job runner :mod:`raylead.jobs`) turns :class:`raylead.errors.RayleadError`
+into exit codes.
 """
 
 from __future__ import annotations
