@@ -58,6 +58,44 @@ def test_identify_holds_no_samples_by_references_matrix() -> None:
     assert peak < 6 * 2**20, peak
 
 
+@pytest.mark.parametrize("classifier", ["centroid", "linear"])
+def test_identify_in_blocks_equals_the_unblocked_computation(classifier: str) -> None:
+    """Samples are identified a block at a time: the same best identity and similarity as the
+    whole N×Q matrix at once, for both classifiers."""
+    from raylead.attacks.webster import centroids
+
+    rng = np.random.default_rng(11)
+    r = _unit(rng.normal(size=(90, 16)))
+    labels = np.arange(90) % 9
+    s = _unit(rng.normal(size=(70, 16)))
+    cos = s @ centroids(r, labels, 9).T
+    whole = identify(s, r, labels, 9, classifier=classifier, block_bytes=10**9)
+    want = np.argmax(cos if whole.linear is None else whole.linear.logits(s), axis=1)
+    np.testing.assert_array_equal(whole.best, want)
+    np.testing.assert_allclose(whole.similarity, cos[np.arange(70), want], rtol=0, atol=1e-6)
+    for block_bytes in (1, 8 * 9 * 4):  # one sample per block, four
+        got = identify(s, r, labels, 9, classifier=classifier, block_bytes=block_bytes)
+        np.testing.assert_array_equal(got.best, whole.best)
+        np.testing.assert_array_equal(got.similarity, whole.similarity)
+
+
+def test_identify_holds_no_samples_by_identities_matrix() -> None:
+    """4000 samples × 1000 query identities: the N×Q scores (16 MB, 32 MB as the linear
+    classifier's float64 logits) are never held at once; with 1 MiB blocks the peak is a few MiB
+    above the centroids."""
+    rng = np.random.default_rng(5)
+    r = _unit(rng.normal(size=(1000, 16)))
+    labels = np.arange(1000)
+    s = _unit(rng.normal(size=(4000, 16)))
+    tracemalloc.start()
+    try:
+        identify(s, r, labels, 1000, block_bytes=2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 2**20, peak
+
+
 def test_members_file_with_bom_and_crlf_reads_the_same(tmp_path: Path) -> None:
     plain = tmp_path / "plain.txt"
     plain.write_bytes(b"Abdullah_Gul\nAri_Fleischer\n# note\n")

@@ -48,7 +48,7 @@ from raylead.storage import Location, S3Options
 log = logging.getLogger(__name__)
 
 CLASSIFIERS = ("centroid", "linear")
-BLOCK_BYTES = 64 * 2**20  # similarities held at once when finding each sample's nearest reference
+BLOCK_BYTES = 64 * 2**20  # scores held at once (sample × identity, sample × reference)
 
 
 # ------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def identify(
     """Identify each sample as one of ``n_classes`` query identities (or none, open set)."""
     if classifier not in CLASSIFIERS:
         raise ConfigError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
-    from raylead.exact import _check_matrix, check_same_dim
+    from raylead.exact import _check_matrix, check_same_dim, pair_scores
 
     s = np.ascontiguousarray(_check_matrix("samples", samples, finite=True), np.float32)
     r = np.ascontiguousarray(_check_matrix("references", references, finite=True), np.float32)
@@ -151,14 +151,18 @@ def identify(
         z = np.zeros(0, np.int64)
         return Identification(z, np.zeros(0, np.float32), z, z, np.zeros(0, np.float32))
     cents = centroids(r, labels, n_classes)
-    cos = s @ cents.T  # [N, Q]
-    model = None
-    if classifier == "centroid":
-        best = np.argmax(cos, axis=1).astype(np.int64)
-    else:
-        model = train_linear(r, labels, n_classes, l2=l2)
-        best = np.argmax(model.logits(s), axis=1).astype(np.int64)
-    sim = cos[np.arange(n), best].astype(np.float32)
+    model = train_linear(r, labels, n_classes, l2=l2) if classifier == "linear" else None
+    best = np.zeros(n, np.int64)
+    sim = np.zeros(n, np.float32)
+    # blocks of samples, never an N×Q matrix (10⁶ samples × 10⁴ identities would be 40 GB, and
+    # the linear classifier's float64 logits twice that): about block_bytes of scores at a time
+    step = max(1, int(block_bytes) // (8 * max(1, n_classes)))
+    for a in range(0, n, step):
+        blk = s[a : a + step]
+        cos = blk @ cents.T  # [block, Q]
+        top = np.argmax(cos if model is None else model.logits(blk), axis=1)
+        best[a : a + step] = top
+        sim[a : a + step] = pair_scores(blk, cents[top])  # canonical: the same in any block
     pred = best.copy()
     if reject_below is not None:
         pred[sim < np.float32(reject_below)] = -1
