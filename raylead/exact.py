@@ -380,17 +380,43 @@ def _exact_search_torch(
 
 
 # -- blocked score matrices (range search, top-K pairs) ----------------------------------------
+class _Scores:
+    """One (query chunk × base block) of float32 kernel scores, left where they were computed
+    (numpy, or a torch tensor on its device): only the selected pairs' coordinates leave it, so a
+    GPU never copies whole score blocks to the host to be scanned there."""
+
+    def __init__(self, s: Any) -> None:
+        self.s = s
+        self.size = int(s.numel()) if hasattr(s, "numel") else int(s.size)
+
+    def at_least(self, floor: float) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, columns) int64 of the scores ≥ ``floor`` (float32), in row-major order."""
+        if isinstance(self.s, np.ndarray):
+            r, c = np.nonzero(self.s >= np.float32(floor))
+            return r.astype(np.int64), c.astype(np.int64)
+        rc = (self.s >= float(np.float32(floor))).nonzero().cpu().numpy()
+        return rc[:, 0].astype(np.int64), rc[:, 1].astype(np.int64)
+
+    def kth_largest(self, k: int) -> float:
+        if isinstance(self.s, np.ndarray):
+            flat = self.s.ravel()
+            return float(np.partition(flat, flat.size - k)[flat.size - k])
+        import torch
+
+        return float(torch.topk(self.s.reshape(-1), k).values[-1].item())
+
+
 def _score_blocks(q: np.ndarray, base: np.ndarray | Rows, block_size: int, device: str) -> Any:
     """Yield ``(q0, b0, scores, block)`` for every (query chunk × base block): the float32
-    kernel's scores as numpy (candidates only: re-score with :func:`pair_scores`) and the block's
-    base rows."""
+    kernel's :class:`_Scores` (candidates only: re-score with :func:`pair_scores`) and the
+    block's base rows."""
     nq, nb = q.shape[0], base.shape[0]
     chunk = _query_chunk(min(block_size, nb))
     if device == "cpu" or device == "faiss-gpu":
         for a in range(0, nb, block_size):
             blk = _block(base, a, min(nb, a + block_size))
             for c0 in range(0, nq, chunk):
-                yield c0, a, q[c0 : c0 + chunk] @ blk.T, blk
+                yield c0, a, _Scores(q[c0 : c0 + chunk] @ blk.T), blk
         return
     import torch
 
@@ -401,7 +427,7 @@ def _score_blocks(q: np.ndarray, base: np.ndarray | Rows, block_size: int, devic
             blk = _block(base, a, min(nb, a + block_size))
             tb = torch.from_numpy(blk).to(dev)
             for c0 in range(0, nq, chunk):
-                yield c0, a, (tq[c0 : c0 + chunk] @ tb.T).cpu().numpy(), blk
+                yield c0, a, _Scores(tq[c0 : c0 + chunk] @ tb.T), blk
 
 
 def range_search(
@@ -429,13 +455,13 @@ def range_search(
     ss: list[np.ndarray] = []
     if nq and b.shape[0]:
         for q0, b0, s, blk in _score_blocks(q, b, block_size, dev):
-            r, c = np.nonzero(s >= lo)
+            r, c = s.at_least(lo)
             if r.size:
                 cs = pair_scores(q[r + q0], blk[c])
                 keep = cs >= thr
                 r, c = r[keep], c[keep]
-                qs.append(r.astype(np.int64) + q0)
-                bs.append(c.astype(np.int64) + b0)
+                qs.append(r + q0)
+                bs.append(c + b0)
                 ss.append(cs[keep])
     return _pairs_to_lims(nq, qs, bs, ss)
 
@@ -485,14 +511,13 @@ def topk_pairs(
     for q0, b0, s, blk in _score_blocks(q, b, block_size, dev):
         tau = float(best_s[K - 1]) if best_s.size >= K else -np.inf
         if best_s.size < K and s.size > K:
-            flat = s.ravel()
-            tau = max(tau, float(np.partition(flat, flat.size - K)[flat.size - K]))
-        r, c = np.nonzero(s >= np.float32(tau - band))
+            tau = max(tau, s.kth_largest(K))
+        r, c = s.at_least(tau - band)
         if not r.size:
             continue
         best_s = np.concatenate([best_s, pair_scores(q[r + q0], blk[c])])
-        best_q = np.concatenate([best_q, r.astype(np.int64) + q0])
-        best_b = np.concatenate([best_b, c.astype(np.int64) + b0])
+        best_q = np.concatenate([best_q, r + q0])
+        best_b = np.concatenate([best_b, c + b0])
         best_s, best_q, best_b = _prune_pairs(best_s, best_q, best_b, K)
     return best_s, best_q, best_b
 

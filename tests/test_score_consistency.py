@@ -164,3 +164,32 @@ def test_search_keyword_agreeing_with_config_or_alone_works():
     assert search(q, base, config=SearchConfig(k=4, engine="exact")).idx.shape == (4, 4)
     assert search(q, base, 2, engine="exact").idx.shape == (4, 2)
     assert search(q, base, engine="exact").idx.shape == (4, 10)  # SearchConfig's default k
+
+
+def test_torch_score_blocks_stay_on_their_device_and_select_like_numpy() -> None:
+    """On a torch device (a GPU on a cluster; torch's CPU here) the blocked range search and
+    top-K pairs keep each score block as a tensor where it was computed: only the coordinates of
+    the selected scores (and a block's K-th largest) leave it, never the whole block to be
+    scanned on the host. The selections equal numpy's on the same block."""
+    import torch
+
+    rng = np.random.default_rng(9)
+    q, base = _unit(rng.standard_normal((70, 32))), _unit(rng.standard_normal((300, 32)))
+    blocks = list(exact._score_blocks(q, base, 128, "torch"))
+    assert len(blocks) == 3 and all(isinstance(s.s, torch.Tensor) for _, _, s, _ in blocks)
+    for *_, s, _ in blocks:
+        ref = exact._Scores(s.s.numpy())
+        for floor in (-1.0, 0.1, 0.3, float(s.s.max()), 2.0):
+            got, want = s.at_least(floor), ref.at_least(floor)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+        assert s.kth_largest(50) == ref.kth_largest(50) and s.size == ref.size
+    # and the searches built on them agree with the numpy engine
+    lims_t, s_t, i_t = exact.range_search(q, base, 0.3, block_size=128, device="torch")
+    lims_c, s_c, i_c = exact.range_search(q, base, 0.3, block_size=128, device="cpu")
+    np.testing.assert_array_equal(lims_t, lims_c)
+    np.testing.assert_array_equal(i_t, i_c)
+    np.testing.assert_array_equal(s_t, s_c)
+    for a, b in zip(exact.topk_pairs(q, base, 40, block_size=128, device="torch"),
+                    exact.topk_pairs(q, base, 40, block_size=128, device="cpu"), strict=True):
+        np.testing.assert_array_equal(a, b)
