@@ -171,3 +171,19 @@ def test_attack_outputs_inside_an_input_collection_are_refused(tmp_path: Path, w
         f"--out {coll}/res is inside the embedding collection --train {coll}",
     )
     assert _tree(tmp_path / "c") == before
+
+
+def test_set_aside_shares_the_vectors_when_nothing_is_set_aside() -> None:
+    """Nothing set aside (the usual case): the kept set shares the loaded vectors instead of
+    holding a second copy beside them for the whole run; rows set aside still give a set of
+    exactly the kept rows."""
+    from raylead.attacks import set_aside
+
+    x = _unit(6, 8, seed=3)
+    images = EmbeddedSet.from_arrays(x, det_scores=np.array([0.9, 0.8, 0.9, 0.95, 0.7, 0.9], np.float32))
+    kept, aside = set_aside(images, 0.5)
+    assert not aside.ids and np.shares_memory(kept.embeddings, images.embeddings)
+    kept, aside = set_aside(images, 0.85)
+    assert aside.ids == [images.ids[1], images.ids[4]] and not np.shares_memory(kept.embeddings, images.embeddings)
+    np.testing.assert_array_equal(kept.embeddings, x[[0, 2, 3, 5]])
+    assert kept.ids == [images.ids[i] for i in (0, 2, 3, 5)]
