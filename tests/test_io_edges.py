@@ -187,3 +187,29 @@ def test_set_aside_shares_the_vectors_when_nothing_is_set_aside() -> None:
     assert aside.ids == [images.ids[1], images.ids[4]] and not np.shares_memory(kept.embeddings, images.embeddings)
     np.testing.assert_array_equal(kept.embeddings, x[[0, 2, 3, 5]])
     assert kept.ids == [images.ids[i] for i in (0, 2, 3, 5)]
+
+
+def test_attack_outputs_inside_the_train_index_are_refused(tmp_path: Path, write_collection) -> None:
+    """`--train-index I --out I/res` wrote the attack's files into the persisted index it reads:
+    refused before any work, like an output inside an input collection."""
+    from raylead.index import IndexBuildConfig, build_index, source_from_collection
+
+    spec = [MatcherSpec.parse("dlib")]
+    x = _unit(80, 128)  # an index needs at least 64 vectors
+    ids, idents = [f"p{i}/a.jpg" for i in range(80)], [f"p{i}" for i in range(80)]
+    coll = write_collection(tmp_path / "c", ids, idents, x)
+    index = str(tmp_path / "idx")
+    build_index(source_from_collection(coll), index, IndexBuildConfig(shards=1, executor="local"))
+    for out, emb, expect in [
+        (f"{index}/res", None, f"--out {index}/res is inside the index --train-index {index}"),
+        (str(tmp_path / "o"), f"{index}/e", f"--embeddings-dir {index}/e is inside the index --train-index"),
+    ]:
+        with pytest.raises(ConfigError, match=expect):
+            check_outputs_outside_inputs({"--train": coll}, spec, out, emb, indexes={"--train-index": index})
+    check_outputs_outside_inputs({"--train": coll}, spec, str(tmp_path / "o"), None, indexes={"--train-index": index})
+    before = _tree(tmp_path)
+    args = ["attack", "idiap", "--train", coll, "--synthetic", coll, "--train-index", index]
+    _one_line_error(
+        [*args, "--threshold", "0.5", "--out", f"{index}/res"], f"--out {index}/res is inside the index --train-index"
+    )
+    assert _tree(tmp_path) == before

@@ -998,6 +998,7 @@ def check_outputs_outside_inputs(
     s3: S3Options | None = None,
     *,
     default_embeddings: str | None = None,
+    indexes: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse, before anything is embedded or created, an ``out`` (and the embeddings folder,
     default ``default_embeddings`` or ``OUT/embeddings``) that is an input or lies inside one: in an
@@ -1005,8 +1006,9 @@ def check_outputs_outside_inputs(
     an embedding collection (or a folder of one collection per matcher) they would be mixed into
     the collection's files, which its readers list. ``inputs`` maps each flag to its source. An
     input inside the output (a collection under ``OUT/embeddings`` from an earlier run) is read as
-    is: allowed. Paths only (s3 prefixes too, as embed compares them); a collection is probed only
-    for an input that holds an output, to name it."""
+    is: allowed. ``indexes`` maps a flag to a persisted index read as input (``--train-index``):
+    nothing may be written into it either. Paths only (s3 prefixes too, as embed compares them); a
+    collection is probed only for an input that holds an output, to name it."""
     from raylead import catalog
 
     def parse(uri: str) -> Location:
@@ -1018,6 +1020,14 @@ def check_outputs_outside_inputs(
         emb_loc = parse(embeddings_dir)
     else:
         emb_loc = parse(default_embeddings) if default_embeddings else out_loc.child("embeddings")
+    for flag, source in (indexes or {}).items():
+        loc = parse(source)
+        for what, target in (("--out", out_loc), (emb_flag, emb_loc)):
+            if loc.contains(target):
+                raise ConfigError(
+                    f"{what} {target.uri} is inside the index {flag} {loc.uri}: nothing may be written into "
+                    "an input index (a later search would find other files there); choose a folder outside it"
+                )
     for flag, source in inputs.items():
         loc = parse(source)
         held = [(f, t) for f, t in (("--out", out_loc), (emb_flag, emb_loc)) if loc.contains(t)]

@@ -379,7 +379,8 @@ def run_idiap(cfg: IdiapConfig) -> dict[str, Any]:
     cfg.check_files()
     spec = MatcherSpec.parse(cfg.matcher)
     inputs = {"--train": cfg.train, "--synthetic": cfg.synthetic}
-    check_outputs_outside_inputs(inputs, [spec], cfg.out, cfg.embeddings_dir, cfg.s3)  # before any work
+    indexes = {"--train-index": cfg.train_index} if cfg.train_index else {}
+    check_outputs_outside_inputs(inputs, [spec], cfg.out, cfg.embeddings_dir, cfg.s3, indexes=indexes)  # before work
     out = out_location(cfg.out, cfg.s3)
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
     # with --train-index the index serves T's vectors: only T's ids and identities are loaded here
