@@ -356,10 +356,15 @@ def ok_rows(table: pa.Table, dim: int) -> tuple[np.ndarray, list[str]]:
     return _embeddings_at(table, ok_index, dim), ids
 
 
-def check_embeddings(vectors: np.ndarray, ids: Sequence[str], where: str) -> None:
+REEMBED = "re-embed that collection with `raylead embed`"
+ARRAYS_FIX = "pass finite rows divided by their L2 norm (raylead's matchers output them so)"
+
+
+def check_embeddings(vectors: np.ndarray, ids: Sequence[str], where: str, fix: str | None = None) -> None:
     """Refuse ``ok`` rows that break the collection contract: every embedding finite and
     L2-normalised (scores are cosines). All-zero rows pass: they score 0 against everything
-    (``raylead embed`` fails them; older collections and in-memory sources may hold them)."""
+    (``raylead embed`` fails them; older collections and in-memory sources may hold them).
+    ``fix``: the advice for in-memory arrays (:data:`ARRAYS_FIX`); a collection's is to re-embed."""
     if not vectors.size:
         return
     finite = np.isfinite(vectors).all(axis=1)
@@ -367,7 +372,7 @@ def check_embeddings(vectors: np.ndarray, ids: Sequence[str], where: str) -> Non
         j = int(np.argmin(finite))
         raise ConfigError(
             f"{where} has {int((~finite).sum())} ok row(s) with NaN or infinite embeddings (first: image_id "
-            f"{ids[j]!r}): re-embed that collection with `raylead embed`, which marks such rows failed"
+            f"{ids[j]!r}): {fix or REEMBED + ', which marks such rows failed'}"
         )
     sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
     bad = (np.abs(np.sqrt(sq) - 1.0) > NORM_TOLERANCE) & (sq != 0)
@@ -375,8 +380,8 @@ def check_embeddings(vectors: np.ndarray, ids: Sequence[str], where: str) -> Non
         j = int(np.argmax(bad))
         raise ConfigError(
             f"{where} has {int(bad.sum())} ok row(s) whose embedding is not L2-normalised (first: image_id "
-            f"{ids[j]!r}, norm {math.sqrt(sq[j]):.4g}): scores would not be cosines; re-embed that collection "
-            "with `raylead embed` (its matchers normalise their output)"
+            f"{ids[j]!r}, norm {math.sqrt(sq[j]):.4g}): scores would not be cosines; "
+            f"{fix or REEMBED + ' (its matchers normalise their output)'}"
         )
 
 

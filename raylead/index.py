@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylead.catalog import (
+    ARRAYS_FIX,
     CollectionManifest,
     ShardInfo,
     check_embeddings,
@@ -320,7 +321,7 @@ def source_from_arrays(
     for a in range(0, vectors.shape[0], step):
         block = np.ascontiguousarray(vectors[a : a + step])
         if block.dtype.kind == "f":  # the same contract as a collection's (FAISS training fails on NaN)
-            check_embeddings(block.astype(np.float32, copy=False), id_list[a : a + step], f"vectors[{a}:]")
+            check_embeddings(block.astype(np.float32, copy=False), id_list[a : a + step], f"vectors[{a}:]", ARRAYS_FIX)
         h.update(block.tobytes())
     for s in id_list:
         h.update(s.encode("utf-8", "surrogateescape"))

@@ -45,8 +45,10 @@ def test_from_arrays_refuses_vectors_a_collection_reader_refuses() -> None:
 
     scaled = x.copy()
     scaled[2] *= 2
-    with pytest.raises(ConfigError, match=r"not L2-normalised \(first: image_id 'img000002', norm 2\)"):
+    with pytest.raises(ConfigError, match=r"not L2-normalised \(first: image_id 'img000002', norm 2\)") as err:
         EmbeddedSet.from_arrays(scaled)
+    # the advice fits arrays (there is no collection to re-embed)
+    assert str(err.value).endswith("pass finite rows divided by their L2 norm (raylead's matchers output them so)")
     nan = x.copy()
     nan[4, 1] = np.nan
     with pytest.raises(ConfigError, match=r"NaN or infinite embeddings \(first: image_id 'p/4.jpg'\)"):

@@ -324,7 +324,7 @@ class EmbeddedSet:
         """In-memory rows (every one usable). Checked as a collection's ``ok`` rows are: a 2-D
         array, one id (and identity, detector score) per row, every vector finite and
         L2-normalised (:func:`raylead.catalog.check_embeddings`; scores are cosines)."""
-        from raylead.catalog import check_embeddings
+        from raylead.catalog import ARRAYS_FIX, check_embeddings
 
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         if emb.ndim != 2:
@@ -349,7 +349,8 @@ class EmbeddedSet:
                 f"EmbeddedSet.from_arrays: det_scores must hold {n} numbers, one per embedding row "
                 f"(got shape {det.shape})"
             )
-        check_embeddings(emb, id_list, f"the embeddings given to EmbeddedSet.from_arrays{f' ({uri})' if uri else ''}")
+        where = f"the embeddings given to EmbeddedSet.from_arrays{f' ({uri})' if uri else ''}"
+        check_embeddings(emb, id_list, where, fix=ARRAYS_FIX)
         return cls(
             uri=uri,
             matcher=matcher,
