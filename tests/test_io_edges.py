@@ -215,3 +215,9 @@ def test_attack_outputs_inside_the_train_index_are_refused(tmp_path: Path, write
         [*args, "--threshold", "0.5", "--out", f"{index}/res"], f"--out {index}/res is inside the index --train-index"
     )
     assert _tree(tmp_path) == before
+    tinsley = ["attack", "tinsley", "--train", coll, "--holdout", coll, "--synthetic", coll]
+    _one_line_error(
+        [*tinsley, "--train-index", f"dlib={index}", "--threshold", "dlib=0.5", "--out", f"{index}/res"],
+        f"--out {index}/res is inside the index --train-index dlib {index}",
+    )
+    assert _tree(tmp_path) == before

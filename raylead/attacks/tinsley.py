@@ -20,6 +20,7 @@ matchers by image id). A matcher without a threshold does not vote.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,7 +187,7 @@ class Consensus:
         if not self.voters:
             return 0
         every = self.n_matchers == len(self.voters)
-        return len({s for s, e in zip(self.synthetic_ids, every, strict=True) if e})
+        return len(set(itertools.compress(self.synthetic_ids, every.tolist())))
 
     def counts(self) -> dict[str, int]:
         """How many pairs are flagged by exactly n matchers, for n = 1..#voters."""
@@ -213,6 +214,55 @@ def flagged_pairs(
     return q, np.asarray(idx, dtype=np.int64)
 
 
+def _id_codes(ids: list[str], code: dict[str, int]) -> np.ndarray:
+    """Each id's code in a vocabulary (int64 ``[len(ids)]``)."""
+    return np.fromiter(map(code.__getitem__, ids), dtype=np.int64, count=len(ids))
+
+
+def _row_of_code(codes: np.ndarray, n_vocab: int) -> np.ndarray:
+    """code → the last row holding that id, -1 where the set lacks it (int64 ``[n_vocab]``);
+    the last row, as a dict built over the rows would keep."""
+    rows = np.full(n_vocab, -1, np.int64)
+    if codes.size:
+        rev = codes[::-1]
+        u, first_in_rev = np.unique(rev, return_index=True)
+        rows[u] = codes.size - 1 - first_in_rev
+    return rows
+
+
+# Largest product of the two vocabularies for which (g, t) is packed into one int64 key.
+_PACKED_KEYS_MAX = 1 << 62
+
+
+def _union_pairs(
+    g_codes: list[np.ndarray], t_codes: list[np.ndarray], n_t_vocab: int, packed: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The sorted union of several lists of (g, t) code pairs: its g and t codes, and for each
+    list the position in the union of every pair. Codes come from sorted vocabularies, so the
+    union's order is the ids' order. ``packed``: join one int64 key ``g·n_t + t`` per pair
+    (else rows of a two-column array, for vocabularies whose product would not fit)."""
+    sizes = [c.size for c in g_codes]
+    ends = np.cumsum([0, *sizes])
+    if not g_codes or ends[-1] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), [np.zeros(s, np.int64) for s in sizes]
+    if packed:
+        keys = np.concatenate([g * np.int64(n_t_vocab) + t for g, t in zip(g_codes, t_codes, strict=True)])
+        uk, inv = np.unique(keys, return_inverse=True)
+        del keys
+        ug, ut = np.divmod(uk, np.int64(n_t_vocab))
+    else:
+        pairs = np.stack([np.concatenate(g_codes), np.concatenate(t_codes)], axis=1)
+        up, inv = np.unique(pairs, axis=0, return_inverse=True)
+        del pairs
+        ug, ut = np.ascontiguousarray(up[:, 0]), np.ascontiguousarray(up[:, 1])
+    inv = np.asarray(inv, np.int64).reshape(-1)
+    return ug, ut, [inv[ends[i] : ends[i + 1]] for i in range(len(sizes))]
+
+
+# Pairs gathered and scored at once: bounds the copies of their vectors.
+_SCORE_BLOCK_ELEMENTS = 1 << 24
+
+
 def consensus(
     generated: dict[str, EmbeddedSet],
     train: dict[str, EmbeddedSet],
@@ -221,6 +271,9 @@ def consensus(
 ) -> Consensus:
     """Join the flagged pairs of every matcher by image ids and count the matchers per pair.
     ``searchers``: per matcher, T's open index searcher (T's vectors were not loaded).
+
+    Pairs are sorted by (synthetic id, train id). The join runs on integer codes of the ids in
+    sorted vocabularies shared by every matcher (a few int64 per pair, no Python object per pair).
 
     Every score here is the canonical one (:func:`raylead.exact.pair_scores`, which the range
     search behind :func:`flagged_pairs`, the index's ``pair_scores`` and the best-match search
@@ -231,37 +284,57 @@ def consensus(
     searchers = searchers or {}
     labels = list(generated)
     voters = [m for m in labels if thresholds.get(m) is not None]
-    flagged_keys: dict[str, set[tuple[str, str]]] = {}
+    g_vocab = sorted(set().union(*(generated[m].ids for m in labels)))
+    t_vocab = sorted(set().union(*(train[m].ids for m in labels)))
+    g_code = {x: i for i, x in enumerate(g_vocab)}
+    t_code = {x: i for i, x in enumerate(t_vocab)}
+    g_codes = {m: _id_codes(generated[m].ids, g_code) for m in labels}
+    t_codes = {m: _id_codes(train[m].ids, t_code) for m in labels}
+    del g_code, t_code
+    fg: list[np.ndarray] = []
+    ft: list[np.ndarray] = []
     for m in voters:
         th = thresholds[m]
         assert th is not None
         q, t = flagged_pairs(generated[m], train[m], th.value, searchers.get(m))
-        flagged_keys[m] = {(generated[m].ids[a], train[m].ids[b]) for a, b in zip(q, t, strict=True)}
-    keys = sorted(set().union(*flagged_keys.values())) if flagged_keys else []
+        fg.append(g_codes[m][q])
+        del q
+        ft.append(t_codes[m][t])
+        del t
+    packed = len(g_vocab) * max(1, len(t_vocab)) <= _PACKED_KEYS_MAX
+    ug, ut, where = _union_pairs(fg, ft, len(t_vocab), packed)
+    del fg, ft
+    n_keys = ug.size
     scores: dict[str, np.ndarray] = {}
     flags: dict[str, np.ndarray] = {}
     for m in labels:
-        g_pos = {x: i for i, x in enumerate(generated[m].ids)}
-        t_pos = {x: i for i, x in enumerate(train[m].ids)}
-        sc = np.full(len(keys), np.nan, np.float32)
-        have = [(k, g_pos.get(s), t_pos.get(t)) for k, (s, t) in enumerate(keys)]
-        rows = [(k, a, b) for k, a, b in have if a is not None and b is not None]
-        if rows:
-            kk = np.array([r[0] for r in rows], np.int64)
-            aa = np.array([r[1] for r in rows], np.int64)
-            bb = np.array([r[2] for r in rows], np.int64)
+        a = _row_of_code(g_codes[m], len(g_vocab))[ug]
+        b = _row_of_code(t_codes[m], len(t_vocab))[ut]
+        kk = np.flatnonzero((a >= 0) & (b >= 0))
+        a, b = a[kk], b[kk]
+        sc = np.full(n_keys, np.nan, np.float32)
+        dim = max(1, generated[m].embeddings.shape[1] if generated[m].embeddings.ndim == 2 else 1)
+        block = max(1, _SCORE_BLOCK_ELEMENTS // dim)
+        for s in range(0, kk.size, block):
+            aa, bb = a[s : s + block], b[s : s + block]
             g = generated[m].embeddings[aa]
-            sc[kk] = (
+            sc[kk[s : s + block]] = (
                 searchers[m].pair_scores(g, bb)
                 if m in searchers
                 else pair_scores(g, train[m].embeddings[bb])
             )
+        del a, b, kk
         scores[m] = sc
-        flags[m] = np.array([k in flagged_keys.get(m, set()) for k in keys], dtype=bool)
-    n = np.zeros(len(keys), np.int64)
+        fl = np.zeros(n_keys, dtype=bool)
+        if m in voters:
+            fl[where[voters.index(m)]] = True
+        flags[m] = fl
+    n = np.zeros(n_keys, np.int64)
     for m in voters:
         n += flags[m]
-    return Consensus([k[0] for k in keys], [k[1] for k in keys], n, scores, flags, voters)
+    g_arr = np.array(g_vocab, dtype=object) if g_vocab else np.zeros(0, object)
+    t_arr = np.array(t_vocab, dtype=object) if t_vocab else np.zeros(0, object)
+    return Consensus(g_arr[ug].tolist(), t_arr[ut].tolist(), n, scores, flags, voters)
 
 
 # ------------------------------------------------------------------------------------------
@@ -379,7 +452,10 @@ def run_tinsley(cfg: TinsleyConfig) -> dict[str, Any]:
     calibrations = cfg.check_files()
     specs = parse_matchers(cfg.matchers)
     inputs = {"--train": cfg.train, "--holdout": cfg.holdout, "--synthetic": cfg.synthetic}
-    check_outputs_outside_inputs(inputs, specs, cfg.out, cfg.embeddings_dir, cfg.s3)  # before any work
+    check_outputs_outside_inputs(
+        inputs, specs, cfg.out, cfg.embeddings_dir, cfg.s3,
+        indexes={f"--train-index {m}": uri for m, uri in cfg.train_index.items()},
+    )  # before any work
     out = out_location(cfg.out, cfg.s3)
     emb_dir = cfg.embeddings_dir or out.child("embeddings").uri
     by_label = {s.label: s for s in specs}
