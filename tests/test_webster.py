@@ -163,3 +163,62 @@ def test_library_inputs_that_are_not_embeddings_are_refused() -> None:
         assert says in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"ref_labels must be one class number in \[0, 20\)"):
         identify(q, base, lab[:10], 20)
+
+
+def _dense_train_linear(x: np.ndarray, labels: np.ndarray, n_classes: int, l2: float = 1e-3):
+    """The linear classifier as first written: one dense R×Q one-hot and softmax per step."""
+    from scipy.optimize import minimize
+
+    x = np.asarray(x, np.float64)
+    n, d = x.shape
+    y = np.zeros((n, n_classes))
+    y[np.arange(n), labels] = 1.0
+
+    def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = theta[: d * n_classes].reshape(d, n_classes)
+        z = x @ w + theta[d * n_classes :]
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        g = (np.exp(logp) - y) / n
+        loss = -(y * logp).sum() / n + 0.5 * l2 * float((w * w).sum())
+        return loss, np.concatenate([(x.T @ g + l2 * w).ravel(), g.sum(axis=0)])
+
+    res = minimize(loss_grad, np.zeros(d * n_classes + n_classes), jac=True, method="L-BFGS-B")
+    return res.x[: d * n_classes].reshape(d, n_classes), res.x[d * n_classes :]
+
+
+def test_linear_training_in_blocks_matches_the_dense_softmax() -> None:
+    """The loss and gradient summed over blocks of references give the model the dense R×Q
+    softmax gives (weights to 1e-6, the same identities), whatever the block size."""
+    from raylead.attacks.webster import train_linear
+
+    rng = np.random.default_rng(21)
+    centres = _unit(rng.normal(size=(12, 16)))
+    labels = np.repeat(np.arange(12), 4)
+    r = _unit(centres[labels] + 0.4 * rng.normal(size=(48, 16)))
+    s = _unit(centres[rng.integers(0, 12, 200)] + 0.4 * rng.normal(size=(200, 16)))
+    w, b = _dense_train_linear(r, labels, 12)
+    for block in (1, 12 * 5, 12 * 48, 1 << 22):  # one reference a block, five, all of them
+        m = train_linear(r, labels, 12, block_elements=block)
+        assert m.converged
+        np.testing.assert_allclose(m.weights, w, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(m.bias, b, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.argmax(m.logits(s), axis=1), np.argmax(s @ w + b, axis=1))
+
+
+def test_linear_training_holds_no_references_by_identities_matrix() -> None:
+    """3000 references of 1000 identities: the dense one-hot and softmax terms were five
+    R×Q float64 copies (24 MB each, a 117 MiB peak); in blocks of 2^16 elements it is ~4 MiB."""
+    from raylead.attacks.webster import train_linear
+
+    rng = np.random.default_rng(8)
+    labels = np.arange(3000) % 1000
+    r = _unit(rng.normal(size=(3000, 8)))
+    train_linear(r[:4], labels[:4], 4, max_iter=1)  # scipy's import is not the training's memory
+    tracemalloc.start()
+    try:
+        train_linear(r, labels, 1000, max_iter=2, block_elements=1 << 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 2**20, peak

@@ -76,31 +76,54 @@ class LinearModel:
         return np.asarray(x, np.float64) @ self.weights + self.bias
 
 
+# Reference rows whose R×Q softmax terms are formed at once while training: about this many
+# float64 elements per temporary (32 MiB), so training holds no dense R×Q matrix.
+TRAIN_BLOCK_ELEMENTS = 1 << 22
+
+
 def train_linear(
-    embeddings: np.ndarray, labels: np.ndarray, n_classes: int, l2: float = 1e-3, max_iter: int = 500
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    l2: float = 1e-3,
+    max_iter: int = 500,
+    block_elements: int = TRAIN_BLOCK_ELEMENTS,
 ) -> LinearModel:
     """Multinomial logistic regression (softmax cross-entropy + ``l2``/2·‖W‖²), L-BFGS from zeros.
 
-    Deterministic: no random initialisation, no sampling.
+    Deterministic: no random initialisation, no sampling. The loss and gradient are summed over
+    blocks of about ``block_elements`` references × identities, never over a dense R×Q matrix
+    (10^5 references of 10^4 identities would need ~8 GB per copy, and the softmax makes five).
     """
     from scipy.optimize import minimize
 
     x = np.asarray(embeddings, np.float64)
+    labels = np.asarray(labels, np.int64)
     n, d = x.shape
-    y = np.zeros((n, n_classes))
-    y[np.arange(n), labels] = 1.0
+    step = max(1, block_elements // max(1, n_classes))
 
     def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w = theta[: d * n_classes].reshape(d, n_classes)
         b = theta[d * n_classes :]
-        z = x @ w + b
-        z -= z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        p = np.exp(logp)
-        loss = -(y * logp).sum() / n + 0.5 * l2 * float((w * w).sum())
-        g = (p - y) / n
-        gw = x.T @ g + l2 * w
-        gb = g.sum(axis=0)
+        nll = 0.0
+        gw = l2 * w
+        gb = np.zeros(n_classes)
+        for i0 in range(0, n, step):
+            xb, yb = x[i0 : i0 + step], labels[i0 : i0 + step]
+            rows = np.arange(yb.size)
+            z = xb @ w
+            z += b
+            z -= z.max(axis=1, keepdims=True)
+            zy = z[rows, yb]  # the true class's shifted logit: log p_y = zy − log Σ exp z
+            np.exp(z, out=z)
+            total = z.sum(axis=1, keepdims=True)
+            nll -= float((zy - np.log(total[:, 0])).sum())
+            z /= total  # the softmax p
+            z[rows, yb] -= 1.0  # p − y
+            z /= n
+            gw += xb.T @ z
+            gb += z.sum(axis=0)
+        loss = nll / n + 0.5 * l2 * float((w * w).sum())
         return loss, np.concatenate([gw.ravel(), gb])
 
     theta0 = np.zeros(d * n_classes + n_classes)
