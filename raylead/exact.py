@@ -265,6 +265,12 @@ def exact_search(
             return _exact_search_faiss(qq, b, kk, block_size, gpu=True)
         return _exact_search_torch(qq, b, kk, block_size, "cpu" if dev == "torch" else dev)
 
+    if k > nb:  # all of the base, padded: the work (and its memory) is that of k = nb
+        s, i = exact_search(q, b, nb, block_size=block_size, device=dev)
+        out_s, out_i = _empty_topk(nq, k)
+        out_s[:, :nb], out_i[:, :nb] = s, i
+        return out_s, out_i
+
     # The engine's float32 top-kk are candidates; the canonical top k lies among them once the
     # kk-th engine score is more than 2·tol below the k-th (else those queries go again, kk×2).
     band = 2 * score_tolerance(q.shape[1])

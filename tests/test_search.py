@@ -84,6 +84,27 @@ def test_exact_search_pads_small_base(rand):
     assert s.shape == (0, 5)
 
 
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+def test_exact_search_k_far_above_the_base_costs_what_the_whole_base_does(device: str) -> None:
+    """k = 20 000 over 200 rows: every row in order, then padding, as with k = 200; the work
+    holds [nq, 200] arrays, not [nq, 20 000] ones (the peak was 2.4x the answer itself)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    q, base = _unit(rng.normal(size=(50, 16))), _unit(rng.normal(size=(200, 16)))
+    want_s, want_i = exact.exact_search(q, base, 200, device=device)
+    tracemalloc.start()
+    try:
+        s, i = exact.exact_search(q, base, 20_000, device=device)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(s[:, :200], want_s)
+    np.testing.assert_array_equal(i[:, :200], want_i)
+    assert (i[:, 200:] == -1).all() and np.isneginf(s[:, 200:]).all()
+    assert peak < 1.2 * (s.nbytes + i.nbytes), peak
+
+
 @pytest.mark.parametrize(
     "call,needle",
     [
